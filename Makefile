@@ -1,0 +1,31 @@
+# Two entry points of the README quick start: `make demo` and `make test`.
+# Each creates .venv if missing and installs the package (editable) into it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/diffjax demo --out samples.png
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench
+	$(PY) benchmarks/samplers.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
