@@ -1,0 +1,3 @@
+from diffjax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The `diffjax` command: one subcommand per module, each with its own `main(argv) -> int`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `diffjax --help` is instant.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("diffjax.demo", "sample the 8-Gaussians oracle and write a scatter PNG"),
+    "info": ("diffjax.info", "print a config's network, parameter count and training FLOPs"),
+}
+
+
+def _usage() -> str:
+    rows = "\n".join(f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
+    return f"usage: diffjax <command> [flags]\n\ncommands:\n{rows}\n\n'diffjax <command> --help' for flags."
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"diffjax: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
