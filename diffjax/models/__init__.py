@@ -1,0 +1,112 @@
+"""Score networks (Flax NNX) and their registry.
+
+Every network is built from a model config (``config.model``) and called as::
+
+    model(x, noise_cond, labels=None, *, train=False) -> array of x.shape (float32)
+
+- ``x``: NHWC images (B, H, W, C) for the image networks, (B, D) for ``mlp``.
+- ``noise_cond``: (B,) float, the noise-conditioning input as score_sde feeds it. With
+  ``embedding_type='positional'`` it is embedded directly (DDPM: the integer timestep; VP
+  continuous: 999 t); with ``'fourier'`` the network embeds ``log(noise_cond)``, noise_cond
+  being sigma. ``scale_by_sigma=True`` divides the output by noise_cond.
+- ``labels``: (B,) int or None. Used when ``num_classes > 0``: label -1 (and labels=None) is the
+  null label of classifier-free guidance (embedding row ``num_classes``).
+- ``train``: enables dropout. Dropout draws from the module's own ``'dropout'`` (else
+  ``'default'``) RNG stream; pass ``rngs=`` to the call to override it.
+
+Parameters are float32 ``nnx.Param``s (``nnx.split(model, nnx.Param, ...)`` gives a State that
+orbax can save); ``config.model.dtype`` ('float32' / 'bfloat16') is the compute dtype and
+outputs are float32. Large kernels carry ``sharding_names`` metadata naming their output axis
+``'fsdp'`` (see ``fsdp_partition_specs``).
+
+Image networks read ``image_size`` and ``num_channels`` from the model config (the configs link
+them to ``config.data`` by reference) because attention placement depends on the resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from diffjax.models.ddpm_unet import DDPMUNet
+from diffjax.models.mlp import MLP
+from diffjax.models.ncsnpp import NCSNpp
+
+_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "ddpm_unet": DDPMUNet,
+    "ncsnpp": NCSNpp,
+    "mlp": MLP,
+}
+
+__all__ = ["available", "get", "create", "abstract_param_count", "param_count", "fsdp_partition_specs",
+           "DDPMUNet", "NCSNpp", "MLP"]
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(model_config_or_name) -> Callable[..., nnx.Module]:
+    """The network class named by ``model_config.name`` (or a name string)."""
+    name = model_config_or_name if isinstance(model_config_or_name, str) else model_config_or_name.name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model name {name!r}; available models: {', '.join(available())}") from None
+
+
+def create(model_config, rngs: nnx.Rngs | int | jax.Array) -> nnx.Module:
+    """Build the network of ``model_config``; the same rngs (seed/key) give the same parameters."""
+    if not isinstance(rngs, nnx.Rngs):
+        rngs = nnx.Rngs(rngs)
+    return get(model_config)(model_config, rngs=rngs)
+
+
+def _with_input_shape(model_config, input_shape):
+    cfg = ml_collections.ConfigDict(model_config.to_dict() if hasattr(model_config, "to_dict")
+                                    else dict(model_config))
+    if input_shape is not None:
+        if len(input_shape) == 4:
+            cfg.image_size, cfg.num_channels = int(input_shape[1]), int(input_shape[3])
+        elif len(input_shape) == 2:
+            cfg.data_dim = int(input_shape[1])
+    return cfg
+
+
+def param_count(tree) -> int:
+    """Number of scalars in a pytree of arrays / ShapeDtypeStructs (e.g. an nnx.State)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+def abstract_shapes(model_config, input_shape=None):
+    """(graphdef, abstract param State) via nnx.eval_shape: nothing is allocated."""
+    cfg = _with_input_shape(model_config, input_shape)
+    model = nnx.eval_shape(lambda: create(cfg, nnx.Rngs(0)))
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+    return graphdef, params
+
+
+def abstract_param_count(model_config, input_shape=None) -> int:
+    """Parameter count of the network without allocating weights.
+
+    input_shape (e.g. (1, 32, 32, 3) or (1, 2)) overrides image_size/num_channels (data_dim)."""
+    return param_count(abstract_shapes(model_config, input_shape)[1])
+
+
+def fsdp_partition_specs(params, fsdp_size: int, axis: str = "fsdp"):
+    """PartitionSpecs from the ``sharding_names`` annotations, dropping ``axis`` where the
+    dimension is not divisible by ``fsdp_size`` (e.g. the 3-channel output conv)."""
+    specs = nnx.get_partition_spec(params)
+
+    def fix(spec, leaf):
+        if not isinstance(spec, PartitionSpec):
+            return spec
+        names = tuple(n if (n != axis or leaf.shape[i] % fsdp_size == 0) else None for i, n in enumerate(spec))
+        return PartitionSpec(*names)
+
+    return jax.tree.map(fix, specs, params, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -1,0 +1,404 @@
+"""Shared building blocks of the score networks (Flax NNX, NHWC).
+
+Conventions
+- Parameters are float32; every layer computes in ``dtype`` (float32 or bfloat16). Group-norm
+  statistics and the attention softmax are always computed in float32.
+- Initialisers follow DDPM / score_sde: ``variance_scaling(scale, 'fan_avg', 'uniform')`` with
+  scale 0 replaced by 1e-10 ("zero" init of the last conv of a block), 1x1 "NIN" layers at 0.1.
+- Sharding: large kernels carry the metadata ``sharding_names`` whose *last* (output) axis is
+  named ``'fsdp'`` (conv kernels ``(None, None, None, 'fsdp')``, dense ``(None, 'fsdp')``).
+  ``eager_sharding`` is off, so creating a model needs no mesh; ``nnx.get_partition_spec`` (or
+  ``diffjax.models.fsdp_partition_specs``, which drops the name on indivisible axes) turns the
+  annotations into ``PartitionSpec``s for a mesh with an ``'fsdp'`` axis. Biases and norms are
+  replicated.
+- FIR up/down-sampling implements StyleGAN2's ``upfirdn_2d`` semantics (as used by NCSN++) with
+  a separable 1-D kernel applied as shifted slices, which XLA fuses into elementwise loops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+CONV_SHARDING = (None, None, None, "fsdp")
+DENSE_SHARDING = (None, "fsdp")
+
+
+def sharding_meta(names: tuple) -> dict:
+    """Variable metadata that annotates (but does not eagerly apply) a sharding."""
+    return {"sharding_names": names, "eager_sharding": False}
+
+
+def default_init(scale: float = 1.0):
+    """DDPM initialiser: fan-avg uniform variance scaling; scale 0 means 1e-10."""
+    return jax.nn.initializers.variance_scaling(1e-10 if scale == 0 else scale, "fan_avg", "uniform")
+
+
+def swish(x):
+    return jax.nn.silu(x)
+
+
+ACTIVATIONS = {"swish": swish, "silu": swish, "relu": jax.nn.relu, "elu": jax.nn.elu,
+               "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2)}
+
+
+def get_act(name: str):
+    try:
+        return ACTIVATIONS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def conv(in_ch, out_ch, *, kernel=3, stride=1, init_scale=1.0, dtype, rngs) -> nnx.Conv:
+    """A 'SAME'-padded conv with bias and DDPM init (score_sde's ddpm_conv3x3 / conv1x1)."""
+    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding="SAME",
+                    kernel_init=default_init(init_scale), dtype=dtype, rngs=rngs,
+                    kernel_metadata=sharding_meta(CONV_SHARDING))
+
+
+def dense(in_f, out_f, *, init_scale=1.0, dtype, rngs) -> nnx.Linear:
+    """A dense layer with DDPM init; also the 1x1 "NIN" on the channel axis of NHWC inputs."""
+    return nnx.Linear(in_f, out_f, kernel_init=default_init(init_scale), dtype=dtype, rngs=rngs,
+                      kernel_metadata=sharding_meta(DENSE_SHARDING))
+
+
+def num_groups(ch: int) -> int:
+    """score_sde's rule min(C // 4, 32) (= 32 for C >= 128), lowered until it divides C."""
+    g = max(1, min(ch // 4, 32))
+    while ch % g:
+        g -= 1
+    return g
+
+
+class GroupNorm(nnx.Module):
+    """GroupNorm over (H, W, C/G) with float32 statistics; eps 1e-6 as in DDPM/score_sde."""
+
+    def __init__(self, ch: int, *, groups: int | None = None, eps: float = 1e-6, dtype=jnp.float32):
+        self.groups, self.eps, self.dtype = groups or num_groups(ch), eps, dtype
+        self.scale = nnx.Param(jnp.ones((ch,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((ch,), jnp.float32))
+
+    def __call__(self, x):
+        shape = x.shape
+        xg = x.astype(jnp.float32).reshape(shape[0], -1, self.groups, shape[-1] // self.groups)
+        mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+        var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+        y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise-level / class embeddings
+# ----------------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim: int, max_positions: int = 10000):
+    """DDPM's sinusoidal embedding of a (B,) float array: [sin(t w_i), cos(t w_i)]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_positions) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class GaussianFourierProjection(nnx.Module):
+    """Random Fourier features [sin(2 pi x W), cos(2 pi x W)] of x = log(sigma).
+
+    W is a (non-trained: stop_gradient) Param, as in score_sde, so it is counted and saved."""
+
+    def __init__(self, size: int, scale: float, *, rngs: nnx.Rngs):
+        self.W = nnx.Param(scale * jax.random.normal(rngs.params(), (size,), jnp.float32))
+
+    def __call__(self, x):
+        proj = x.astype(jnp.float32)[:, None] * jax.lax.stop_gradient(self.W[...])[None] * (2 * np.pi)
+        return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
+
+
+class NoiseClassEmbedding(nnx.Module):
+    """noise_cond -> embedding -> Dense(4nf) -> act -> Dense(4nf), plus an optional class embedding.
+
+    embedding_type 'positional' embeds noise_cond directly (DDPM timestep or 999 t);
+    'fourier' embeds log(noise_cond) (noise_cond = sigma). With num_classes > 0 a table of
+    num_classes + 1 rows is added to the output; row num_classes is the null label
+    (label -1, or labels=None), used for classifier-free guidance.
+    """
+
+    def __init__(self, nf: int, *, embedding_type="positional", fourier_scale=16.0, conditional=True,
+                 num_classes=0, act=swish, out_dim=None, dtype=jnp.float32, rngs: nnx.Rngs):
+        out_dim = out_dim or 4 * nf
+        self.nf, self.act, self.embedding_type, self.dtype = nf, act, embedding_type, dtype
+        self.num_classes, self.out_dim = num_classes, out_dim
+        if embedding_type not in ("positional", "fourier"):
+            raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
+        self.fourier = (GaussianFourierProjection(nf, fourier_scale, rngs=rngs)
+                        if conditional and embedding_type == "fourier" else None)
+        in_dim = 2 * nf if embedding_type == "fourier" else nf
+        self.dense0 = dense(in_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
+        self.dense1 = dense(out_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
+        self.label_emb = (nnx.Embed(num_classes + 1, out_dim, rngs=rngs,
+                                    embedding_init=jax.nn.initializers.normal(1.0),
+                                    embedding_metadata=sharding_meta(DENSE_SHARDING))
+                          if num_classes else None)
+
+    def __call__(self, noise_cond, labels=None):
+        temb = None
+        if self.dense0 is not None:
+            if self.fourier is not None:
+                emb = self.fourier(jnp.log(noise_cond))
+            else:
+                emb = timestep_embedding(noise_cond, self.nf)
+            temb = self.dense1(self.act(self.dense0(emb)))
+        if self.label_emb is not None:
+            b = noise_cond.shape[0]
+            if labels is None:
+                labels = jnp.full((b,), self.num_classes, jnp.int32)
+            labels = jnp.where(labels < 0, self.num_classes, labels).astype(jnp.int32)
+            cemb = self.label_emb(labels)
+            temb = cemb if temb is None else temb + cemb
+        return None if temb is None else temb.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over H*W positions (DDPM's AttnBlock / score_sde's AttnBlockpp).
+
+    q, k, v are one fused (C, 3, C) kernel (same parameter count as three NIN layers, each
+    initialised like a separate fan-avg NIN at scale 0.1)."""
+
+    def __init__(self, ch: int, *, skip_rescale=False, init_scale=0.0, dtype=jnp.float32, rngs):
+        self.norm = GroupNorm(ch, dtype=dtype)
+        init = jax.nn.initializers.variance_scaling(0.1, "fan_avg", "uniform", in_axis=0, out_axis=2,
+                                                    batch_axis=(1,))
+        self.qkv = nnx.Param(init(rngs.params(), (ch, 3, ch), jnp.float32),
+                             **sharding_meta((None, None, "fsdp")))
+        self.qkv_bias = nnx.Param(jnp.zeros((3, ch), jnp.float32))
+        self.proj = dense(ch, ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
+        self.skip_rescale, self.dtype = skip_rescale, dtype
+
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        h = self.norm(x).reshape(b, hgt * wid, c)
+        qkv = jnp.einsum("bnc,cjd->jbnd", h, self.qkv[...].astype(self.dtype))
+        qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None, :]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        w = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        w = jax.nn.softmax(w, axis=-1).astype(self.dtype)
+        h = self.proj(jnp.einsum("bnm,bmc->bnc", w, v)).reshape(x.shape)
+        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+
+
+# ----------------------------------------------------------------------------------------------
+# Up/down-sampling: nearest/avg-pool and StyleGAN2 FIR (upfirdn)
+# ----------------------------------------------------------------------------------------------
+
+def naive_upsample(x, factor=2):
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, factor, w, factor, c))
+    return x.reshape(b, h * factor, w * factor, c)
+
+
+def naive_downsample(x, factor=2):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def _fir_1d(x, k, axis, up, down, pad0, pad1):
+    """Zero-insert by `up`, pad (negative = crop), convolve with 1-D `k`, keep every `down`-th."""
+    cfg = [(0, 0, 0)] * x.ndim
+    cfg[axis] = (pad0, pad1 + up - 1, up - 1)
+    x = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+    n_out = (x.shape[axis] - len(k)) // down + 1
+    out = None
+    for j, kj in enumerate(k[::-1]):  # convolution = correlation with the flipped kernel
+        s = jax.lax.slice_in_dim(x, j, j + (n_out - 1) * down + 1, stride=down, axis=axis)
+        out = s * kj if out is None else out + s * kj
+    return out
+
+
+def upfirdn_2d(x, k1d, up=1, down=1, pad=(0, 0)):
+    """StyleGAN2 upfirdn_2d on NHWC with the separable kernel outer(k1d, k1d)."""
+    k1d = [float(v) for v in np.asarray(k1d, np.float32)]  # python floats keep x's dtype
+    for axis in (1, 2):
+        x = _fir_1d(x, k1d, axis, up, down, *pad)
+    return x
+
+
+def _fir_kernel(k, gain_1d=1.0):
+    k = np.asarray(k, np.float32)
+    return k / k.sum() * gain_1d
+
+
+def upsample_2d(x, k=(1, 3, 3, 1), factor=2):
+    p = len(k) - factor
+    return upfirdn_2d(x, _fir_kernel(k, factor), up=factor, pad=((p + 1) // 2 + factor - 1, p // 2))
+
+
+def downsample_2d(x, k=(1, 3, 3, 1), factor=2):
+    p = len(k) - factor
+    return upfirdn_2d(x, _fir_kernel(k), down=factor, pad=((p + 1) // 2, p // 2))
+
+
+def upsample_conv_2d(x, w, k=(1, 3, 3, 1), factor=2):
+    """Fused transposed conv (stride `factor`) + FIR filter: StyleGAN2's upsample_conv_2d."""
+    kc = w.shape[0]
+    pad = (kc - 1, factor - 1 + max(kc - factor, 0))
+    x = jax.lax.conv_general_dilated(x, w, (1, 1), (pad, pad), lhs_dilation=(factor, factor),
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    p = (len(k) - factor) - (kc - 1)
+    return upfirdn_2d(x, _fir_kernel(k, factor), pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
+
+
+def conv_downsample_2d(x, w, k=(1, 3, 3, 1), factor=2):
+    """FIR filter + strided conv: StyleGAN2's conv_downsample_2d."""
+    kc = w.shape[0]
+    p = (len(k) - factor) + (kc - 1)
+    x = upfirdn_2d(x, _fir_kernel(k), pad=((p + 1) // 2, p // 2))
+    return jax.lax.conv_general_dilated(x, w, (factor, factor), "VALID",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class FIRConv(nnx.Module):
+    """3x3 conv fused with FIR up- or down-sampling (score_sde's up_or_down_sampling.Conv2d)."""
+
+    def __init__(self, in_ch, out_ch, *, up=False, down=False, fir_kernel=(1, 3, 3, 1), kernel=3,
+                 dtype=jnp.float32, rngs):
+        self.kernel = nnx.Param(default_init()(rngs.params(), (kernel, kernel, in_ch, out_ch)),
+                                **sharding_meta(CONV_SHARDING))
+        self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
+        self.up, self.down, self.fir_kernel, self.dtype = up, down, tuple(fir_kernel), dtype
+
+    def __call__(self, x):
+        w = self.kernel[...].astype(self.dtype)
+        if self.up:
+            x = upsample_conv_2d(x, w, self.fir_kernel)
+        elif self.down:
+            x = conv_downsample_2d(x, w, self.fir_kernel)
+        else:
+            x = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return x + self.bias[...].astype(self.dtype)
+
+
+class Upsample(nnx.Module):
+    """x2 upsampling: nearest (+ 3x3 conv) or FIR (+ fused conv); optional channel change."""
+
+    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1),
+                 dtype=jnp.float32, rngs):
+        out_ch = out_ch or in_ch
+        self.fir, self.fir_kernel = fir, tuple(fir_kernel)
+        if not with_conv and out_ch != in_ch:
+            raise ValueError("Upsample without conv cannot change the channel count")
+        self.conv = nnx.data(None if not with_conv else
+                             FIRConv(in_ch, out_ch, up=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
+                             if fir else conv(in_ch, out_ch, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x):
+        if self.fir:
+            return self.conv(x) if self.conv is not None else upsample_2d(x, self.fir_kernel)
+        h = naive_upsample(x)
+        return self.conv(h) if self.conv is not None else h
+
+
+class Downsample(nnx.Module):
+    """/2 downsampling: stride-2 3x3 conv or 2x2 average pool, or their FIR variants."""
+
+    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1),
+                 dtype=jnp.float32, rngs):
+        out_ch = out_ch or in_ch
+        self.fir, self.fir_kernel = fir, tuple(fir_kernel)
+        if not with_conv and out_ch != in_ch:
+            raise ValueError("Downsample without conv cannot change the channel count")
+        self.conv = nnx.data(None if not with_conv else
+                             FIRConv(in_ch, out_ch, down=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
+                             if fir else conv(in_ch, out_ch, stride=2, dtype=dtype, rngs=rngs))
+
+    def __call__(self, x):
+        if self.conv is not None:
+            return self.conv(x)
+        return downsample_2d(x, self.fir_kernel) if self.fir else naive_downsample(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual blocks
+# ----------------------------------------------------------------------------------------------
+
+class ResBlock(nnx.Module):
+    """Residual block: GN-act-conv (+ Dense(act(temb))) GN-act-dropout-conv, plus a shortcut.
+
+    kind='ddpm': Ho et al.'s block (score_sde ResnetBlockDDPM/DDPMpp); 1x1 NIN shortcut (init 0.1)
+      when the channel count changes.
+    kind='biggan': NCSN++'s ResnetBlockBigGANpp; optional up/down-sampling of both branches (FIR or
+      nearest/avg-pool) after the first norm; 1x1 conv shortcut when channels change or resampling.
+    skip_rescale divides the sum by sqrt(2); init_scale is the init of the second conv (0 -> 1e-10).
+    """
+
+    def __init__(self, in_ch, out_ch=None, *, temb_dim=None, dropout=0.1, kind="ddpm", up=False, down=False,
+                 fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=False, init_scale=0.0, act=swish,
+                 dtype=jnp.float32, rngs):
+        if kind not in ("ddpm", "biggan"):
+            raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', got {kind!r}")
+        if kind == "ddpm" and (up or down):
+            raise ValueError("only the 'biggan' block resamples")
+        out_ch = out_ch or in_ch
+        self.act, self.up, self.down, self.fir = act, up, down, fir
+        self.fir_kernel, self.skip_rescale = tuple(fir_kernel), skip_rescale
+        self.norm1 = GroupNorm(in_ch, dtype=dtype)
+        self.conv1 = conv(in_ch, out_ch, dtype=dtype, rngs=rngs)
+        self.temb_proj = dense(temb_dim, out_ch, dtype=dtype, rngs=rngs) if temb_dim else None
+        self.norm2 = GroupNorm(out_ch, dtype=dtype)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.conv2 = conv(out_ch, out_ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
+        shortcut = None
+        if kind == "ddpm" and in_ch != out_ch:
+            shortcut = dense(in_ch, out_ch, init_scale=0.1, dtype=dtype, rngs=rngs)  # NIN
+        elif kind == "biggan" and (in_ch != out_ch or up or down):
+            shortcut = dense(in_ch, out_ch, dtype=dtype, rngs=rngs)  # conv1x1
+        self.shortcut = nnx.data(shortcut)
+
+    def _resample(self, x):
+        if self.up:
+            return upsample_2d(x, self.fir_kernel) if self.fir else naive_upsample(x)
+        if self.down:
+            return downsample_2d(x, self.fir_kernel) if self.fir else naive_downsample(x)
+        return x
+
+    def __call__(self, x, temb=None, *, train=False, rngs=None):
+        h = self.act(self.norm1(x))
+        h, x = self._resample(h), self._resample(x)
+        h = self.conv1(h)
+        if self.temb_proj is not None and temb is not None:
+            h = h + self.temb_proj(self.act(temb))[:, None, None, :]
+        h = self.act(self.norm2(h))
+        h = self.dropout(h, deterministic=not train, rngs=rngs)
+        h = self.conv2(h)
+        if self.shortcut is not None:
+            x = self.shortcut(x)
+        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
+
+
+def cfg_get(config, name: str, default):
+    """config.name if present (ConfigDict or mapping), else default."""
+    try:
+        value = config[name]
+    except (KeyError, AttributeError, TypeError):
+        value = getattr(config, name, default)
+    return default if value is None else value
+
+
+def parse_dtype(name) -> jnp.dtype:
+    table = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in table:
+        raise ValueError(f"model.dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+def as_tuple(v) -> tuple:
+    return tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else (v,)
