@@ -1,0 +1,447 @@
+"""Noise processes: the forward corruption x_t = alpha(t) x_0 + sigma(t) eps, written once.
+
+Every process is a frozen (hashable) dataclass, so it can be a static argument of `jax.jit`.
+Samplers, losses and likelihood only use the interface of `Process`:
+
+- `alpha(t)`, `sigma(t)`: the marginal q(x_t | x_0) = N(alpha x_0, sigma^2 I).
+- `sde(t)`: drift coefficient f(t) and squared diffusion g(t)^2 of the linear SDE
+  dx = f(t) x dt + g(t) dW (Song et al. 2021, eq. 5); by construction f = d log alpha / dt and
+  g^2 = d sigma^2 / dt - 2 f sigma^2, which the tests check against autodiff.
+- `prior_sample`, `prior_logp`: p_T.
+- `time_grid(num_steps)`: the times a sampler evaluates the network at, then a final clean time.
+- `sample_train_time`: t for the training loss.
+- `to_x0`, `to_eps`, `to_score`, `to_v`, `convert`: change of prediction parametrisation.
+- `noise_cond(t)`: what the network is conditioned on (score_sde's conventions).
+
+Processes: `ddpm` (Ho et al. 2020, discrete T-step chain, linear or cosine betas), `vp`, `subvp`,
+`ve` (Song et al. 2021, score_sde defaults) and `edm` (Karras et al. 2022).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PREDICTIONS = ("eps", "x0", "v", "score")
+SPACINGS = ("default", "karras", "logsnr")
+
+
+def _bcast(coef: Array, x: Array) -> Array:
+    """Reshape a per-example (B,) or scalar coefficient to broadcast against x (B, ...)."""
+    coef = jnp.asarray(coef, x.dtype)
+    return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
+
+
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Base class: a Gaussian forward process with marginal N(alpha(t) x0, sigma(t)^2 I)."""
+
+    name: ClassVar[str] = ""
+    discrete: ClassVar[bool] = False  # True: time is an integer step, no SDE / ODE is defined.
+    t_min: ClassVar[float] = 0.0  # smallest time the network is evaluated at (sampling eps)
+    t_max: ClassVar[float] = 1.0
+
+    # ---- marginal -------------------------------------------------------------------------
+    def alpha(self, t: Array) -> Array:
+        raise NotImplementedError
+
+    def sigma(self, t: Array) -> Array:
+        raise NotImplementedError
+
+    def marginal(self, x0: Array, t: Array, eps: Array) -> Array:
+        """x_t = alpha(t) x0 + sigma(t) eps."""
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+
+    def log_snr(self, t: Array) -> Array:
+        """lambda(t) = log(alpha^2 / sigma^2)."""
+        return 2.0 * (jnp.log(self.alpha(t)) - jnp.log(self.sigma(t)))
+
+    def time_at_ratio(self, ratio: Array) -> Array:
+        """The time t where sigma(t) / alpha(t) == ratio (EDM's sigma of the scaled ODE)."""
+        raise ValueError(f"process {self.name!r} has no closed-form inverse noise level; "
+                         "use 'vp', 'subvp', 've' or 'edm'")
+
+    # ---- SDE ------------------------------------------------------------------------------
+    def sde(self, t: Array) -> tuple[Array, Array]:
+        """(f(t), g(t)^2) of dx = f(t) x dt + g(t) dW, from alpha and sigma by autodiff.
+
+        Subclasses override with the paper's closed form; tests check both agree.
+        """
+        self._require_continuous("sde")
+        t = jnp.asarray(t, jnp.float32)
+        dlog_alpha = jnp.vectorize(jax.grad(lambda s: jnp.log(self.alpha(s))))(t)
+        dsigma2 = jnp.vectorize(jax.grad(lambda s: self.sigma(s) ** 2))(t)
+        return dlog_alpha, dsigma2 - 2.0 * dlog_alpha * self.sigma(t) ** 2
+
+    def _require_continuous(self, what: str) -> None:
+        if self.discrete:
+            raise ValueError(
+                f"process {self.name!r} is a discrete chain and has no {what}; "
+                "use one of the continuous processes 'vp', 'subvp', 've', 'edm'"
+            )
+
+    # ---- prior ----------------------------------------------------------------------------
+    def prior_std(self) -> float:
+        """Standard deviation of the prior N(0, std^2 I) (a Python float: a compile-time constant)."""
+        raise NotImplementedError
+
+    def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=jnp.float32) -> Array:
+        return self.prior_std() * jax.random.normal(key, shape, dtype)
+
+    def prior_logp(self, x: Array) -> Array:
+        """log N(x; 0, prior_std^2 I) summed over all but the batch axis."""
+        std = self.prior_std()
+        d = math.prod(x.shape[1:])
+        sq = jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1)
+        return -0.5 * d * math.log(2 * math.pi * std**2) - 0.5 * sq / std**2
+
+    # ---- time -----------------------------------------------------------------------------
+    def time_grid(self, num_steps: int, spacing: str = "default", rho: float = 7.0) -> Array:
+        """num_steps decreasing times from t_max to t_min, then the clean time 0.
+
+        The network is evaluated at the first num_steps entries; the last step of a sampler goes
+        to t = 0, where alpha = 1 and sigma = 0 (score_sde's final denoising step).
+        spacing: 'default' (the process's own grid: uniform in t; EDM's rho-schedule for edm),
+        'karras' (uniform in (sigma/alpha)^(1/rho), Karras et al. 2022, eq. 5) or 'logsnr'
+        (uniform in log(sigma/alpha), Lu et al. 2022).
+        """
+        _check_steps(num_steps)
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        with jax.ensure_compile_time_eval():  # the grid is a constant, also when traced under jit
+            if spacing == "default":
+                return jnp.append(self._default_grid(num_steps), 0.0).astype(jnp.float32)
+            if num_steps == 1:
+                return jnp.asarray([self.t_max, 0.0], jnp.float32)
+            ends = jnp.asarray([self.t_max, self.t_min], jnp.float32)
+            r_max, r_min = np.asarray(self.sigma(ends) / self.alpha(ends), np.float64)
+            i = np.linspace(0.0, 1.0, num_steps)
+            if spacing == "karras":
+                ratios = (r_max ** (1 / rho) + i * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho
+            else:
+                ratios = np.exp(np.log(r_max) + i * (np.log(r_min) - np.log(r_max)))
+            times = np.array(self.time_at_ratio(jnp.asarray(ratios, jnp.float32)))
+            times[0], times[-1] = self.t_max, self.t_min  # exact end points
+            return jnp.asarray(np.append(times, 0.0), jnp.float32)
+
+    def _default_grid(self, num_steps: int) -> Array:
+        return jnp.linspace(self.t_max, self.t_min, num_steps)
+
+    def sample_train_time(self, key: Array, batch: int) -> Array:
+        """t ~ U(t_min, t_max) for the training loss (score_sde)."""
+        return jax.random.uniform(key, (batch,), minval=self.t_min, maxval=self.t_max)
+
+    def noise_cond(self, t: Array) -> Array:
+        """The network's conditioning input for time t (score_sde: 999 t for VP-type nets)."""
+        return 999.0 * t
+
+    # ---- clean-time coefficients: alpha(0) = 1, sigma(0) = 0 ---------------------------------
+    def coefficients(self, t: Array) -> tuple[Array, Array]:
+        """(alpha, sigma) at t, exactly (1, 0) at the clean time t == 0."""
+        clean = t <= 0
+        safe_t = jnp.where(clean, self.t_min if self.t_min > 0 else 1.0, t)
+        return jnp.where(clean, 1.0, self.alpha(safe_t)), jnp.where(clean, 0.0, self.sigma(safe_t))
+
+    # ---- prediction conversions --------------------------------------------------------------
+    def to_x0(self, prediction: str, out: Array, x: Array, t: Array) -> Array:
+        return self.convert(prediction, "x0", out, x, t)
+
+    def to_eps(self, prediction: str, out: Array, x: Array, t: Array) -> Array:
+        return self.convert(prediction, "eps", out, x, t)
+
+    def to_score(self, prediction: str, out: Array, x: Array, t: Array) -> Array:
+        return self.convert(prediction, "score", out, x, t)
+
+    def convert(self, src: str, dst: str, out: Array, x: Array, t: Array) -> Array:
+        """Convert a prediction `out` of kind src at (x, t) to kind dst.
+
+        With x = a x0 + s eps: score = -eps / s, v = a eps - s x0 (Salimans & Ho 2022), and
+        x0 = (a x - s v) / (a^2 + s^2), eps = (s x + a v) / (a^2 + s^2) for any (a, s).
+        """
+        check_prediction(src)
+        check_prediction(dst)
+        if src == dst:
+            return out
+        a, s = _bcast(self.alpha(t), x), _bcast(self.sigma(t), x)
+        if src == "eps":
+            eps = out
+        elif src == "score":
+            eps = -s * out
+        elif src == "x0":
+            eps = (x - a * out) / s
+        else:  # v
+            eps = (s * x + a * out) / (a**2 + s**2)
+        if dst == "eps":
+            return eps
+        if dst == "score":
+            return -eps / s
+        x0 = (x - s * eps) / a
+        if dst == "x0":
+            return x0
+        return a * eps - s * x0
+
+
+def check_prediction(kind: str) -> None:
+    if kind not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
+
+
+def _check_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps <= 0:
+        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DDPM(Process):
+    """Ho et al. 2020: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps, t = 1..T.
+
+    alpha_bar_t = prod_{s<=t} (1 - beta_s); alpha(t) = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t).
+    Time is the integer step t in {1..T} (stored as float); t = 0 is the data.
+    `linear`: beta from 1e-4 to 0.02 (Ho et al.); `cosine`: Nichol & Dhariwal 2021, s = 0.008.
+    """
+
+    name: ClassVar[str] = "ddpm"
+    discrete: ClassVar[bool] = True
+    num_scales: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"ddpm schedule must be one of ('linear', 'cosine'), got {self.schedule!r}")
+        _check_steps(self.num_scales)
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return 1.0
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return float(self.num_scales)
+
+    def betas(self) -> np.ndarray:
+        """beta_1..beta_T as float64 numpy (the schedule is a constant of the model)."""
+        T = self.num_scales
+        if self.schedule == "linear":
+            return np.linspace(self.beta_start, self.beta_end, T, dtype=np.float64)
+        s = 0.008
+        f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * np.pi / 2) ** 2
+        return np.clip(1.0 - f[1:] / f[:-1], 0.0, 0.999)
+
+    def alpha_bars(self) -> np.ndarray:
+        """alpha_bar_0..alpha_bar_T with alpha_bar_0 = 1."""
+        return np.concatenate([[1.0], np.cumprod(1.0 - self.betas())])
+
+    def _lookup(self, table: np.ndarray, t: Array) -> Array:
+        idx = jnp.clip(jnp.round(t).astype(jnp.int32), 0, self.num_scales)
+        return jnp.asarray(table, jnp.float32)[idx]
+
+    def alpha(self, t):
+        return self._lookup(np.sqrt(self.alpha_bars()), t)
+
+    def sigma(self, t):
+        return self._lookup(np.sqrt(1.0 - self.alpha_bars()), t)
+
+    def _default_grid(self, num_steps: int) -> Array:
+        """num_steps integer steps evenly spaced from T down to 1 (DDIM's subsequence)."""
+        if num_steps > self.num_scales:
+            raise ValueError(f"num_steps must be <= num_scales={self.num_scales} for ddpm, got {num_steps}")
+        return jnp.asarray(np.round(np.linspace(self.num_scales, 1, num_steps)), jnp.float32)
+
+    def sample_train_time(self, key, batch):
+        return jax.random.randint(key, (batch,), 1, self.num_scales + 1).astype(jnp.float32)
+
+    def noise_cond(self, t):
+        """Ho et al.'s networks embed the 0-based step index t - 1."""
+        return t - 1.0
+
+    def prior_std(self) -> float:
+        return 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class VP(Process):
+    """Variance-preserving SDE: dx = -beta(t)/2 x dt + sqrt(beta(t)) dW, beta linear in t.
+
+    alpha = exp(-B(t)/2) with B(t) = int_0^t beta = beta_min t + (beta_max - beta_min) t^2 / 2.
+    """
+
+    name: ClassVar[str] = "vp"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    eps: float = 1e-3  # score_sde's sampling / training eps
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return self.eps
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def integrated_beta(self, t):
+        return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2
+
+    def alpha(self, t):
+        return jnp.exp(-0.5 * self.integrated_beta(t))
+
+    def sigma(self, t):
+        return jnp.sqrt(-jnp.expm1(-self.integrated_beta(t)))
+
+    def sde(self, t):
+        beta = self.beta(t)
+        return -0.5 * beta, beta
+
+    def _time_at_integrated_beta(self, b):
+        """Solve B(t) = b for t: the positive root of (bmax - bmin) t^2 / 2 + bmin t - b = 0."""
+        db = self.beta_max - self.beta_min
+        return (jnp.sqrt(self.beta_min**2 + 2.0 * db * b) - self.beta_min) / db
+
+    def time_at_ratio(self, ratio):
+        # sigma^2 / alpha^2 = exp(B) - 1
+        return self._time_at_integrated_beta(jnp.log1p(ratio**2))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubVP(VP):
+    """sub-VP SDE: the VP drift with g^2 = beta(t) (1 - exp(-2 B(t))); sigma = 1 - alpha^2."""
+
+    name: ClassVar[str] = "subvp"
+
+    def sigma(self, t):
+        return -jnp.expm1(-self.integrated_beta(t))
+
+    def sde(self, t):
+        beta = self.beta(t)
+        return -0.5 * beta, beta * -jnp.expm1(-2.0 * self.integrated_beta(t))
+
+    def time_at_ratio(self, ratio):
+        # ratio = (1 - a^2) / a  =>  a = (sqrt(ratio^2 + 4) - ratio) / 2, B = -2 log a
+        a = 0.5 * (jnp.sqrt(ratio**2 + 4.0) - ratio)
+        return self._time_at_integrated_beta(-2.0 * jnp.log(a))
+
+
+@dataclasses.dataclass(frozen=True)
+class VE(Process):
+    """Variance-exploding SDE: sigma(t) = sigma_min (sigma_max / sigma_min)^t, alpha = 1.
+
+    g^2 = d sigma^2 / dt = 2 sigma^2 log(sigma_max / sigma_min). score_sde's marginal std is sigma(t)
+    (the sigma_min^2 offset at t = 0 is neglected there too).
+    """
+
+    name: ClassVar[str] = "ve"
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    eps: float = 1e-5
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return self.eps
+
+    def alpha(self, t):
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** jnp.asarray(t, jnp.float32)
+
+    def sde(self, t):
+        s = self.sigma(t)
+        return jnp.zeros_like(s), 2.0 * s**2 * math.log(self.sigma_max / self.sigma_min)
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def noise_cond(self, t):
+        """NCSN++ conditions on sigma itself."""
+        return self.sigma(t)
+
+    def time_at_ratio(self, ratio):
+        return jnp.log(ratio / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM(Process):
+    """Karras et al. 2022: x = x0 + sigma n with t = sigma; ODE dx/dt = (x - D(x; t)) / t.
+
+    Sampling grid: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho, then 0.
+    Training: ln sigma ~ N(P_mean, P_std^2). `precondition` gives c_skip, c_out, c_in, c_noise.
+    """
+
+    name: ClassVar[str] = "edm"
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    @property
+    def t_min(self) -> float:  # type: ignore[override]
+        return self.sigma_min
+
+    @property
+    def t_max(self) -> float:  # type: ignore[override]
+        return self.sigma_max
+
+    def alpha(self, t):
+        return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+    def sigma(self, t):
+        return jnp.asarray(t, jnp.float32)
+
+    def sde(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return jnp.zeros_like(t), 2.0 * t
+
+    def _default_grid(self, num_steps):
+        return self.time_grid(num_steps, spacing="karras", rho=self.rho)[:-1]
+
+    def time_at_ratio(self, ratio):
+        return jnp.asarray(ratio, jnp.float32)
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def sample_train_time(self, key, batch):
+        return jnp.exp(self.p_mean + self.p_std * jax.random.normal(key, (batch,)))
+
+    def noise_cond(self, t):
+        """c_noise = ln(sigma) / 4."""
+        return 0.25 * jnp.log(t)
+
+    def precondition(self, sigma: Array) -> tuple[Array, Array, Array]:
+        """(c_skip, c_out, c_in) of D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)."""
+        sd2 = self.sigma_data**2
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data / jnp.sqrt(sigma**2 + sd2)
+        c_in = 1.0 / jnp.sqrt(sigma**2 + sd2)
+        return c_skip, c_out, c_in
+
+    def loss_weight(self, sigma: Array) -> Array:
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+
+REGISTRY: dict[str, type[Process]] = {p.name: p for p in (DDPM, VP, SubVP, VE, EDM)}
+
+
+def get(name: str, **overrides) -> Process:
+    """The process `name` with field overrides, e.g. get('vp', beta_max=20.0)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown process {name!r}; choose one of {sorted(REGISTRY)}")
+    cls = REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"process {name!r} has no field(s) {unknown}; its fields are {sorted(fields)}")
+    return cls(**overrides)
