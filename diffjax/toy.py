@@ -51,24 +51,28 @@ class GaussianMixture:
         noise = jax.random.normal(k_noise, (n, self.dim))
         return self.means[modes] + self.stds[modes, None] * noise
 
-    def _component_logps(self, x: Array, scale: Array, noise_var: Array) -> Array:
-        """log(w_k) + log N(x; scale mu_k, (scale^2 s_k^2 + noise_var) I), shape (B, K)."""
-        var = scale[:, None] ** 2 * self.stds[None] ** 2 + noise_var[:, None]  # (B, K)
-        diff = x[:, None, :] - scale[:, None, None] * self.means[None]  # (B, K, D)
-        sq = jnp.sum(diff**2, axis=-1)
-        return jnp.log(self.weights / jnp.sum(self.weights)) - 0.5 * (sq / var + self.dim * jnp.log(2 * math.pi * var))
+    def _component_logps(self, x: Array, scale: Array, noise_var: Array) -> tuple[Array, Array]:
+        """(log w_k + log N(x; scale mu_k, var_k I), var_k), both (B, K), var = scale^2 s_k^2 + noise_var.
+
+        Squared distances are expanded as |x|^2 - 2 scale x.mu + scale^2 |mu|^2 so that only (B, K)
+        arrays and one matmul appear (no (B, K, D) intermediate).
+        """
+        var = scale[:, None] ** 2 * self.stds[None] ** 2 + noise_var[:, None]
+        sq = (jnp.sum(x**2, -1, keepdims=True) - 2 * scale[:, None] * (x @ self.means.T)
+              + scale[:, None] ** 2 * jnp.sum(self.means**2, -1)[None])
+        log_w = jnp.log(self.weights / jnp.sum(self.weights))
+        return log_w - 0.5 * (sq / var + self.dim * jnp.log(2 * math.pi * var)), var
 
     def log_prob(self, x: Array) -> Array:
         ones = jnp.ones(x.shape[:1])
-        return jax.nn.logsumexp(self._component_logps(x, ones, 0.0 * ones), axis=-1)
+        return jax.nn.logsumexp(self._component_logps(x, ones, 0.0 * ones)[0], axis=-1)
 
     def diffused_score(self, x: Array, alpha: Array, sigma: Array) -> Array:
-        """grad_x log q_t(x) of the mixture diffused to marginal coefficients (alpha, sigma)."""
-        logits = self._component_logps(x, alpha, sigma**2)
-        resp = jax.nn.softmax(logits, axis=-1)  # (B, K) posterior over modes
-        var = alpha[:, None] ** 2 * self.stds[None] ** 2 + sigma[:, None] ** 2
-        diff = x[:, None, :] - alpha[:, None, None] * self.means[None]
-        return -jnp.sum(resp[..., None] * diff / var[..., None], axis=1)
+        """grad_x log q_t(x) of the mixture diffused to marginal coefficients (alpha, sigma):
+        -sum_k r_k (x - alpha mu_k) / var_k with r the posterior over modes."""
+        logits, var = self._component_logps(x, alpha, sigma**2)
+        resp_over_var = jax.nn.softmax(logits, axis=-1) / var  # (B, K)
+        return alpha[:, None] * (resp_over_var @ self.means) - x * jnp.sum(resp_over_var, -1, keepdims=True)
 
     def denoiser(self, process: Process, prediction: str = "eps") -> Denoiser:
         """The exact denoiser of this mixture diffused by `process`, as `prediction`."""
