@@ -87,8 +87,7 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
     """FLOPs of one forward + backward pass of an eps-MSE loss at input `shape` (abstract)."""
     from diffjax import models
 
-    model = nnx.eval_shape(lambda: models.create(model_config, nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(models.abstract_model(model_config), nnx.Param, ...)
 
     def loss(params, rest, x, noise_cond, eps, key):
         net = nnx.merge(graphdef, params, rest)

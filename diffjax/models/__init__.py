@@ -16,7 +16,7 @@ Every network is built from a model config (``config.model``) and called as::
 
 Parameters are float32 ``nnx.Param``s (``nnx.split(model, nnx.Param, ...)`` gives a State that
 orbax can save); ``config.model.dtype`` ('float32' / 'bfloat16') is the compute dtype and
-outputs are float32. Large kernels carry ``sharding_names`` metadata naming their output axis
+outputs are float32. Large kernels carry ``out_sharding`` metadata naming their output axis
 ``'fsdp'`` (see ``fsdp_partition_specs``).
 
 Image networks read ``image_size`` and ``num_channels`` from the model config (the configs link
@@ -43,7 +43,8 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "mlp": MLP,
 }
 
-__all__ = ["available", "get", "create", "abstract_param_count", "param_count", "fsdp_partition_specs",
+__all__ = ["available", "get", "create", "abstract_model", "abstract_shapes", "abstract_param_count", "param_count",
+           "fsdp_partition_specs",
            "DDPMUNet", "NCSNpp", "MLP"]
 
 
@@ -83,11 +84,22 @@ def param_count(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def abstract_shapes(model_config, input_shape=None):
-    """(graphdef, abstract param State) via nnx.eval_shape: nothing is allocated."""
+def abstract_model(model_config, input_shape=None) -> nnx.Module:
+    """The network with jax.ShapeDtypeStruct leaves (nnx.eval_shape): no weights are allocated."""
     cfg = _with_input_shape(model_config, input_shape)
-    model = nnx.eval_shape(lambda: create(cfg, nnx.Rngs(0)))
-    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+
+    def build(key):
+        # The key is traced, so every initialiser is staged out; the RNG stream counters stay
+        # concrete (compile-time eval), which keeps tracing linear in the model size.
+        with jax.ensure_compile_time_eval():
+            return create(cfg, nnx.Rngs(key))
+
+    return nnx.eval_shape(build, jax.random.key(0))
+
+
+def abstract_shapes(model_config, input_shape=None):
+    """(graphdef, abstract param State) of the network: nothing is allocated."""
+    graphdef, params, _ = nnx.split(abstract_model(model_config, input_shape), nnx.Param, ...)
     return graphdef, params
 
 
@@ -99,7 +111,7 @@ def abstract_param_count(model_config, input_shape=None) -> int:
 
 
 def fsdp_partition_specs(params, fsdp_size: int, axis: str = "fsdp"):
-    """PartitionSpecs from the ``sharding_names`` annotations, dropping ``axis`` where the
+    """PartitionSpecs from the ``out_sharding`` annotations, dropping ``axis`` where the
     dimension is not divisible by ``fsdp_size`` (e.g. the 3-channel output conv)."""
     specs = nnx.get_partition_spec(params)
 

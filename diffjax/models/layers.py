@@ -5,7 +5,7 @@ Conventions
   statistics and the attention softmax are always computed in float32.
 - Initialisers follow DDPM / score_sde: ``variance_scaling(scale, 'fan_avg', 'uniform')`` with
   scale 0 replaced by 1e-10 ("zero" init of the last conv of a block), 1x1 "NIN" layers at 0.1.
-- Sharding: large kernels carry the metadata ``sharding_names`` whose *last* (output) axis is
+- Sharding: large kernels carry the metadata ``out_sharding`` whose *last* (output) axis is
   named ``'fsdp'`` (conv kernels ``(None, None, None, 'fsdp')``, dense ``(None, 'fsdp')``).
   ``eager_sharding`` is off, so creating a model needs no mesh; ``nnx.get_partition_spec`` (or
   ``diffjax.models.fsdp_partition_specs``, which drops the name on indivisible axes) turns the
@@ -31,7 +31,7 @@ DENSE_SHARDING = (None, "fsdp")
 
 def sharding_meta(names: tuple) -> dict:
     """Variable metadata that annotates (but does not eagerly apply) a sharding."""
-    return {"sharding_names": names, "eager_sharding": False}
+    return {"out_sharding": names, "eager_sharding": False}
 
 
 def default_init(scale: float = 1.0):

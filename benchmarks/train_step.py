@@ -1,0 +1,213 @@
+"""Train-step throughput of the 35.7M DDPM CIFAR-10 UNet: diffjax (JAX/Flax NNX) vs diffusers (PyTorch).
+
+One training step = eps-MSE loss at x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (linear DDPM
+betas 1e-4..0.02, t uniform in 1..1000), forward + backward, clip_by_global_norm(1) + Adam(2e-4),
+EMA(0.9999) of the parameters. Batch 16 of 32x32x3 float32 on the CPU.
+
+  JAX:   configs/ddpm_cifar10.py network, params from nnx.split, one jax.jit'ed step with
+         donate_argnums (params, optimizer state and EMA are updated in place).
+  Torch: diffusers UNet2DModel(block_out_channels=(128, 256, 256, 256), AttnDownBlock2D /
+         AttnUpBlock2D at 16x16, layers_per_block=2, dropout 0.1) = 35,746,307 parameters,
+         a plain loop with torch.optim.Adam (foreach), clip_grad_norm_ and a foreach EMA.
+
+Also prints the achieved FLOP/s of the JAX step (XLA cost-analysis FLOPs / step time) over a
+measured f32 matmul peak (a large jnp.dot). Peer install: pip install torch==2.13.0 diffusers.
+
+  python benchmarks/train_step.py [--batch 16] [--steps 10] [--repeat 1] [--skip-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from diffjax import models  # noqa: E402
+from diffjax.info import load_config  # noqa: E402
+
+T, LR, EMA, CLIP = 1000, 2e-4, 0.9999, 1.0
+
+
+def alpha_bars() -> np.ndarray:
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, T, dtype=np.float64)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# JAX
+# ------------------------------------------------------------------------------------------------
+
+def make_jax_step(overrides=()):
+    config = load_config(os.path.join(ROOT, "configs", "ddpm_cifar10.py"), list(overrides))
+    model = models.create(config.model, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(LR))
+    opt_state = tx.init(params)
+    ema = jax.tree.map(jnp.copy, params)
+    abar = jnp.asarray(alpha_bars())
+
+    def loss_fn(params, x0, key):
+        k_t, k_eps, k_drop = jax.random.split(key, 3)
+        t = jax.random.randint(k_t, (x0.shape[0],), 1, T + 1)
+        eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
+        a = abar[t - 1][:, None, None, None]
+        x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * eps
+        net = nnx.merge(graphdef, params, rest)
+        out = net(x_t, (t - 1).astype(jnp.float32), train=True, rngs=nnx.Rngs(dropout=k_drop))
+        return jnp.mean(jnp.square(out - eps))
+
+    def step(params, opt_state, ema, x0, key):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x0, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        ema = jax.tree.map(lambda e, p: EMA * e + (1.0 - EMA) * p, ema, params)
+        return params, opt_state, ema, loss
+
+    state = (params, opt_state, ema)
+    return jax.jit(step, donate_argnums=(0, 1, 2)), state, models.param_count(params)
+
+
+def bench_jax(batch, steps, warmup, overrides=()):
+    step, state, n_params = make_jax_step(overrides)
+    x0 = jax.random.uniform(jax.random.key(1), (batch, 32, 32, 3), minval=-1, maxval=1)
+    t0 = time.perf_counter()
+    compiled = step.lower(*state, x0, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"])
+    key = jax.random.key(2)
+    for i in range(warmup):
+        *state, loss = compiled(*state, x0, jax.random.fold_in(key, i))
+    jax.block_until_ready(loss)
+    times = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        *state, loss = compiled(*state, x0, jax.random.fold_in(key, 1000 + i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(loss))
+    return dict(n_params=n_params, times=times, flops=flops, compile_s=compile_s)
+
+
+def matmul_peak(n=4096, reps=5):
+    """f32 GFLOP/s of a large jnp.dot (XLA's CPU matmul, all threads)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    best = min(_timeit(lambda: f(a, b).block_until_ready()) for _ in range(reps))
+    return 2 * n**3 / best
+
+
+def _timeit(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# PyTorch + diffusers
+# ------------------------------------------------------------------------------------------------
+
+def bench_torch(batch, steps, warmup, threads):
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                      block_out_channels=(128, 256, 256, 256),
+                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                      dropout=0.1)
+    net.train()
+    n_params = sum(p.numel() for p in net.parameters())
+    params = [p for p in net.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=LR, foreach=True)
+    abar = torch.from_numpy(alpha_bars())
+    x0 = torch.rand(batch, 3, 32, 32) * 2 - 1
+
+    def step():
+        t = torch.randint(1, T + 1, (batch,))
+        eps = torch.randn_like(x0)
+        a = abar[t - 1].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        out = net(x_t, t - 1).sample
+        loss = torch.mean((out - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_mul_(ema, EMA)
+            torch._foreach_add_(ema, params, alpha=1 - EMA)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(loss))
+    return dict(n_params=n_params, times=times, version=f"torch {torch.__version__}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=1, help="alternate JAX/torch runs this many times")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--override", action="append", default=[], help="--config.model.x=y for the JAX net")
+    args = p.parse_args(argv)
+
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), batch {args.batch}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    peak = matmul_peak()
+    rows = []
+    for r in range(args.repeat):
+        j = bench_jax(args.batch, args.steps, args.warmup, args.override)
+        j_med = statistics.median(j["times"])
+        rows.append(("diffjax (JAX, jit)", j["n_params"], j_med, j["flops"] / j_med))
+        print(f"  run {r}: JAX   median {j_med * 1e3:8.1f} ms/step  (compile {j['compile_s']:.1f}s, "
+              f"min {min(j['times']) * 1e3:.1f} ms)", flush=True)
+        if not args.skip_torch:
+            t = bench_torch(args.batch, args.steps, args.warmup, args.threads)
+            t_med = statistics.median(t["times"])
+            rows.append((f"diffusers ({t['version']})", t["n_params"], t_med, j["flops"] / t_med))
+            print(f"  run {r}: torch median {t_med * 1e3:8.1f} ms/step  (min {min(t['times']) * 1e3:.1f} ms)",
+                  flush=True)
+
+    print(f"\nXLA cost analysis: {j['flops'] / 1e9:.1f} GFLOP per step ({j['flops'] / args.batch / 1e9:.2f} "
+          f"per example); f32 matmul peak (jnp.dot 4096^2): {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"| {'implementation':<28} | {'params':>11} | {'ms/step':>8} | {'img/s':>6} | {'GFLOP/s':>7} | "
+          f"{'of peak':>7} |")
+    print(f"|{'-' * 30}|{'-' * 13}|{'-' * 10}|{'-' * 8}|{'-' * 9}|{'-' * 9}|")
+    for name, n, med, fps in rows:
+        print(f"| {name:<28} | {n:>11,} | {med * 1e3:>8.1f} | {args.batch / med:>6.2f} | {fps / 1e9:>7.1f} | "
+              f"{fps / peak:>6.0%} |")
+    if not args.skip_torch:
+        jax_ips = [args.batch / r[2] for r in rows if r[0].startswith("diffjax")]
+        torch_ips = [args.batch / r[2] for r in rows if r[0].startswith("diffusers")]
+        print(f"\nratio JAX / torch img/s: {statistics.median(jax_ips) / statistics.median(torch_ips):.2f} "
+              f"(median over {args.repeat} run(s); torch GFLOP/s uses the same XLA FLOP count)")
+
+
+if __name__ == "__main__":
+    main()

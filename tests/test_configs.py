@@ -1,0 +1,130 @@
+"""Reproduction configs: schema, overrides, `diffjax info`."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from diffjax import info, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+                 if not p.endswith("__init__.py"))
+REPRODUCTIONS = {  # config -> a number of the paper it targets, quoted in its docstring
+    "configs/ddpm_cifar10.py": "3.17",
+    "configs/vp/cifar10_ddpmpp_continuous.py": "2.55",
+    "configs/vp/cifar10_ddpmpp_deep_continuous.py": "2.41",
+    "configs/subvp/cifar10_ddpmpp_deep_continuous.py": "2.99",
+    "configs/ve/cifar10_ncsnpp_continuous.py": "2.38",
+    "configs/ve/cifar10_ncsnpp_deep_continuous.py": "2.20",
+    "configs/edm/cifar10_ddpmpp.py": "1.97",
+}
+SCHEMA = {
+    "": ["seed", "process", "training", "model", "data", "optim", "sampling", "eval"],
+    "process": ["name"],
+    "training": ["batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq", "n_jitted_steps", "loss",
+                 "likelihood_weighting", "label_dropout", "ema_rate", "grad_accum_steps", "fsdp"],
+    "model": ["name", "prediction", "dtype", "num_classes", "nf", "ch_mult", "num_res_blocks", "attn_resolutions",
+              "dropout", "resamp_with_conv", "conditional", "fir", "fir_kernel", "skip_rescale", "resblock_type",
+              "progressive", "progressive_input", "progressive_combine", "attention_type", "init_scale",
+              "fourier_scale", "embedding_type", "scale_by_sigma"],
+    "data": ["dataset", "image_size", "num_channels", "centered", "random_flip", "uniform_dequantization"],
+    "optim": ["optimizer", "lr", "beta1", "eps", "weight_decay", "warmup", "grad_clip"],
+    "sampling": ["sampler", "num_steps", "snr", "n_steps_each", "noise_removal", "probability_flow"],
+    "eval": ["batch_size", "num_samples"],
+}
+PROCESS_PARAMS = {"ddpm": {"num_scales", "schedule", "beta_min", "beta_max"},
+                  "vp": {"beta_min", "beta_max"}, "subvp": {"beta_min", "beta_max"},
+                  "ve": {"sigma_min", "sigma_max"}, "edm": {"sigma_min", "sigma_max", "sigma_data", "rho"}}
+
+
+def load(path, *overrides):
+    return info.load_config(os.path.join(ROOT, path), list(overrides))
+
+
+def test_all_reproductions_present():
+    assert set(REPRODUCTIONS) | {"configs/default.py", "configs/digits.py", "configs/toy/eight_gaussians.py"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_schema(path):
+    c = load(path)
+    for section, keys in SCHEMA.items():
+        node = c if not section else c[section]
+        missing = [k for k in keys if k not in node]
+        assert not missing, f"{path}: {section or 'config'} lacks {missing}"
+    assert c.process.name in PROCESS_PARAMS
+    assert PROCESS_PARAMS[c.process.name] <= set(c.process.keys()), (path, c.process)
+    assert c.training.loss in ("eps", "dsm", "v", "edm")
+    assert c.model.prediction in ("eps", "score", "x0", "v")
+    assert c.model.dtype in ("float32", "bfloat16")
+    assert c.model.name in models.available()
+    assert c.training.batch_size > 0 and 0 < c.training.ema_rate < 1
+
+
+@pytest.mark.parametrize("path, number", sorted(REPRODUCTIONS.items()))
+def test_docstring_cites_target(path, number):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, path))
+    source = open(spec.origin).read()
+    doc = source.split('"""')[1]
+    assert number in doc and "arXiv" in doc, path
+
+
+def test_paper_hyperparameters():
+    ddpm = load("configs/ddpm_cifar10.py")
+    assert (ddpm.process.name, ddpm.process.num_scales, ddpm.process.schedule) == ("ddpm", 1000, "linear")
+    assert (ddpm.training.batch_size, ddpm.optim.lr, ddpm.optim.warmup, ddpm.optim.grad_clip) == (128, 2e-4, 5000, 1.0)
+    assert ddpm.training.ema_rate == 0.9999 and ddpm.model.dropout == 0.1 and ddpm.training.loss == "eps"
+    vp = load("configs/vp/cifar10_ddpmpp_continuous.py")
+    assert (vp.process.beta_min, vp.process.beta_max, vp.training.ema_rate) == (0.1, 20.0, 0.9999)
+    ve = load("configs/ve/cifar10_ncsnpp_deep_continuous.py")
+    assert (ve.process.sigma_min, ve.process.sigma_max, ve.model.num_res_blocks) == (0.01, 50.0, 8)
+    assert ve.model.fir and ve.model.scale_by_sigma and ve.model.embedding_type == "fourier"
+    edm = load("configs/edm/cifar10_ddpmpp.py")
+    assert (edm.process.sigma_min, edm.process.sigma_max, edm.process.sigma_data, edm.process.rho) == (0.002, 80.0, 0.5, 7.0)
+    assert edm.training.ema_rate == 0.999 and edm.sampling.num_steps == 18
+
+
+def test_overrides():
+    c = load("configs/ddpm_cifar10.py", "--config.model.nf=32", "--config.model.ch_mult=(1,2)",
+             "--config.training.batch_size=8", "--config.model.dtype=bfloat16", "--config.data.image_size=16")
+    assert c.model.nf == 32 and tuple(c.model.ch_mult) == (1, 2) and c.training.batch_size == 8
+    assert c.model.dtype == "bfloat16"
+    assert c.model.image_size == 16  # the model's image_size references data.image_size
+
+
+@pytest.mark.parametrize("override, match", [
+    ("--config.model.nff=32", "nff"),
+    ("--config.modle.nf=32", "modle"),
+    ("--config.model.nf=abc", "abc"),
+    ("--model.nf=32", "--config"),
+])
+def test_bad_override(override, match):
+    with pytest.raises(ValueError, match=match):
+        load("configs/ddpm_cifar10.py", override)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError):
+        info.load_config("configs/nope.py")
+
+
+def test_info_cli(capsys):
+    path = os.path.join(ROOT, "configs", "digits.py")
+    assert info.main(["--config", path, "--config.model.nf=16"]) == 0
+    out = capsys.readouterr().out
+    expected = models.abstract_param_count(load("configs/digits.py", "--config.model.nf=16").model)
+    assert "ddpm_unet" in out and f"{expected:,}" in out and "GFLOP" in out
+    assert info.main(["--config", path, "--config.model.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_training_flops_scale_with_width():
+    small = load("configs/digits.py", "--config.model.nf=16")
+    big = load("configs/digits.py", "--config.model.nf=32")
+    f_small = info.training_flops(small.model, (1, 8, 8, 1))
+    f_big = info.training_flops(big.model, (1, 8, 8, 1))
+    assert f_small > 0 and 2.5 < f_big / f_small < 4.5  # conv FLOPs ~ width^2

@@ -1,0 +1,271 @@
+"""Score networks: reference parameter counts, shapes, determinism, dropout, class conditioning."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffjax import models
+from diffjax.info import load_config
+from diffjax.models import layers as L
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+                 if not p.endswith("__init__.py"))
+
+
+def cfg(path, *overrides):
+    return load_config(os.path.join(ROOT, path), list(overrides))
+
+
+TINY = ("--config.model.nf=16", "--config.model.num_res_blocks=1", "--config.model.ch_mult=(1,2)",
+        "--config.data.image_size=8", "--config.model.attn_resolutions=(4,)")
+
+
+def tiny(path, *extra):
+    c = cfg(path)
+    return cfg(path, *(("--config.model.nf=16",) if c.model.name == "mlp" else TINY), *extra)
+
+
+def x_for(config, batch=2, seed=0):
+    shape = ((batch, config.model.data_dim) if config.model.name == "mlp" else
+             (batch, config.data.image_size, config.data.image_size, config.data.num_channels))
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def noise_cond_for(config, batch=2):
+    # positional nets see a timestep-like value, Fourier nets a sigma
+    return jnp.linspace(0.5, 20.0, batch) if config.model.embedding_type == "fourier" else jnp.linspace(3.0, 700.0, batch)
+
+
+def perturbed(model, scale=0.05, seed=123):
+    """Add noise to every parameter so that 'zero'-initialised output layers do not hide differences.
+
+    (Host-side numpy noise: drawing with jax.random would compile one RNG program per shape.)"""
+    rng = np.random.default_rng(seed)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p + scale * rng.standard_normal(p.shape, np.float32), params))
+    return model
+
+
+def run(model, x, noise_cond, labels=None, train=False, rngs=None):
+    """Eager call: the tiny test networks share layer shapes, so op-by-op compiles are reused
+    across tests, which is cheaper here than compiling each network with jit."""
+    return model(x, noise_cond, labels, train=train, rngs=rngs)
+
+
+# ---- exact parameter counts (abstract: nothing is allocated) -----------------------------------
+
+@pytest.mark.parametrize("path, expected", [
+    ("configs/ddpm_cifar10.py", 35_746_307),  # = diffusers UNet2DModel(128, 256, 256, 256), Ho et al.
+    ("configs/vp/cifar10_ddpmpp_continuous.py", 61_804_419),
+    ("configs/vp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
+    ("configs/subvp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
+    ("configs/ve/cifar10_ncsnpp_continuous.py", 62_758_915),
+    ("configs/ve/cifar10_ncsnpp_deep_continuous.py", 107_587_075),
+])
+def test_reference_parameter_counts(path, expected):
+    assert models.abstract_param_count(cfg(path).model, (1, 32, 32, 3)) == expected
+
+
+def test_abstract_count_allocates_nothing():
+    _, params = models.abstract_shapes(cfg("configs/ve/cifar10_ncsnpp_deep_continuous.py").model)
+    leaves = jax.tree.leaves(params)
+    assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+
+
+# ---- shapes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_reference_size_output_shape_abstract(path):
+    """Every config at its real size traces to an output of the input's shape (eval_shape: no FLOPs)."""
+    c = cfg(path)
+    x = x_for(c, batch=2)
+
+    graphdef, params, rest = nnx.split(models.abstract_model(c.model), nnx.Param, ...)
+
+    def fwd(params, rest, x, nc):
+        return nnx.merge(graphdef, params, rest)(x, nc)
+
+    out = jax.eval_shape(fwd, params, rest, x, noise_cond_for(c))
+    assert out.shape == x.shape and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_tiny_forward_every_config(path):
+    c = tiny(path)
+    model = models.create(c.model, nnx.Rngs(0))
+    x = x_for(c)
+    out = run(model, x, noise_cond_for(c))
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("overrides", [
+    ("--config.model.progressive=output_skip", "--config.model.progressive_input=input_skip"),
+    ("--config.model.progressive=residual", "--config.model.progressive_input=residual"),
+    ("--config.model.progressive=output_skip", "--config.model.progressive_input=input_skip",
+     "--config.model.progressive_combine=cat", "--config.model.fir=False"),
+    ("--config.model.resblock_type=ddpm", "--config.model.progressive=residual"),
+    ("--config.model.skip_rescale=False", "--config.model.embedding_type=positional",
+     "--config.model.scale_by_sigma=False", "--config.model.conditional=False"),
+])
+def test_ncsnpp_variants(overrides):
+    c = tiny("configs/ve/cifar10_ncsnpp_continuous.py", *overrides)
+    model = models.create(c.model, nnx.Rngs(0))
+    x = x_for(c)
+    out = run(model, x, noise_cond_for(c))
+    assert out.shape == x.shape and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_mlp_shape():
+    c = tiny("configs/toy/eight_gaussians.py")
+    model = models.create(c.model, nnx.Rngs(0))
+    out = run(model, jnp.ones((5, 2)), jnp.arange(5.0))
+    assert out.shape == (5, 2) and out.dtype == jnp.float32
+
+
+# ---- determinism, dropout, dtype -----------------------------------------------------------
+
+def test_same_key_same_params():
+    c = tiny("configs/ddpm_cifar10.py")
+    p1 = nnx.state(models.create(c.model, nnx.Rngs(7)), nnx.Param)
+    p2 = nnx.state(models.create(c.model, nnx.Rngs(7)), nnx.Param)
+    p3 = nnx.state(models.create(c.model, nnx.Rngs(8)), nnx.Param)
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)
+    diff = jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p1, p3))
+    assert any(diff)
+
+
+@pytest.mark.parametrize("path", ["configs/ddpm_cifar10.py", "configs/vp/cifar10_ddpmpp_continuous.py",
+                                  "configs/toy/eight_gaussians.py"])
+def test_dropout_only_in_train(path):
+    c = tiny(path, "--config.model.dropout=0.5")
+    model = perturbed(models.create(c.model, nnx.Rngs(0)))
+    x, nc = x_for(c), noise_cond_for(c)
+    e1, e2 = run(model, x, nc), run(model, x, nc, train=False)
+    np.testing.assert_array_equal(e1, e2)  # eval is deterministic
+    t1 = run(model, x, nc, train=True)
+    t2 = run(model, x, nc, train=True)  # the module's dropout stream advances
+    t3 = run(model, x, nc, train=True, rngs=nnx.Rngs(dropout=1))
+    t4 = run(model, x, nc, train=True, rngs=nnx.Rngs(dropout=1))
+    assert not np.allclose(t1, e1, atol=1e-4)
+    assert not np.allclose(t1, t2, atol=1e-4)
+    np.testing.assert_array_equal(t3, t4)  # explicit rngs: reproducible
+
+
+def test_bfloat16_compute_float32_params_and_output():
+    c32 = tiny("configs/ddpm_cifar10.py")
+    c16 = tiny("configs/ddpm_cifar10.py", "--config.model.dtype=bfloat16")
+    m32 = perturbed(models.create(c32.model, nnx.Rngs(0)), scale=0.02)
+    m16 = perturbed(models.create(c16.model, nnx.Rngs(0)), scale=0.02)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+    x, nc = x_for(c32), noise_cond_for(c32)
+    o32, o16 = run(m32, x, nc), run(m16, x, nc)
+    assert o16.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(o16 - o32) / jnp.linalg.norm(o32))
+    assert rel < 0.1, rel
+
+
+def test_scale_by_sigma_divides_output():
+    c = tiny("configs/ve/cifar10_ncsnpp_continuous.py")
+    c_off = tiny("configs/ve/cifar10_ncsnpp_continuous.py", "--config.model.scale_by_sigma=False")
+    m_on = perturbed(models.create(c.model, nnx.Rngs(0)))
+    m_off = perturbed(models.create(c_off.model, nnx.Rngs(0)))
+    x, sigma = x_for(c), jnp.array([0.5, 4.0])
+    np.testing.assert_allclose(run(m_on, x, sigma) * sigma[:, None, None, None], run(m_off, x, sigma),
+                               rtol=1e-4, atol=1e-5)
+
+
+# ---- class conditioning --------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["configs/ddpm_cifar10.py", "configs/ve/cifar10_ncsnpp_continuous.py",
+                                  "configs/toy/eight_gaussians.py"])
+def test_class_conditional(path):
+    c = tiny(path, "--config.model.num_classes=10")
+    model = perturbed(models.create(c.model, nnx.Rngs(0)))
+    assert model.embed.label_emb.embedding.shape[0] == 11  # num_classes + 1 (null) rows
+    x, nc = x_for(c), noise_cond_for(c)
+    a = run(model, x, nc, jnp.array([0, 1]))
+    b = run(model, x, nc, jnp.array([2, 3]))
+    null = run(model, x, nc, jnp.array([-1, -1]))
+    assert not np.allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(null, run(model, x, nc), rtol=1e-6)  # labels=None -> null label
+    np.testing.assert_allclose(null, run(model, x, nc, jnp.array([10, 10])), rtol=1e-6)  # -1 -> row num_classes
+    mixed = run(model, x, nc, jnp.array([0, -1]))
+    np.testing.assert_allclose(mixed[0], a[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed[1], null[1], rtol=1e-5, atol=1e-6)
+
+
+def test_unconditional_model_has_no_label_table():
+    c = tiny("configs/ddpm_cifar10.py")
+    model = models.create(c.model, nnx.Rngs(0))
+    assert model.embed.label_emb is None
+
+
+# ---- registry, sharding, checkpoints -------------------------------------------------------
+
+def test_unknown_model_name():
+    c = tiny("configs/ddpm_cifar10.py")
+    c.model.unlock()
+    c.model.name = "resnet9000"
+    with pytest.raises(ValueError, match="resnet9000.*ddpm_unet, mlp, ncsnpp"):
+        models.create(c.model, nnx.Rngs(0))
+    with pytest.raises(ValueError, match="available models"):
+        models.get("nope")
+    assert models.get(cfg("configs/ddpm_cifar10.py").model) is models.DDPMUNet
+
+
+def test_sharding_annotations():
+    c = tiny("configs/ddpm_cifar10.py")
+    _, params = models.abstract_shapes(c.model)
+    specs = models.fsdp_partition_specs(params, fsdp_size=2)
+    assert tuple(specs["conv_in"]["kernel"]) == (None, None, None, "fsdp")
+    assert tuple(specs["conv_out"]["kernel"]) == (None, None, None, None)  # 1 output channel: not divisible
+    assert tuple(specs["conv_in"]["bias"]) == ()
+
+
+def test_params_checkpoint_roundtrip(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    c = tiny("configs/digits.py")
+    model = models.create(c.model, nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(tmp_path / "params", params)
+        ckpt.wait_until_finished()
+        restored = ckpt.restore(tmp_path / "params", params)
+    jax.tree.map(np.testing.assert_array_equal, params, restored)
+
+
+# ---- FIR resampling ------------------------------------------------------------------------
+
+def test_fir_resampling_matches_upfirdn_definition():
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
+    # StyleGAN2 upsample_2d: zero-insert, pad (2, 1), 2-D convolution with 4 * outer(k, k) / sum
+    k = np.outer([1, 3, 3, 1], [1, 3, 3, 1]).astype(np.float32)
+    k = 4 * k / k.sum()
+    up = np.zeros((1, 16, 16, 3), np.float32)
+    up[:, ::2, ::2] = np.asarray(x)
+    up = np.pad(up, ((0, 0), (2, 1), (2, 1), (0, 0)))
+    ref = np.zeros((1, 16, 16, 3), np.float32)
+    for i in range(4):
+        for j in range(4):
+            ref += k[3 - i, 3 - j] * up[:, i:i + 16, j:j + 16]
+    np.testing.assert_allclose(L.upsample_2d(x), ref, rtol=1e-5, atol=1e-5)
+    ones = jnp.ones((1, 8, 8, 1))
+    np.testing.assert_allclose(L.downsample_2d(ones)[0, 1:-1, 1:-1], 1.0, rtol=1e-6)
+    # fused conv variants agree with resample-then-conv away from the borders
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
+    conv = lambda a: jax.lax.conv_general_dilated(a, w, (1, 1), "SAME",  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(L.upsample_conv_2d(x, w)[:, 3:-3, 3:-3], conv(L.upsample_2d(x))[:, 3:-3, 3:-3],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(L.conv_downsample_2d(x, w)[:, 1:-1, 1:-1],
+                               L.downsample_2d(conv(x))[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
