@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from diffjax.processes import check_prediction
+from diffjax.processes import bcast, check_prediction
 
 Array = jax.Array
 NULL_LABEL = -1  # the "no class" label used for classifier-free guidance and label dropout
@@ -58,11 +58,7 @@ class _GuidedApply:
         both = self.inner(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                           jnp.concatenate([cond, jnp.full_like(cond, NULL_LABEL)]))
         conditional, unconditional = jnp.split(both, 2)
-        return unconditional + _bcast_scale(scale, x) * (conditional - unconditional)
-
-
-def _bcast_scale(scale, x):
-    return jnp.reshape(scale, jnp.shape(scale) + (1,) * (x.ndim - jnp.ndim(scale)))
+        return unconditional + bcast(scale, x) * (conditional - unconditional)
 
 
 def guided(denoiser: Denoiser, scale: float | Array) -> Denoiser:

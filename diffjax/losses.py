@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.denoiser import NULL_LABEL, Denoiser
-from diffjax.processes import EDM, Process, _bcast
+from diffjax.processes import EDM, Process, bcast
 
 Array = jax.Array
 LOSSES = ("eps", "dsm", "v", "edm")
@@ -57,10 +57,10 @@ def loss(name: str, denoiser: Denoiser, process: Process, batch: dict, key: Arra
     if name == "eps":
         target, weight = eps, jnp.ones_like(t)
     elif name == "dsm":
-        target = -eps / _bcast(sigma, eps)
+        target = -eps / bcast(sigma, eps)
         weight = process.sde(t)[1] if likelihood_weighting else sigma**2
     elif name == "v":
-        target, weight = _bcast(alpha, eps) * eps - _bcast(sigma, x0) * x0, jnp.ones_like(t)
+        target, weight = bcast(alpha, eps) * eps - bcast(sigma, x0) * x0, jnp.ones_like(t)
     else:
         target, weight = x0, process.loss_weight(sigma)
     per_example = jnp.mean(((out - target) ** 2).reshape(x0.shape[0], -1), axis=-1)

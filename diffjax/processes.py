@@ -32,7 +32,7 @@ PREDICTIONS = ("eps", "x0", "v", "score")
 SPACINGS = ("default", "karras", "logsnr")
 
 
-def _bcast(coef: Array, x: Array) -> Array:
+def bcast(coef: Array, x: Array) -> Array:
     """Reshape a per-example (B,) or scalar coefficient to broadcast against x (B, ...)."""
     coef = jnp.asarray(coef, x.dtype)
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
@@ -56,7 +56,7 @@ class Process:
 
     def marginal(self, x0: Array, t: Array, eps: Array) -> Array:
         """x_t = alpha(t) x0 + sigma(t) eps."""
-        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+        return bcast(self.alpha(t), x0) * x0 + bcast(self.sigma(t), x0) * eps
 
     def log_snr(self, t: Array) -> Array:
         """lambda(t) = log(alpha^2 / sigma^2)."""
@@ -111,7 +111,7 @@ class Process:
         'karras' (uniform in (sigma/alpha)^(1/rho), Karras et al. 2022, eq. 5) or 'logsnr'
         (uniform in log(sigma/alpha), Lu et al. 2022).
         """
-        _check_steps(num_steps)
+        check_steps(num_steps)
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         with jax.ensure_compile_time_eval():  # the grid is a constant, also when traced under jit
@@ -168,7 +168,7 @@ class Process:
         check_prediction(dst)
         if src == dst:
             return out
-        a, s = _bcast(self.alpha(t), x), _bcast(self.sigma(t), x)
+        a, s = bcast(self.alpha(t), x), bcast(self.sigma(t), x)
         if src == "eps":
             eps = out
         elif src == "score":
@@ -192,7 +192,7 @@ def check_prediction(kind: str) -> None:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
 
 
-def _check_steps(num_steps: int) -> None:
+def check_steps(num_steps: int) -> None:
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps <= 0:
         raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
 
@@ -217,7 +217,7 @@ class DDPM(Process):
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine"):
             raise ValueError(f"ddpm schedule must be one of ('linear', 'cosine'), got {self.schedule!r}")
-        _check_steps(self.num_scales)
+        check_steps(self.num_scales)
 
     @property
     def t_min(self) -> float:  # type: ignore[override]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.denoiser import Denoiser, guided
-from diffjax.processes import Process, _bcast, _check_steps
+from diffjax.processes import Process, bcast, check_steps
 
 Array = jax.Array
 _INIT_NOISE = 0x7FFFFFFF  # fold-in index of the initial noise x_T (steps use 0, 1, ...)
@@ -51,7 +51,7 @@ def predict(denoiser: Denoiser, process: Process, x: Array, t: Array, cond, kind
 
 def _coefs(process: Process, t: Array, x: Array) -> tuple[Array, Array]:
     a, s = process.coefficients(t)
-    return _bcast(a, x), _bcast(s, x)
+    return bcast(a, x), bcast(s, x)
 
 
 def posterior_step(process: Process, x: Array, x0: Array, t: Array, s: Array, noise: Array,
@@ -127,7 +127,7 @@ def pc(denoiser, process, x, keys, cond, num_steps, predictor: str = "reverse_di
             score = predict(denoiser, process, x, t, cond, "score")
             z = example_noise(keys, x.shape[1:], i, j + 1)
             ratio = snr * norm_of(z) / norm_of(score)
-            step = _bcast(2.0 * ratio**2, x) * (a_t / a_s) ** 2
+            step = bcast(2.0 * ratio**2, x) * (a_t / a_s) ** 2
             x = x + step * score + jnp.sqrt(2.0 * step) * z
         score = predict(denoiser, process, x, t, cond, "score")
         z = example_noise(keys, x.shape[1:], i)
@@ -140,8 +140,8 @@ def pc(denoiser, process, x, keys, cond, num_steps, predictor: str = "reverse_di
         else:
             f, g2 = process.sde(t)
             dt = jnp.asarray(s - t, x.dtype)
-            mean = x + (_bcast(f, x) * x - _bcast(g2, x) * score) * dt
-            noise_std = jnp.sqrt(_bcast(g2, x) * -dt)
+            mean = x + (bcast(f, x) * x - bcast(g2, x) * score) * dt
+            noise_std = jnp.sqrt(bcast(g2, x) * -dt)
         return jnp.where(last, mean, mean + noise_std * z)  # no noise on the final (denoising) step
 
     return _scan_grid(body, x, grid, num_steps), num_steps * (n_corr + 1)
@@ -190,7 +190,7 @@ def heun(denoiser, process, x, keys, cond, num_steps, s_churn: float = 0.0, s_tm
     gamma = min(s_churn / num_steps, math.sqrt(2.0) - 1.0) if s_churn > 0 else 0.0
 
     def slope(xs, t, sig_t):
-        x0 = predict(denoiser, process, xs * _bcast(process.alpha(t), xs), t, cond, "x0")
+        x0 = predict(denoiser, process, xs * bcast(process.alpha(t), xs), t, cond, "x0")
         return (xs - x0) / sig_t
 
     def body(xs, inp):
@@ -279,7 +279,7 @@ def sample(name: str, denoiser: Denoiser, process: Process, key: Array, shape: t
     """Draw samples of `shape` (batch first) with sampler `name`; returns (x, {"nfe": int, ...})."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    _check_steps(num_steps)
+    check_steps(num_steps)
     if name == "heun" and num_steps < 2:
         raise ValueError(f"num_steps must be >= 2 for heun, got {num_steps}")
     shape = tuple(int(d) for d in shape)
