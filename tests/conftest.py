@@ -1,4 +1,6 @@
 import os
 
-# Tests run on the CPU; several tests fake 8 devices for sharding.
+# Tests run on the CPU with 8 fake devices, so sharding is exercised on any machine.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()

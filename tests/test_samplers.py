@@ -163,6 +163,7 @@ def test_classifier_free_guidance():
 
 def test_sharded_batch_stays_sharded():
     devices = np.array(jax.devices())
+    assert len(devices) == 8  # conftest fakes 8 CPU devices
     mesh = jax.sharding.Mesh(devices, ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     p = processes.get("vp")
