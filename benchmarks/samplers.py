@@ -90,7 +90,7 @@ def diffusers_ancestral(mixture, truth, num, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, nargs="+", default=[10000, 256])
+    parser.add_argument("--num", type=int, nargs="+", default=[10000, 256, 64])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     mixture = toy.eight_gaussians()

@@ -90,7 +90,8 @@ def ddim(denoiser, process, x, keys, cond, num_steps, eta: float = 0.0, spacing:
     def body(x, inp):
         i, t, s = inp
         x0 = predict(denoiser, process, x, t, cond, "x0")
-        return posterior_step(process, x, x0, t, s, example_noise(keys, x.shape[1:], i), eta)
+        noise = example_noise(keys, x.shape[1:], i) if eta != 0 else jnp.zeros_like(x)  # eta is static
+        return posterior_step(process, x, x0, t, s, noise, eta)
 
     return _scan_grid(body, x, grid, num_steps), num_steps
 
