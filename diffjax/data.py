@@ -381,8 +381,19 @@ def make_iterator(config, split: str = "train", *, seed: int | None = None, shar
         prefetch_batches = 2 * num_threads
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
     if worker_count > 0:
+        _absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
     return iter(it_ds)
+
+
+def _absl_flags_parsed() -> None:
+    """grain 0.2.18's multiprocess prefetch reads an absl flag (worker profiling) and raises
+    UnparsedFlagAccessError in programs that do not parse absl flags (google/grain#1355); the
+    documented workaround is to mark the flags parsed, which leaves every flag at its default."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 # ---- checkpointing ----------------------------------------------------------------------------------
