@@ -36,7 +36,7 @@ grain 0.2.18 ships an orbax handler (`grain.checkpoint.CheckpointHandler`) with 
     from diffjax import data
 
     it = data.make_iterator(config, "train")
-    mngr = ocp.CheckpointManager(workdir / "checkpoints")
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(train_state),
         data=data.checkpoint_save_args(it)))
@@ -46,6 +46,9 @@ grain 0.2.18 ships an orbax handler (`grain.checkpoint.CheckpointHandler`) with 
         data=data.checkpoint_restore_args(it)))     # restores `it` in place
     train_state = restored.state
 
+A state restores into an iterator built with the same config, split, seed, shard_index/shard_count
+and worker_count (the state of a multi-worker iterator records every worker's position); restoring
+with a different process count fails (no process_<i>-of-<n>.json to read).
 The iterator state is read synchronously inside `save` (grain's handler is a blocking handler), so the
 trainer may keep drawing batches while orbax finishes an async save of the train state.
 """
