@@ -77,27 +77,28 @@ def make_jax_step(overrides=()):
     return jax.jit(step, donate_argnums=(0, 1, 2)), state, models.param_count(params)
 
 
-def bench_jax(batch, steps, warmup, overrides=()):
+def bench_jax(batch, steps, warmup, overrides=(), rng_impl="threefry2x32"):
     step, state, n_params = make_jax_step(overrides)
     x0 = jax.random.uniform(jax.random.key(1), (batch, 32, 32, 3), minval=-1, maxval=1)
     t0 = time.perf_counter()
-    compiled = step.lower(*state, x0, jax.random.key(0)).compile()
+    compiled = step.lower(*state, x0, jax.random.key(0, impl=rng_impl)).compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost["flops"])
-    key = jax.random.key(2)
+    key = jax.random.key(2, impl=rng_impl)
     for i in range(warmup):
         *state, loss = compiled(*state, x0, jax.random.fold_in(key, i))
     jax.block_until_ready(loss)
     times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        *state, loss = compiled(*state, x0, jax.random.fold_in(key, 1000 + i))
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    with ForeignLoad() as load:
+        for i in range(steps):
+            t0 = time.perf_counter()
+            *state, loss = compiled(*state, x0, jax.random.fold_in(key, 1000 + i))
+            jax.block_until_ready(loss)
+            times.append(time.perf_counter() - t0)
     assert np.isfinite(float(loss))
-    return dict(n_params=n_params, times=times, flops=flops, compile_s=compile_s)
+    return dict(n_params=n_params, times=times, flops=flops, compile_s=compile_s, load=load.value)
 
 
 def matmul_peak(n=4096, reps=5):
@@ -108,6 +109,29 @@ def matmul_peak(n=4096, reps=5):
     f(a, b).block_until_ready()
     best = min(_timeit(lambda: f(a, b).block_until_ready()) for _ in range(reps))
     return 2 * n**3 / best
+
+
+class ForeignLoad:
+    """Average number of CPUs used by *other* processes while the block runs (from /proc/stat);
+    a run with foreign load well above 0 was disturbed and its timing is not trustworthy."""
+
+    def __enter__(self):
+        self.busy, self.own, self.wall = _busy_seconds(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall
+        self.value = max(0.0, (_busy_seconds() - self.busy) - (time.process_time() - self.own)) / wall
+
+
+def _busy_seconds():
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return 0.0
+    idle = fields[3] + fields[4]
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _timeit(fn):
@@ -158,12 +182,13 @@ def bench_torch(batch, steps, warmup, threads):
     for _ in range(warmup):
         step()
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - t0)
-    assert np.isfinite(float(loss))
-    return dict(n_params=n_params, times=times, version=f"torch {torch.__version__}")
+    with ForeignLoad() as load:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            loss = step()
+            times.append(time.perf_counter() - t0)
+    assert np.isfinite(float(loss.detach()))
+    return dict(n_params=n_params, times=times, version=f"torch {torch.__version__}", load=load.value)
 
 
 def main(argv=None):
@@ -175,6 +200,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--override", action="append", default=[], help="--config.model.x=y for the JAX net")
+    p.add_argument("--rng-impl", default="threefry2x32", help="JAX PRNG for t, eps and dropout (e.g. rbg)")
     args = p.parse_args(argv)
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), batch {args.batch}, "
@@ -182,16 +208,17 @@ def main(argv=None):
     peak = matmul_peak()
     rows = []
     for r in range(args.repeat):
-        j = bench_jax(args.batch, args.steps, args.warmup, args.override)
+        j = bench_jax(args.batch, args.steps, args.warmup, args.override, args.rng_impl)
         j_med = statistics.median(j["times"])
         rows.append(("diffjax (JAX, jit)", j["n_params"], j_med, j["flops"] / j_med))
         print(f"  run {r}: JAX   median {j_med * 1e3:8.1f} ms/step  (compile {j['compile_s']:.1f}s, "
-              f"min {min(j['times']) * 1e3:.1f} ms)", flush=True)
+              f"min {min(j['times']) * 1e3:.1f} ms, foreign load {j['load']:.2f} cpus)", flush=True)
         if not args.skip_torch:
             t = bench_torch(args.batch, args.steps, args.warmup, args.threads)
             t_med = statistics.median(t["times"])
             rows.append((f"diffusers ({t['version']})", t["n_params"], t_med, j["flops"] / t_med))
-            print(f"  run {r}: torch median {t_med * 1e3:8.1f} ms/step  (min {min(t['times']) * 1e3:.1f} ms)",
+            print(f"  run {r}: torch median {t_med * 1e3:8.1f} ms/step  (min {min(t['times']) * 1e3:.1f} ms, "
+                  f"foreign load {t['load']:.2f} cpus)",
                   flush=True)
 
     print(f"\nXLA cost analysis: {j['flops'] / 1e9:.1f} GFLOP per step ({j['flops'] / args.batch / 1e9:.2f} "

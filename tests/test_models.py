@@ -269,3 +269,14 @@ def test_fir_resampling_matches_upfirdn_definition():
                                rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(L.conv_downsample_2d(x, w)[:, 1:-1, 1:-1],
                                L.downsample_2d(conv(x))[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_matches_flax():
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64)) * 3.0 + 1.0
+    gn = L.GroupNorm(64)
+    assert gn.groups == 16  # score_sde: min(C // 4, 32)
+    gn.scale[...] = jnp.linspace(0.5, 2.0, 64)
+    gn.bias[...] = jnp.linspace(-1.0, 1.0, 64)
+    ref = nnx.GroupNorm(64, num_groups=16, epsilon=1e-6, rngs=nnx.Rngs(0))
+    ref.scale[...], ref.bias[...] = gn.scale[...], gn.bias[...]
+    np.testing.assert_allclose(gn(x), ref(x), rtol=1e-5, atol=1e-5)
