@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The digits demo: train configs/digits.py (resumes if workdir/digits has checkpoints), then
+# write samples.png + samples.npz (64 digits).
 demo: $(VENV)/.installed
-	$(VENV)/bin/diffjax demo --out samples.png
+	$(VENV)/bin/diffjax train --config configs/digits.py --workdir workdir/digits
+	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --out samples.png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -26,6 +29,8 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/trainer.py
+	$(PY) benchmarks/train_step.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -11,7 +11,7 @@ from configs import default
 
 def get_config():
     config = default.get_default_configs()
-    config.process = default.process("ddpm", num_scales=1000, schedule="linear", beta_min=0.1, beta_max=20.0)
+    config.process = default.process("ddpm", num_scales=1000, schedule="linear", beta_start=1e-4, beta_end=0.02)
 
     training = config.training
     training.n_iters = 800000

@@ -31,7 +31,7 @@ def process(name: str, **params) -> ml_collections.ConfigDict:
 def get_default_configs() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 42
-    config.process = process("vp", beta_min=0.1, beta_max=20.0, num_scales=1000)
+    config.process = process("vp", beta_min=0.1, beta_max=20.0)
 
     config.training = training = ml_collections.ConfigDict()
     training.batch_size = 128

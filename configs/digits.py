@@ -1,7 +1,7 @@
 """CPU demo: DDPM on scikit-learn's 8x8 digits (1,797 images, 8x8x1, pixel values 0..16 scaled
 to [-1, 1]); no paper number, a smoke-scale reproduction that trains on 2 CPU cores in minutes.
 
-A small DDPM UNet (nf 32, ch_mult 1,2, 2 res blocks, attention at 4x4), T = 1000 linear betas,
+A small DDPM UNet (nf 16, ch_mult 1,2, 2 res blocks, attention at 4x4; 253k params), T = 1000 linear betas,
 eps-prediction, Adam 1e-3, batch 128, EMA 0.999, no flips (digits are not mirror-symmetric).
 """
 
@@ -10,15 +10,15 @@ from configs import default
 
 def get_config():
     config = default.get_default_configs()
-    config.process = default.process("ddpm", num_scales=1000, schedule="linear", beta_min=0.1, beta_max=20.0)
+    config.process = default.process("ddpm", num_scales=1000, schedule="linear", beta_start=1e-4, beta_end=0.02)
 
     training = config.training
     training.batch_size = 128
-    training.n_iters = 3000
+    training.n_iters = 4000
     training.snapshot_freq = 1000
     training.log_freq = 100
     training.eval_freq = 500
-    training.n_jitted_steps = 10
+    training.n_jitted_steps = 5
     training.loss = "eps"
     training.ema_rate = 0.999
 
@@ -32,7 +32,7 @@ def get_config():
     model = config.model
     model.name = "ddpm_unet"
     model.prediction = "eps"
-    model.nf = 32
+    model.nf = 16
     model.ch_mult = (1, 2)
     model.num_res_blocks = 2
     model.attn_resolutions = (4,)
@@ -44,8 +44,8 @@ def get_config():
     optim.warmup = 200
 
     sampling = config.sampling
-    sampling.sampler = "ancestral"
-    sampling.num_steps = 1000
+    sampling.sampler = "ddim"
+    sampling.num_steps = 100
     config.eval.batch_size = 256
     config.eval.num_samples = 1024
     return config

@@ -9,6 +9,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("diffjax.demo", "sample the 8-Gaussians oracle and write a scatter PNG"),
     "info": ("diffjax.info", "print a config's network, parameter count and training FLOPs"),
+    "train": ("diffjax.train", "train a config into a workdir (sharded, checkpointed, resumable)"),
+    "sample": ("diffjax.snapshots", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
 }
 
 

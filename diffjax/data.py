@@ -339,7 +339,7 @@ def make_dataset(config, split: str = "train", *, seed: int | None = None, shard
 
     name = config.data.dataset
     source, kind = _source(config, split)
-    size, channels = int(config.data.image_size), _num_channels(config)
+    size, channels = (0, 0) if kind == "toy" else (int(config.data.image_size), _num_channels(config))
     if kind == "digits" and channels != 1:
         raise ValueError(f"data.dataset='digits' has 1-channel images but data.num_channels is {channels}")
     n = len(source)

@@ -10,7 +10,7 @@ from configs import default
 
 def get_config():
     config = default.get_default_configs()
-    config.process = default.process("ve", sigma_min=0.01, sigma_max=50.0, num_scales=1000)
+    config.process = default.process("ve", sigma_min=0.01, sigma_max=50.0)
     config.training.n_iters = 950001
     config.training.loss = "dsm"
     config.training.reduce_mean = False

@@ -11,7 +11,7 @@ from configs import default
 
 def get_config():
     config = default.get_default_configs()
-    config.process = default.process("vp", beta_min=0.1, beta_max=20.0, num_scales=1000)
+    config.process = default.process("vp", beta_min=0.1, beta_max=20.0)
     config.training.n_iters = 1300001
     config.training.loss = "dsm"
     config.training.reduce_mean = True

@@ -1,0 +1,212 @@
+"""`diffjax train --config configs/X.py --workdir DIR [--config.training.batch_size=...]`
+
+The same command trains on a laptop, a GPU box or every worker of a TPU pod: a Mesh over all
+devices of all processes, one jitted program per `n_jitted_steps` fused steps, orbax checkpoints
+every `snapshot_freq` steps (and on SIGTERM), exact resume, JSONL + TensorBoard logs, a progress
+bar and sample grids at each snapshot. Only process 0 logs; every process takes part in saves.
+
+Multi-host: on Cloud TPU `jax.distributed.initialize()` needs no flags; elsewhere pass
+--coordinator_address, --num_processes, --process_id (or DIFFJAX_COORDINATOR_ADDRESS,
+DIFFJAX_NUM_PROCESSES, DIFFJAX_PROCESS_ID). CPU processes use gloo collectives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+USAGE_EPILOG = "Config overrides: --config.a.b=value (type-checked by ml_collections)."
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="diffjax train", description=__doc__.split("\n\n")[0], epilog=USAGE_EPILOG)
+    parser.add_argument("--config", required=True, help="a config file, e.g. configs/digits.py")
+    parser.add_argument("--workdir", required=True, help="local path or gs:// bucket path")
+    parser.add_argument("--coordinator_address", default=os.environ.get("DIFFJAX_COORDINATOR_ADDRESS"))
+    parser.add_argument("--num_processes", type=int, default=_env_int("DIFFJAX_NUM_PROCESSES"))
+    parser.add_argument("--process_id", type=int, default=_env_int("DIFFJAX_PROCESS_ID"))
+    parser.add_argument("--tpu", action="store_true", help="call jax.distributed.initialize() with no arguments")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    parser.add_argument("--no_progress", action="store_true")
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    return args, overrides
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def init_distributed(args) -> None:
+    import jax
+
+    if args.tpu:
+        jax.distributed.initialize()
+    elif args.coordinator_address:
+        if args.num_processes is None or args.process_id is None:
+            raise SystemExit("diffjax train: --coordinator_address needs --num_processes and --process_id")
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def check_workdir(workdir: str) -> None:
+    if "://" in workdir:
+        return  # remote (gs://): orbax / etils report permission problems themselves
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise SystemExit(f"diffjax train: cannot write to --workdir {workdir!r}: {err.strerror}") from None
+
+
+class Logger:
+    """JSONL metrics and TensorBoard event files in workdir (process 0 only)."""
+
+    def __init__(self, workdir: str, active: bool):
+        self.active = active
+        if active:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def image(self, step: int, tag: str, path: str) -> None:
+        if self.active:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+    def close(self):
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse_args(argv)
+    init_distributed(args)
+    import jax
+    import numpy as np
+
+    from diffjax import data, info, snapshots, trainer
+
+    config = info.load_config(args.config, overrides)
+    check_workdir(args.workdir)
+    is_main = jax.process_index() == 0
+    mesh = trainer.make_mesh(config)
+    trainer.check_batch_size(config, mesh)
+    process = trainer.build_process(config)
+    t = config.training
+
+    state, shardings, graphdef, rest = trainer.init_state(config, mesh)
+    train_iter = data.make_iterator(config, "train", seed=int(config.seed))
+    manager = trainer.checkpoint_manager(args.workdir, keep=args.keep)
+    abstract = jax.eval_shape(lambda s: s, state)
+    restored, start = trainer.restore(manager, shardings, abstract, train_iter)
+    if restored is not None:
+        state = restored
+        print(f"resumed from step {start} in {args.workdir}", flush=True)
+    step = int(start or 0)
+    if is_main:
+        with open(os.path.join(args.workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    train_step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
+    fused_sharding = trainer.batch_sharding(mesh, leading=1)
+    k = max(1, int(t.n_jitted_steps))
+    n_iters = int(t.n_iters)
+    logger = Logger(args.workdir, is_main)
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+
+    progress = None
+    if is_main and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=n_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
+                        mininterval=1.0)
+    pending: list[tuple[int, object]] = []  # (first step, device losses) not yet checked
+    last_log_time, last_log_step = time.perf_counter(), step
+    batch_size = int(t.batch_size)
+
+    def check_finite() -> float | None:
+        """Fetch pending losses; stop with the step number at the first non-finite one."""
+        if not pending:
+            return None
+        values = [(s0, np.asarray(jax.device_get(l))) for s0, l in pending]
+        pending.clear()
+        for s0, arr in values:
+            bad = np.flatnonzero(~np.isfinite(arr))
+            if bad.size:
+                raise FloatingPointError(f"non-finite loss {arr[bad[0]]} at step {s0 + int(bad[0]) + 1}; "
+                                         f"training stopped, no checkpoint written after step {manager.latest_step()}")
+        return float(np.mean(np.concatenate([a for _, a in values])))
+
+    def crossed(freq, before, after):
+        return freq > 0 and after // freq > before // freq
+
+    try:
+        while step < n_iters and stop["signal"] is None:
+            n = min(k, n_iters - step)
+            local = [next(train_iter) for _ in range(n)]
+            batches = {key: np.stack([b[key] for b in local]) for key in ("x", "label")}
+            batches = jax.tree.map(lambda a: jax.make_array_from_process_local_data(fused_sharding, a), batches)
+            if not config.model.get("num_classes", 0):
+                batches.pop("label")
+            state, step_losses = train_step(state, batches)
+            pending.append((step, step_losses))
+            before, step = step, step + n
+            if crossed(t.log_freq, before, step) or step == n_iters:
+                loss = check_finite()
+                now = time.perf_counter()
+                rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                logger.write(step, {"loss": loss, "steps_per_sec": rate, "img_per_sec": rate * batch_size})
+                if progress is not None:
+                    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * batch_size:.0f}")
+            if progress is not None:
+                progress.update(step - before)
+            if crossed(t.eval_freq, before, step) and is_main:
+                eval_loss = snapshots.eval_loss(config, graphdef, rest, process, state)
+                logger.write(step, {"eval_loss": eval_loss})
+            if crossed(t.snapshot_freq, before, step) or step == n_iters:
+                check_finite()
+                trainer.save(manager, step, state, train_iter)
+                path = snapshots.sample_grid(config, graphdef, rest, process, state, args.workdir, step)
+                if path:
+                    logger.image(step, "samples", path)
+        if stop["signal"] is not None:
+            check_finite()
+            print(f"\nSIGTERM at step {step}: saving a checkpoint before exiting", flush=True)
+            trainer.save(manager, step, state, train_iter, force=True)
+    except FloatingPointError as err:
+        manager.wait_until_finished()
+        print(f"\ndiffjax train: {err}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        manager.wait_until_finished()
+        if progress is not None:
+            progress.close()
+        logger.close()
+    print(f"done: step {step}; checkpoints in {args.workdir}/checkpoints", flush=True)
+    return 0

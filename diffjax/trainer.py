@@ -1,0 +1,238 @@
+"""The pieces of training, as pure functions over a state pytree (big_vision style).
+
+- `build_process`, `network_denoiser`: the config's process and its network as a `Denoiser`
+  (EDM preconditioning included), shared by the train step, snapshots, `diffjax sample` and the
+  server.
+- `make_mesh`, `state_shardings`: a Mesh ("data", "fsdp") over all devices of all processes;
+  the batch is split over both axes, params are replicated or FSDP-sharded by their
+  `out_sharding` annotations (`config.training.fsdp`).
+- `init_state`, `make_train_step`: state = {step, params, ema, opt_state, rng}; one jitted
+  program runs `n` fused steps with lax.scan (loss, grad, optax chain, EMA), buffers donated.
+- `checkpoint_manager`, `save`, `restore`: orbax CheckpointManager in workdir/checkpoints with
+  the state and the grain iterator state; restore falls back to the previous good step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffjax import losses, models, processes
+from diffjax.denoiser import Denoiser
+from diffjax.processes import EDM, Process, bcast
+
+Array = jax.Array
+BATCH_AXES = ("data", "fsdp")
+
+
+# ---- process and network ----------------------------------------------------------------------
+def build_process(config) -> Process:
+    params = {k: v for k, v in config.process.items() if k != "name"}
+    return processes.get(config.process.name, **params)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkApply:
+    """apply(params=(weights, rest, dropout_key), x, t, cond) for a Flax NNX network."""
+
+    graphdef: Any
+    process: Process
+    train: bool = False
+
+    def __call__(self, params, x, t, cond):
+        weights, rest, dropout_key = params
+        model = nnx.merge(self.graphdef, nnx.State(weights), rest)
+        rngs = nnx.Rngs(dropout=dropout_key) if self.train else None
+        cond_in = self.process.noise_cond(t)
+        if isinstance(self.process, EDM):  # D(x; s) = c_skip x + c_out F(c_in x; c_noise)
+            c_skip, c_out, c_in = (bcast(c, x) for c in self.process.precondition(t))
+            return c_skip * x + c_out * model(c_in * x, cond_in, cond, train=self.train, rngs=rngs)
+        return model(x, cond_in, cond, train=self.train, rngs=rngs)
+
+
+def network_denoiser(graphdef, rest, process: Process, config, weights, *, train: bool = False,
+                     dropout_key: Array | None = None) -> Denoiser:
+    prediction = "x0" if isinstance(process, EDM) else config.model.prediction
+    key = jax.random.PRNGKey(0) if dropout_key is None else dropout_key
+    return Denoiser(NetworkApply(graphdef, process, train), (weights, rest, key), prediction)
+
+
+def abstract_model(config):
+    """(graphdef, abstract params as a pure dict, abstract rest, annotated param State)."""
+    shape = data_shape(config)
+    graphdef, params, rest = nnx.split(models.abstract_model(config.model, (1, *shape)), nnx.Param, ...)
+    return graphdef, params, rest
+
+
+def data_shape(config) -> tuple[int, ...]:
+    if config.model.name == "mlp":
+        return (int(config.model.data_dim),)
+    return (int(config.data.image_size), int(config.data.image_size), int(config.data.num_channels))
+
+
+# ---- sharding ---------------------------------------------------------------------------------
+def make_mesh(config) -> Mesh:
+    devices = np.array(jax.devices())
+    shape = (1, devices.size) if config.training.fsdp else (devices.size, 1)
+    return Mesh(devices.reshape(shape), BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
+    """Examples split over all devices; `leading` unsharded axes in front (fused steps)."""
+    return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
+def check_batch_size(config, mesh: Mesh) -> None:
+    b, n = int(config.training.batch_size), mesh.devices.size
+    if b % n or b % jax.process_count():
+        raise ValueError(f"training.batch_size={b} must be divisible by the device count {n} "
+                         f"(and the process count {jax.process_count()}); e.g. {max(n, b - b % n)}")
+
+
+def param_shardings(config, mesh: Mesh, params_state) -> Any:
+    """Shardings for the params pure dict: replicated, or FSDP from the kernels' annotations."""
+    if not config.training.fsdp:
+        return jax.tree.map(lambda _: NamedSharding(mesh, P()), params_state.to_pure_dict())
+    specs = models.fsdp_partition_specs(params_state, mesh.shape["fsdp"])
+    specs = nnx.State(specs).to_pure_dict() if not isinstance(specs, dict) else specs
+    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs,
+                        is_leaf=lambda s: isinstance(s, P) or s is None)
+
+
+# ---- optimiser and state ------------------------------------------------------------------------
+def make_optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    if o.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {o.optimizer!r}")
+    warmup = int(o.warmup)
+    lr = optax.linear_schedule(0.0, o.lr, warmup) if warmup > 0 else o.lr  # score_sde: lr * min(step/warmup, 1)
+    chain = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    chain.append(optax.adamw(lr, b1=o.beta1, eps=o.eps, weight_decay=o.weight_decay))
+    tx = optax.chain(*chain)
+    accum = int(config.training.get("grad_accum_steps", 1))
+    return optax.MultiSteps(tx, accum) if accum > 1 else tx
+
+
+def init_state(config, mesh: Mesh):
+    """(state, shardings, graphdef, rest): the state is created directly sharded (jit out_shardings)."""
+    graphdef, abstract_params, rest_abstract = abstract_model(config)
+    p_shard = param_shardings(config, mesh, abstract_params)
+    tx = make_optimizer(config)
+    replicated = NamedSharding(mesh, P())
+
+    def create(seed_key):
+        model = models.create(config.model, nnx.Rngs(seed_key))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        pure = params.to_pure_dict()
+        state = {"step": jnp.zeros((), jnp.int32), "params": pure, "ema": jax.tree.map(jnp.copy, pure),
+                 "opt_state": tx.init(pure), "rng": jax.random.fold_in(seed_key, 1)}
+        return state, rest
+
+    abstract_state, _ = jax.eval_shape(create, jax.random.PRNGKey(0))
+    shardings = _state_shardings(abstract_state, p_shard, replicated)
+    state, rest = jax.jit(create, out_shardings=(shardings, replicated))(jax.random.PRNGKey(int(config.seed)))
+    return state, shardings, graphdef, rest
+
+
+def _state_shardings(abstract_state, p_shard, replicated):
+    """params, ema and the param-shaped optimiser moments (matched by path suffix) follow the
+    params' shardings; everything else is replicated."""
+    flat_p = [(tuple(path), s) for path, s in jax.tree_util.tree_flatten_with_path(p_shard)[0]]
+
+    def match(path, leaf):
+        for keys, sharding in flat_p:
+            if leaf.ndim > 0 and tuple(path[-len(keys):]) == keys:
+                return sharding
+        return replicated
+
+    opt = jax.tree_util.tree_map_with_path(match, abstract_state["opt_state"])
+    return {"step": replicated, "params": p_shard, "ema": p_shard, "opt_state": opt, "rng": replicated}
+
+
+def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: Mesh):
+    """A jitted fn(state, batches) -> (state, losses (n,)) running n = batches' leading axis steps."""
+    tx = make_optimizer(config)
+    t = config.training
+    ema_rate = float(t.ema_rate)
+
+    def one_step(state, batch):
+        rng, k_loss, k_drop = jax.random.split(state["rng"], 3)
+
+        def loss_fn(weights):
+            den = network_denoiser(graphdef, rest, process, config, weights, train=True, dropout_key=k_drop)
+            return losses.loss(t.loss, den, process, batch, k_loss,
+                               likelihood_weighting=bool(t.likelihood_weighting),
+                               label_dropout=float(t.label_dropout))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state["ema"], params)
+        new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state, "rng": rng}
+        return new, loss
+
+    # XLA:CPU runs conv gradients inside a while loop ~20x slower than the same ops unrolled
+    # (measured here: 6.5 s vs 0.28 s per digits step), so fused steps are unrolled by default.
+    unroll = bool(t.get("scan_unroll", True))
+
+    def steps(state, batches):
+        return jax.lax.scan(one_step, state, batches, unroll=unroll)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(steps, in_shardings=(shardings, None), out_shardings=(shardings, replicated),
+                   donate_argnums=(0,))
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+    import grain
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(
+        f"{workdir}/checkpoints", options=options, item_names=("state", "data"),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter, *, force: bool = False) -> bool:
+    import grain
+
+    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None):
+    """Restore the newest readable step onto `shardings`; (state, step) or (None, None).
+
+    A step that fails to restore (truncated or corrupted files) is reported and skipped, and the
+    previous one is tried.
+    """
+    import grain
+
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
+            logging.error("checkpoint step %d in %s is unreadable: %s", step, manager.directory, err)
+            print(f"warning: checkpoint step {step} in {manager.directory} is unreadable "
+                  f"({type(err).__name__}: {str(err)[:200]}); trying the previous step", flush=True)
+            continue
+        if data_iter is not None:
+            try:
+                manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+            except Exception as err:  # noqa: BLE001
+                print(f"warning: the input iterator state of step {step} was not restored ({type(err).__name__}: "
+                      f"{str(err)[:200]}; e.g. a different process count); the input order restarts from its "
+                      "seed", flush=True)
+        return state, step
+    return None, None
