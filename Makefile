@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 # write samples.png + samples.npz (64 digits).
 demo: $(VENV)/.installed
 	$(VENV)/bin/diffjax train --config configs/digits.py --workdir workdir/digits
-	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --out samples.png
+	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --sampler ancestral --steps 1000 --out samples.png
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
