@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -197,8 +198,9 @@ def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) 
     import grain
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    directory = f"{workdir}/checkpoints" if "://" in workdir else os.path.abspath(os.path.join(workdir, "checkpoints"))
     return ocp.CheckpointManager(
-        f"{workdir}/checkpoints", options=options, item_names=("state", "data"),
+        directory, options=options, item_names=("state", "data"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
     )
 

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny, fast config: the MLP on the 8-Gaussians, cheap snapshots.
-TINY = ["--config=configs/toy/eight_gaussians.py", "--config.training.batch_size=32",
+TINY = [f"--config={ROOT}/configs/toy/eight_gaussians.py", "--config.training.batch_size=32",
         "--config.training.n_jitted_steps=2", "--config.training.log_freq=2", "--config.training.eval_freq=0",
         "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4", "--config.model.nf=32",
         "--config.optim.warmup=0", "--no_progress"]
@@ -30,8 +30,8 @@ def env(devices=1):
     return e
 
 
-def run(cmd, devices=1, timeout=300):
-    return subprocess.run(cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True, timeout=timeout)
+def run(cmd, devices=1, timeout=300, cwd=ROOT):
+    return subprocess.run(cmd, cwd=cwd, env=env(devices), capture_output=True, text=True, timeout=timeout)
 
 
 def steps_in(workdir):
@@ -49,7 +49,7 @@ def final_params(workdir):
 def test_kill9_and_resume_is_bit_identical(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = ["--config.training.n_iters=40", "--config.training.snapshot_freq=4"]
-    res = run(train_cmd(ref, *common))
+    res = run(train_cmd("ref", *common), cwd=tmp_path)  # a relative workdir, as users type it
     assert res.returncode == 0, res.stderr[-2000:]
     proc = subprocess.Popen(train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -146,3 +146,20 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("not a directory")
     res = run(train_cmd(blocker / "sub", "--config.training.n_iters=2"))
     assert res.returncode != 0 and "cannot write to --workdir" in res.stderr
+
+
+def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
+    workdir = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", "--config=configs/digits.py",
+           "--config.training.fsdp=True", "--config.training.batch_size=16", "--config.training.n_iters=2",
+           "--config.training.n_jitted_steps=1", "--config.training.snapshot_freq=2", "--config.sampling.num_steps=2",
+           "--config.training.eval_freq=0", "--no_progress"]
+    res = run(cmd, devices=8)
+    assert res.returncode == 0, res.stderr[-3000:]
+    from diffjax import snapshots
+
+    config, _, _, _, state, step = snapshots.load_workdir(str(workdir))  # this process has 8 devices too
+    assert step == 2 and config.training.fsdp
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])]
+    assert any("fsdp" in str(s) for s in specs)  # large kernels are split over the fsdp axis
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["params"]))
