@@ -1,7 +1,7 @@
 """CPU demo: DDPM on scikit-learn's 8x8 digits (1,797 images, 8x8x1, pixel values 0..16 scaled
 to [-1, 1]); no paper number, a smoke-scale reproduction that trains on 2 CPU cores in minutes.
 
-A small DDPM UNet (nf 16, ch_mult 1,2, 2 res blocks, attention at 4x4; 253k params), T = 1000 linear betas,
+A small DDPM UNet (nf 16, ch_mult 1,2, 2 res blocks, attention at 4x4; 252,545 params), T = 1000 linear betas,
 eps-prediction, Adam 1e-3, batch 128, EMA 0.999, no flips (digits are not mirror-symmetric).
 """
 
