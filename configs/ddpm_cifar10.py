@@ -1,7 +1,7 @@
 """DDPM on CIFAR-10 (Ho et al. 2020, arXiv:2006.11239): target FID 3.17, IS 9.46 (Table 1).
 
 35.7M-parameter UNet (nf 128, ch_mult 1,2,2,2, 2 res blocks, attention at 16x16, dropout 0.1),
-T = 1000 linear betas 1e-4..0.02 (beta_min / T .. beta_max / T), eps-prediction MSE, Adam 2e-4
+T = 1000 linear betas 1e-4..0.02, eps-prediction MSE, Adam 2e-4
 with 5000 warmup steps, grad clip 1, batch 128, EMA 0.9999, 800k steps, random flips,
 1000-step ancestral sampling.
 """

@@ -7,8 +7,8 @@ steps), EMA half-life 0.5 Mimg (= 0.5 ** (512 / 5e5) ~ 0.999 per step), dropout 
 ln sigma ~ N(-1.2, 1.2^2), sigma_data 0.5, preconditioned x0 ("D") output, c_noise = ln(sigma)/4
 fed to a positional embedding. Network: EDM's DDPM++ (128 channels, ch_mult 2,2,2, 4 blocks,
 attention at 16x16) built with our ncsnpp model; EDM's own SongUNet differs in small details
-(multi-channel noise embedding, attention layout), so the parameter count is close to but not
-exactly EDM's 55.7M. EDM also uses non-leaking geometric augmentation (p = 0.12): data.augment_p
+(noise-embedding and attention layout): 55,732,739 parameters here against the ~56M EDM
+reports for DDPM++. EDM also uses non-leaking geometric augmentation (p = 0.12): data.augment_p
 records it; the trainer must implement it to match the published FID.
 """
 
