@@ -186,7 +186,7 @@ def main(argv: list[str]) -> int:
                     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * batch_size:.0f}")
             if progress is not None:
                 progress.update(step - before)
-            if crossed(t.eval_freq, before, step) and is_main:
+            if crossed(t.eval_freq, before, step):  # every process: the eval batch spans all devices
                 eval_loss = snapshots.eval_loss(config, graphdef, rest, process, state)
                 logger.write(step, {"eval_loss": eval_loss})
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
@@ -200,7 +200,6 @@ def main(argv: list[str]) -> int:
             print(f"\nSIGTERM at step {step}: saving a checkpoint before exiting", flush=True)
             trainer.save(manager, step, state, train_iter, force=True)
     except FloatingPointError as err:
-        manager.wait_until_finished()
         print(f"\ndiffjax train: {err}", file=sys.stderr, flush=True)
         return 3
     finally:

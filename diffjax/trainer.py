@@ -68,7 +68,7 @@ def network_denoiser(graphdef, rest, process: Process, config, weights, *, train
 
 
 def abstract_model(config):
-    """(graphdef, abstract params as a pure dict, abstract rest, annotated param State)."""
+    """(graphdef, abstract param State with its sharding annotations, abstract rest): no weights allocated."""
     shape = data_shape(config)
     graphdef, params, rest = nnx.split(models.abstract_model(config.model, (1, *shape)), nnx.Param, ...)
     return graphdef, params, rest
