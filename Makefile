@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean bazel-test bazel-test-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,21 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/trainer.py
 	$(PY) benchmarks/train_step.py
+
+# Bazel (4.2+; Debian: apt-get install bazel-bootstrap). The tests run on the virtualenv's
+# Python (tools/bazel/BUILD); --config=offline uses the local stand-ins in tools/bazel/ for the
+# repositories Bazel 4 would download. With network: make bazel-test BAZEL_FLAGS=
+BAZEL ?= bazel
+BAZEL_FLAGS ?= --config=offline
+
+# The fast subset CI runs: core math, configs and the launchers (//tests:core).
+bazel-test: $(VENV)/.installed
+	$(BAZEL) test $(BAZEL_FLAGS) //tests:core
+
+# Every test file as a Bazel py_test, plus a build of every target (the CLI, the launchers).
+bazel-test-all: $(VENV)/.installed
+	$(BAZEL) build $(BAZEL_FLAGS) //...
+	$(BAZEL) test $(BAZEL_FLAGS) //tests:all
 
 clean:
 	rm -rf $(VENV) *.egg-info
