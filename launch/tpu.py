@@ -207,7 +207,8 @@ def setup_remote_script(remote_dir: str, *, python: str = "python3.11", repo_url
     steps += [f"cd {q(remote_dir)}",
               f"{{ [ -x .venv/bin/python ] || {q(python)} -m venv .venv; }}",
               ".venv/bin/pip install -q --upgrade pip",
-              f".venv/bin/pip install -q -e {q('.[' + extras + ']')}",
+              # gcsfs: orbax and TFDS reach gs:// through etils.epath, which needs it (no TensorFlow).
+              f".venv/bin/pip install -q -e {q('.[' + extras + ']')} gcsfs",
               ".venv/bin/python -c 'import diffjax, jax; print(\"diffjax ok, jax\", jax.__version__)'"]
     return " && ".join(steps)
 

@@ -91,7 +91,7 @@ def test_setup_dry_run_copies_the_repo_to_all_workers():
                         "--zone=us-central2-b", "--worker=all"]
     assert lines[2][:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b", "--worker=all"]
     script = lines[2][8].removeprefix("--command=")
-    assert "tar -xzf diffjax-src.tar.gz -C diffjax" in script and "pip install -q -e '.[tpu]'" in script
+    assert "tar -xzf diffjax-src.tar.gz -C diffjax" in script and "pip install -q -e '.[tpu]' gcsfs" in script
     clone = tpu_cli("setup", "--name=pod", "--zone=us-central2-b", "--dry-run", "--repo-url=https://example.com/d j.git")
     [line] = clone.stdout.splitlines()  # nothing copied: every worker clones
     assert "git clone -q 'https://example.com/d j.git' diffjax" in shlex.split(line)[8]
