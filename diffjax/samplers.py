@@ -25,7 +25,7 @@ from diffjax.denoiser import Denoiser, guided
 from diffjax.processes import Process, bcast, check_steps
 
 Array = jax.Array
-_INIT_NOISE = 0x7FFFFFFF  # fold-in index of the initial noise x_T (steps use 0, 1, ...)
+INIT_NOISE = 0x7FFFFFFF  # fold-in index of the initial noise x_T (steps use 0, 1, ...)
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -35,14 +35,18 @@ def example_keys(key: Array, batch: int) -> Array:
 
 
 def example_noise(keys: Array, shape: tuple[int, ...], *step: Array | int) -> Array:
-    """Standard normal noise for (step, substep, ...), one draw per example key."""
+    """Standard normal noise for (step, substep, ...), one draw per example key.
 
-    def draw(k):
-        for s in step:
+    Each step index is a scalar or one index per example (the server's slots are at different steps).
+    """
+    steps = [jnp.broadcast_to(jnp.asarray(s, jnp.int32), keys.shape[:1]) for s in step]
+
+    def draw(k, *ss):
+        for s in ss:
             k = jax.random.fold_in(k, s)
         return jax.random.normal(k, shape)
 
-    return jax.vmap(draw)(keys)
+    return jax.vmap(draw)(keys, *steps)
 
 
 def predict(denoiser: Denoiser, process: Process, x: Array, t: Array, cond, kind: str) -> Array:
@@ -269,7 +273,7 @@ def sampler_options(name: str) -> dict[str, object]:
 def _run(denoiser, key, x_T, cond, *, name, process, num_steps, shape, opts):
     keys = example_keys(key, shape[0])
     if x_T is None:
-        x_T = process.prior_std() * example_noise(keys, shape[1:], _INIT_NOISE)
+        x_T = process.prior_std() * example_noise(keys, shape[1:], INIT_NOISE)
     x, nfe = SAMPLERS[name](denoiser, process, x_T, keys, cond, num_steps, **dict(opts))
     return x, jnp.asarray(nfe)
 

@@ -50,7 +50,7 @@ def generate(config, graphdef, rest, process, weights, num: int, *, sampler: str
     return np.clip(_host(x), lo, hi)
 
 
-def save_samples(config, x: np.ndarray, out: str) -> tuple[str, str | None]:
+def save_samples(x: np.ndarray, out: str, data_range: tuple[float, float]) -> tuple[str, str | None]:
     """Write a PNG (grid for images, scatter for 2-D data) and an .npz beside it."""
     npz = os.path.splitext(out)[0] + ".npz"
     np.savez(npz, samples=x)
@@ -58,7 +58,7 @@ def save_samples(config, x: np.ndarray, out: str) -> tuple[str, str | None]:
         plotting.scatter_png([("samples", x)], out)
     else:
         scale = max(1, 256 // (int(np.ceil(np.sqrt(len(x)))) * x.shape[1]))
-        plotting.image_grid(x, data_range(config), scale=scale).save(out)
+        plotting.image_grid(x, data_range, scale=scale).save(out)
     return out, npz
 
 
@@ -68,7 +68,7 @@ def sample_grid(config, graphdef, rest, process, state, workdir: str, step: int,
     if jax.process_index() != 0:
         return None
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    return save_samples(config, x, os.path.join(workdir, "samples", f"step_{step:08d}.png"))[0]
+    return save_samples(x, os.path.join(workdir, "samples", f"step_{step:08d}.png"), data_range(config))[0]
 
 
 def eval_loss(config, graphdef, rest, process, state) -> float:
@@ -92,24 +92,49 @@ def eval_loss(config, graphdef, rest, process, state) -> float:
 
 
 # ---- `diffjax sample` -----------------------------------------------------------------------------
-def load_workdir(workdir: str):
-    """(config, graphdef, rest, process, state, step) from the latest readable checkpoint."""
-    import ml_collections
+class Workdir:
+    """A training workdir opened for reading: config, network definition, process and its checkpoints."""
 
-    from diffjax import trainer
+    def __init__(self, workdir: str, *, command: str = "diffjax sample"):
+        import ml_collections
 
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"diffjax sample: {path} not found; is {workdir!r} a diffjax train workdir?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    mesh = trainer.make_mesh(config)
-    state, shardings, graphdef, rest = trainer.init_state(config, mesh)
-    manager = trainer.checkpoint_manager(workdir)
-    restored, step = trainer.restore(manager, shardings, jax.eval_shape(lambda s: s, state))
-    if restored is None:
-        raise SystemExit(f"diffjax sample: no readable checkpoint in {workdir}/checkpoints")
-    return config, graphdef, rest, trainer.build_process(config), restored, step
+        from diffjax import trainer
+
+        path = os.path.join(workdir, "config.json")
+        if not os.path.exists(path):
+            raise SystemExit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
+        with open(path) as f:
+            self.config = ml_collections.ConfigDict(json.load(f))
+        self.path, self.command = workdir, command
+        state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, trainer.make_mesh(self.config))
+        self.abstract_state = jax.eval_shape(lambda s: s, state)
+        del state
+        self.process = trainer.build_process(self.config)
+        self.manager = trainer.checkpoint_manager(workdir, async_save=False)
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint step on disk now (re-reads the directory)."""
+        self.manager.reload()
+        return self.manager.latest_step()
+
+    def restore(self, only: tuple[str, ...] | None = None):
+        """(state, step) of the newest readable checkpoint (just the `only` entries if given);
+        exits with a message if there is none."""
+        from diffjax import trainer
+
+        self.manager.reload()
+        restored, step = trainer.restore(self.manager, self.shardings, self.abstract_state, only=only)
+        if restored is None:
+            raise SystemExit(f"{self.command}: no readable checkpoint in {self.path}/checkpoints")
+        return restored, step
+
+
+def load_workdir(workdir: str, only: tuple[str, ...] | None = None):
+    """(config, graphdef, rest, process, state, step) from the latest readable checkpoint
+    (just the `only` entries of the state if given, e.g. ("ema",))."""
+    w = Workdir(workdir)
+    state, step = w.restore(only=only)
+    return w.config, w.graphdef, w.rest, w.process, state, step
 
 
 def main(argv: list[str]) -> int:
@@ -127,11 +152,11 @@ def main(argv: list[str]) -> int:
         parser.error(f"--num must be positive, got {args.num}")
     if args.steps is not None and args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
-    config, graphdef, rest, process, state, step = load_workdir(args.workdir)
+    config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",))
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
     start = time.perf_counter()
     x = generate(config, graphdef, rest, process, state["ema"], args.num, sampler=args.sampler, steps=args.steps,
                  seed=args.seed, labels=labels, guidance_scale=args.guidance_scale)
-    png, npz = save_samples(config, x, args.out)
+    png, npz = save_samples(x, args.out, data_range(config))
     print(f"{args.num} samples from step {step} in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
     return 0

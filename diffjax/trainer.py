@@ -212,18 +212,28 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter, *, force: 
                                                       data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None):
+def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None, *,
+            only: tuple[str, ...] | None = None):
     """Restore the newest readable step onto `shardings`; (state, step) or (None, None).
 
     A step that fails to restore (truncated or corrupted files) is reported and skipped, and the
-    previous one is tried.
+    previous one is tried. `only` restores just those entries of the state (e.g. ("ema",) to serve:
+    the optimiser state is neither read nor required to match).
     """
     import grain
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    if only is not None:  # read just these entries, through the PyTree handler's partial restore
+        target = {k: target[k] for k in only}
+        manager = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(create=False),
+                                        item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+    else:
+        args = ocp.args.StandardRestore(target)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+            state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
             logging.error("checkpoint step %d in %s is unreadable: %s", step, manager.directory, err)
             print(f"warning: checkpoint step {step} in {manager.directory} is unreadable "

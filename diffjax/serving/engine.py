@@ -1,0 +1,189 @@
+"""The continuous-batching engine: a fixed batch of slots advanced by one jit-compiled step.
+
+Every slot carries its own sample: its state x, its per-example key, its step index, its step
+count, its sampler and its class label / guidance weight. One call of the compiled `step`
+admits new samples into free slots, frees cancelled ones and advances every busy slot by one
+network evaluation, each at its own time. Slots of requests with different num_steps or samplers
+share the batch; finished slots are refilled on the next call.
+
+The math is the samplers' own: `samplers.posterior_step` (DDIM eta = 0, ancestral eta = 1),
+DPM-Solver++(2M) with a per-slot history, `samplers.example_noise` keyed exactly as
+`samplers.sample`. A request (seed, n, sampler, steps) therefore gives the samples that
+`samplers.sample(sampler, ..., key=PRNGKey(seed), shape=(n, ...))` gives offline, whatever else
+is in the batch. Each slot's times come from `process.time_grid(n)` (cached per n on the host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from diffjax import samplers
+from diffjax.denoiser import Denoiser, guided
+from diffjax.processes import Process, bcast
+
+Array = jax.Array
+# Samplers the engine can run one network evaluation per step (kind code, DDIM eta).
+SAMPLER_KINDS = {"ddim": 0, "ancestral": 1, "dpm_solver++": 2}
+_ETA = np.array([0.0, 1.0, 0.0], np.float32)
+
+
+@dataclasses.dataclass
+class Admission:
+    """One sample to place into a free slot."""
+
+    slot: int
+    key: np.ndarray  # the request's key, request_key(seed)
+    index: int  # the sample's position in its request: example key = fold_in(key, index)
+    num_steps: int
+    sampler: str
+    label: int = -1
+    guidance_scale: float | None = None
+
+
+def request_key(seed: int) -> np.ndarray:
+    """jax.random.PRNGKey(seed) for a uint32 seed, as host numpy."""
+    return np.asarray(jax.random.PRNGKey(np.uint32(seed)))
+
+
+@functools.lru_cache(maxsize=4096)
+def time_grid(process: Process, num_steps: int) -> np.ndarray:
+    """process.time_grid(num_steps) as host numpy, computed once per step count."""
+    return np.asarray(process.time_grid(num_steps), np.float32)
+
+
+def _x0_estimate(den: Denoiser, process: Process, x, t, label, scale, num_classes: int):
+    """x0 for every slot; slots with a guidance weight use classifier-free guidance."""
+    plain = lambda: samplers.predict(den, process, x, t, label if num_classes else None, "x0")
+    if not num_classes:
+        return plain()
+    guided_slots = ~jnp.isnan(scale)
+
+    def with_guidance():
+        g = samplers.predict(guided(den, jnp.where(guided_slots, scale, 1.0)), process, x, t, label, "x0")
+        return jnp.where(bcast(guided_slots, x), g, plain())
+
+    return jax.lax.cond(jnp.any(guided_slots), with_guidance, plain)
+
+
+def _step(den, state, admit, times, *, process, num_classes, sample_shape):
+    """Admit, free and advance all busy slots by one step (one network evaluation each)."""
+    new = admit["mask"]
+    keys = jax.vmap(jax.random.fold_in)(admit["key"], admit["index"])
+    x_T = process.prior_std() * samplers.example_noise(keys, sample_shape, samplers.INIT_NOISE)
+    pick = lambda a, b: jnp.where(bcast(new, a) if a.ndim > 1 else new, a, b)
+    state = dict(
+        x=pick(x_T, state["x"]), d_prev=pick(jnp.zeros_like(x_T), state["d_prev"]),
+        key=jnp.where(new[:, None], keys, state["key"]), step=jnp.where(new, 0, state["step"]),
+        n=pick(admit["num_steps"], state["n"]), kind=pick(admit["kind"], state["kind"]),
+        label=pick(admit["label"], state["label"]), scale=pick(admit["scale"], state["scale"]),
+        active=(state["active"] & ~admit["free"]) | new,
+    )
+    x, i, n, active = state["x"], state["step"], state["n"], state["active"]
+    t, s, t_prev = times["t"], times["s"], times["t_prev"]  # this step's times of every slot (host grids)
+    x0 = _x0_estimate(den, process, x, t, state["label"], state["scale"], num_classes)
+    # DDIM / ancestral: the DDPM posterior with per-slot eta.
+    noise = samplers.example_noise(state["key"], sample_shape, i)
+    eta = bcast(jnp.asarray(_ETA)[state["kind"]], x)
+    x_posterior = samplers.posterior_step(process, x, x0, t, s, noise, eta)
+    # DPM-Solver++(2M): second order between the first and the last step, as samplers.dpm_solver_pp.
+    (a_t, s_t), (a_s, s_s), (a_p, s_p) = (process.coefficients(u) for u in (t, s, t_prev))
+    ratio_t, ratio_s = s_t / a_t, s_s / a_s
+    lam = lambda r: -jnp.log(jnp.where(r > 0, r, 1.0))
+    second = (i > 0) & (i < n - 1)
+    r = (lam(ratio_t) - lam(s_p / a_p)) / jnp.where(second, lam(ratio_s) - lam(ratio_t), 1.0)
+    r = bcast(jnp.where(second, r, 1.0), x)
+    d = jnp.where(bcast(second, x), (1 + 0.5 / r) * x0 - (0.5 / r) * state["d_prev"], x0)
+    x_dpm = bcast(s_s / s_t, x) * x + bcast(a_s * (1.0 - ratio_s / ratio_t), x) * d
+    x_next = jnp.where(bcast(state["kind"] == SAMPLER_KINDS["dpm_solver++"], x), x_dpm, x_posterior)
+    busy = bcast(active, x)
+    state["x"] = jnp.where(busy, x_next, x)
+    state["d_prev"] = jnp.where(busy, x0, state["d_prev"])
+    state["step"] = jnp.where(active, i + 1, i)
+    state["active"] = active & (state["step"] < n)
+    return state
+
+
+class Engine:
+    """Host side of the slot batch: builds admissions, runs the compiled step, returns finished rows."""
+
+    def __init__(self, denoiser: Denoiser, process: Process, sample_shape: tuple[int, ...], *,
+                 batch_slots: int, num_classes: int = 0, devices=None):
+        if batch_slots <= 0:
+            raise ValueError(f"batch_slots must be positive, got {batch_slots}")
+        self.process, self.sample_shape = process, tuple(int(d) for d in sample_shape)
+        self.batch_slots, self.num_classes = int(batch_slots), int(num_classes)
+        devices = list(devices or jax.local_devices())
+        if self.batch_slots % len(devices):
+            devices = devices[:1]  # the slot batch must split evenly over the devices
+        self.mesh = Mesh(np.array(devices), ("batch",))
+        self._rows = NamedSharding(self.mesh, P("batch"))
+        self._replicated = NamedSharding(self.mesh, P())
+        self.denoiser = jax.device_put(denoiser, self._replicated)
+        self._step = jax.jit(
+            partial(_step, process=process, num_classes=self.num_classes, sample_shape=self.sample_shape),
+            donate_argnums=(1,), out_shardings=self._rows,
+        )
+        self.state = self._initial_state()
+        # Host mirrors of the per-slot counters (the device never needs to be asked what finished).
+        self.steps = np.zeros(self.batch_slots, np.int64)
+        self.num_steps = np.zeros(self.batch_slots, np.int64)
+        self.busy = np.zeros(self.batch_slots, bool)
+        self.grids: list[np.ndarray | None] = [None] * self.batch_slots
+        self.calls = 0
+
+    def _initial_state(self):
+        b, shape = self.batch_slots, self.sample_shape
+        zeros = lambda s, dt: jax.device_put(np.zeros(s, dt), self._rows)
+        return dict(x=zeros((b, *shape), np.float32), d_prev=zeros((b, *shape), np.float32),
+                    key=zeros((b, 2), np.uint32), step=zeros((b,), np.int32), n=zeros((b,), np.int32),
+                    kind=zeros((b,), np.int32), label=zeros((b,), np.int32), scale=zeros((b,), np.float32),
+                    active=zeros((b,), bool))
+
+    def set_denoiser(self, denoiser: Denoiser) -> None:
+        """New weights (same network): takes effect at the next step, no recompilation."""
+        self.denoiser = jax.device_put(denoiser, self._replicated)
+
+    def free_slots(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.busy)]
+
+    def step(self, admissions: list[Admission] = (), free: list[int] = ()) -> list[tuple[int, np.ndarray]]:
+        """Admit, free, advance one step; returns (slot, sample) for every slot that finished."""
+        b = self.batch_slots
+        admit = dict(mask=np.zeros(b, bool), free=np.zeros(b, bool), key=np.zeros((b, 2), np.uint32),
+                     index=np.zeros(b, np.int32), num_steps=np.ones(b, np.int32), kind=np.zeros(b, np.int32),
+                     label=np.full(b, -1, np.int32), scale=np.full(b, np.nan, np.float32))
+        for slot in free:
+            admit["free"][slot], self.busy[slot] = True, False
+        for a in admissions:
+            if self.busy[a.slot]:
+                raise RuntimeError(f"slot {a.slot} is busy")
+            admit["mask"][a.slot] = True
+            admit["key"][a.slot] = a.key
+            admit["index"][a.slot], admit["num_steps"][a.slot] = a.index, a.num_steps
+            admit["kind"][a.slot], admit["label"][a.slot] = SAMPLER_KINDS[a.sampler], a.label
+            admit["scale"][a.slot] = np.nan if a.guidance_scale is None else a.guidance_scale
+            self.busy[a.slot], self.steps[a.slot], self.num_steps[a.slot] = True, 0, a.num_steps
+            self.grids[a.slot] = time_grid(self.process, a.num_steps)
+        if not self.busy.any() and not admit["free"].any():
+            return []
+        times = dict(t=np.zeros(b, np.float32), s=np.zeros(b, np.float32), t_prev=np.zeros(b, np.float32))
+        for slot in np.flatnonzero(self.busy):
+            grid, i = self.grids[slot], self.steps[slot]
+            times["t"][slot], times["s"][slot], times["t_prev"][slot] = grid[i], grid[i + 1], grid[max(i - 1, 0)]
+        self.state = self._step(self.denoiser, self.state, jax.device_put(admit, self._rows),
+                                jax.device_put(times, self._rows))
+        self.calls += 1
+        self.steps[self.busy] += 1
+        done = np.flatnonzero(self.busy & (self.steps >= self.num_steps))
+        if not len(done):
+            return []
+        x = np.asarray(self.state["x"])  # only when something finished: one host sync per finish
+        self.busy[done] = False
+        return [(int(i), x[i].copy()) for i in done]

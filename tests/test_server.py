@@ -1,0 +1,288 @@
+"""The sampling server as users run it: a real `diffjax serve` process on a loopback port, a real
+checkpoint trained here, real gRPC clients (concurrent, cancelling, timing out), SIGTERM drain."""
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from diffjax.serving import Client, protos
+from diffjax.serving import sampling_pb2 as pb
+from diffjax.serving.client import png_to_numpy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOTS = 8
+# A tiny class-conditional digits UNet, trained for 2 steps: enough for a real checkpoint.
+TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
+        "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
+        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
+        "--config.model.attn_resolutions=()", "--config.model.num_classes=10", "--config.training.label_dropout=0.2",
+        "--config.sampling.num_steps=4", "--no_progress"]
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _train(workdir, *extra):
+    res = subprocess.run([sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *TINY, *extra],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+class ServerProcess:
+    """`diffjax serve --port 0 ...` in a subprocess; the port is read from its SERVING line."""
+
+    def __init__(self, workdir, *flags):
+        self.proc = subprocess.Popen([sys.executable, "-m", "diffjax", "serve", f"--workdir={workdir}", "--port=0",
+                                      f"--batch_slots={SLOTS}", *flags], cwd=ROOT, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.port = None
+        deadline = time.monotonic() + 240
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "SERVING on" in line:
+                self.port = int(line.rsplit(":", 1)[1])
+                break
+            assert time.monotonic() < deadline, "".join(self.lines)
+        assert self.port, "server exited before SERVING:\n" + "".join(self.lines)
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self._reader.start()
+        self.addr = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    _train(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(workdir):
+    s = ServerProcess(workdir, "--max_queued_requests=40", "--max_message_bytes=65536", "--reload_s=0")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.addr, timeout=120) as c:
+        yield c
+
+
+def _code(fn):
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    return err.value.code(), err.value.details()
+
+
+def test_stubs_match_the_proto():
+    assert protos.differences() == []
+
+
+def test_health_reflection_and_model_info(server, client):
+    assert client.health() == "SERVING"
+    assert client.health("diffjax.v1.Sampling") == "SERVING"
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(db.get_services())
+    assert {"diffjax.v1.Sampling", "grpc.health.v1.Health"} <= services
+    assert db.FindFileContainingSymbol("diffjax.v1.Sampling").name == "diffjax/serving/sampling.proto"
+    info = client.model_info()
+    assert list(info.sample_shape) == [8, 8, 1] and info.num_classes == 10
+    assert set(info.samplers) == {"ancestral", "ddim", "dpm_solver++"}
+    assert info.checkpoint_step == 2 and info.process == "ddpm" and info.max_steps == 1000
+    assert (info.data_min, info.data_max) == (-1.0, 1.0)
+
+
+def test_matches_the_offline_sampler(workdir, client):
+    """The server's continuous batching reproduces samplers.sample with the same weights and seed."""
+    import jax
+
+    from diffjax import snapshots
+
+    config, graphdef, rest, process, state, _ = snapshots.load_workdir(str(workdir))
+    labels = np.arange(6, dtype=np.int32) % 10
+    for sampler in ("ddim", "ancestral", "dpm_solver++"):
+        want = snapshots.generate(config, graphdef, rest, process, state["ema"], 6, sampler=sampler, steps=12,
+                                  seed=7, labels=jax.numpy.asarray(labels))
+        got = client.sample(6, sampler=sampler, num_steps=12, seed=7, labels=labels.tolist())
+        np.testing.assert_allclose(got, want, atol=2e-4, err_msg=sampler)
+
+
+def test_32_concurrent_clients_and_batch_independence(client):
+    """32 clients at once, mixed samplers / steps / sizes / labels / guidance, all co-batched;
+    each result equals the same request run alone afterwards."""
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(32):
+        n = int(rng.integers(1, 6))
+        kw = dict(sampler=["ddim", "ancestral", "dpm_solver++"][i % 3], num_steps=int(rng.integers(3, 30)), seed=i)
+        if i % 4 == 1:
+            kw.update(labels=[i % 10])
+        if i % 4 == 2:
+            kw.update(labels=list(rng.integers(0, 10, n)), guidance_scale=2.5)
+        requests.append((n, kw))
+    before = client.status()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda r: client.sample(r[0], **r[1]), requests))
+    after = client.status()
+    assert after.requests_completed - before.requests_completed == 32
+    # co-batching happened: far fewer step calls than the sum of the requests' steps
+    assert after.steps_run - before.steps_run < sum(kw["num_steps"] for _, kw in requests) * 0.75
+    for (n, kw), x in zip(requests, together):
+        assert x.shape == (n, 8, 8, 1) and x.dtype == np.float32
+        assert np.all(np.isfinite(x)) and x.min() >= -1 and x.max() <= 1
+    for (n, kw), x in zip(requests[:8], together[:8]):
+        np.testing.assert_allclose(client.sample(n, **kw), x, atol=1e-6)
+
+
+def test_stream_and_png_outputs(client):
+    whole = client.sample(20, sampler="ddim", num_steps=5, seed=3)
+    seen = np.zeros(20, int)
+    batches = 0
+    for indices, x in client.sample_stream(20, sampler="ddim", num_steps=5, seed=3):
+        np.testing.assert_array_equal(x, whole[indices])
+        seen[indices] += 1
+        batches += 1
+    assert batches >= 20 // SLOTS and np.all(seen == 1)
+    png = client.sample(4, sampler="ddim", num_steps=5, seed=3, output="png")
+    assert png.dtype == np.uint8 and png.shape == (4, 8, 8, 1)
+    np.testing.assert_array_equal(png, ((whole[:4] + 1) / 2 * 255 + 0.5).astype(np.uint8))
+
+
+BAD = [
+    (dict(num_samples=-3), "num_samples"), (dict(num_samples=0), "num_samples"),
+    (dict(num_samples=10**6), "num_samples"), (dict(sampler="heunn"), "sampler"),
+    (dict(num_steps=-1), "num_steps"), (dict(num_steps=1001), "num_steps"),
+    (dict(labels=[3], guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=2.0), "guidance_scale"), (dict(labels=[10]), "labels"), (dict(labels=[-2]), "labels"),
+    (dict(labels=[1, 2]), "labels"), (dict(output=7), "output"),
+    (dict(num_samples=300), "SampleStream"),  # 300 float32 samples > the 64 KiB message limit
+]
+
+
+@pytest.mark.parametrize("fields,named", BAD, ids=[f"{list(f)[0]}={list(f.values())[0]}" for f, _ in BAD])
+def test_bad_input_is_invalid_argument(client, fields, named):
+    req = pb.SampleRequest(num_samples=4, num_steps=3)
+    for k, v in fields.items():
+        if k == "labels":
+            req.labels.extend(v)
+        else:
+            setattr(req, k, v)
+    code, details = _code(lambda: client.stub.Sample(req, timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and named in details
+    assert client.health() == "SERVING"
+
+
+def test_big_request_streams_under_the_message_limit(client):
+    got = sum(len(idx) for idx, _ in client.sample_stream(300, num_steps=2))
+    assert got == 300 and client.health() == "SERVING"
+
+
+def _wait_for(cond, timeout=30.0, why=lambda: ""):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"condition not reached {why()}"
+        time.sleep(0.05)
+
+
+def test_cancel_and_deadline_free_their_slots(client):
+    base = client.status()
+    call = client.stub.Sample.future(Client.request(SLOTS, num_steps=1000), timeout=120)
+    _wait_for(lambda: client.status().busy_slots == SLOTS)
+    call.cancel()
+    _wait_for(lambda: client.status().busy_slots == 0, 10)
+    assert client.status().requests_cancelled == base.requests_cancelled + 1
+    code, _ = _code(lambda: client.sample(SLOTS, num_steps=1000, timeout=0.5))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_for(lambda: client.status().busy_slots == 0, 10)
+    assert client.sample(2, num_steps=3).shape == (2, 8, 8, 1)
+
+
+def test_full_queue_is_resource_exhausted(client):
+    """max_queued_requests=40 and 8 slots: of 60 long requests at once, 8 run, 40 queue and the
+    rest are refused at once; cancelling them all leaves the server idle and healthy."""
+    calls = [client.stub.Sample.future(Client.request(1, num_steps=1000, seed=i), timeout=120) for i in range(60)]
+    _wait_for(lambda: client.status().queued_requests >= 40 - 4, 10)
+    time.sleep(0.5)
+    refused = [c for c in calls if c.done() and c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert 60 - 40 - SLOTS <= len(refused) <= 60 - 40
+    assert "queue is full" in refused[0].details()
+    for call in calls:
+        call.cancel()
+    _wait_for(lambda: client.status().busy_slots == 0 and client.status().queued_requests == 0, 15)
+    assert client.health() == "SERVING" and client.sample(1, num_steps=2).shape == (1, 8, 8, 1)
+
+
+def test_client_cli_writes_a_grid(server, tmp_path):
+    out = tmp_path / "grid.png"
+    res = subprocess.run([sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "16",
+                          "--steps", "5", "--labels", "7", "--out", str(out)], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert np.load(tmp_path / "grid.npz")["samples"].shape == (16, 8, 8, 1)
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 8 * 4
+    bad = subprocess.run([sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "-1"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "num_samples" in bad.stderr
+
+
+def test_sigterm_drains_in_flight_work(server, client):
+    """Runs last on the module server: a request in flight when SIGTERM arrives still completes."""
+    call = client.stub.Sample.future(Client.request(SLOTS, num_steps=300, seed=1), timeout=120)
+    _wait_for(lambda: client.status().busy_slots == SLOTS)
+    server.proc.send_signal(15)
+    response = call.result(timeout=60)
+    assert response.samples.shape == [SLOTS, 8, 8, 1]
+    assert server.proc.wait(60) == 0
+    assert any("draining" in line for line in server.lines)
+
+
+def test_tls_and_reload_of_a_newer_checkpoint(tmp_path, workdir):
+    """A TLS server (self-signed cert for 127.0.0.1) picks up a checkpoint trained after it started."""
+    import shutil
+
+    from diffjax import snapshots
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    served = tmp_path / "wd"
+    shutil.copytree(workdir, served)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    s = ServerProcess(served, f"--tls_cert={cert}", f"--tls_key={key}", "--reload_s=0.5")
+    try:
+        with Client(s.addr, timeout=60, root_certificates=cert.read_bytes()) as c:
+            first = c.sample(3, num_steps=4, seed=5)
+            assert c.model_info().checkpoint_step == 2
+            with Client(s.addr, timeout=5) as plain:  # plaintext to a TLS port fails
+                assert _code(lambda: plain.model_info())[0] == grpc.StatusCode.UNAVAILABLE
+            _train(served, "--config.training.n_iters=4", "--config.training.ema_rate=0.0", "--config.optim.warmup=0")
+            _wait_for(lambda: c.status().checkpoint_step == 4, 60, lambda: "".join(s.lines))
+            assert c.status().reloads == 1 and c.model_info().checkpoint_step == 4
+            response = c.sample_response(3, sampler="ddim", num_steps=4, seed=5)
+            assert response.checkpoint_step == 4
+            config, graphdef, rest, process, state, step = snapshots.load_workdir(str(served))
+            want = snapshots.generate(config, graphdef, rest, process, state["ema"], 3, sampler="ddim", steps=4, seed=5)
+            assert step == 4
+            np.testing.assert_allclose(np.frombuffer(response.samples.data, "<f4").reshape(first.shape), want, atol=2e-4)
+    finally:
+        s.stop()
