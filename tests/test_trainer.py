@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -75,24 +74,12 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
     assert os.path.exists(ref / "samples" / "step_00000040.png")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_then_one_process_resumes(tmp_path):
-    """2 processes x 4 CPU devices (gloo over loopback), then 1 process x 1 device resumes."""
+    """2 processes x 4 CPU devices (launch/local.py: gloo over loopback), then 1 process x 1 device resumes."""
     workdir = tmp_path / "mh"
-    port = _free_port()
-    procs = [subprocess.Popen(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4",
-                                        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                        f"--process_id={i}"),
-                              cwd=ROOT, env=env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    res = run([sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=4", "--",
+               *train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4")], timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert steps_in(workdir) == [4, 8]
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(workdir / "checkpoints" / "8" / "data"))
     logged = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")]
