@@ -5,7 +5,6 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from diffjax.serving import Client, protos
+from diffjax.serving import Client, protos, subprocess_server
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving.client import png_to_numpy
 
@@ -37,31 +36,8 @@ def _train(workdir, *extra):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-class ServerProcess:
-    """`diffjax serve --port 0 ...` in a subprocess; the port is read from its SERVING line."""
-
-    def __init__(self, workdir, *flags):
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffjax", "serve", f"--workdir={workdir}", "--port=0",
-                                      f"--batch_slots={SLOTS}", *flags], cwd=ROOT, env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.port = None
-        deadline = time.monotonic() + 240
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "SERVING on" in line:
-                self.port = int(line.rsplit(":", 1)[1])
-                break
-            assert time.monotonic() < deadline, "".join(self.lines)
-        assert self.port, "server exited before SERVING:\n" + "".join(self.lines)
-        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self._reader.start()
-        self.addr = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(30)
+def ServerProcess(workdir, *flags):
+    return subprocess_server.ServerProcess(workdir, f"--batch_slots={SLOTS}", *flags, env=_env(), cwd=ROOT, timeout=240)
 
 
 @pytest.fixture(scope="module")

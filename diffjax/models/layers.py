@@ -85,18 +85,22 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x):
         # One pass for the statistics (E[x], E[x^2]), then y = x * a + b with per-(batch, channel)
-        # a, b: forward and backward each read the activations twice (a reduction + an
-        # elementwise pass), which matters on CPU where these passes are memory-bound.
+        # a, b. The sums run over the spatial axes first, with the channel axis staying minor
+        # (contiguous), and only then over the C/G channels of each group: on XLA:CPU this is
+        # 3-6x faster than reducing a (B, HW, G, C/G) view over axes (1, 3) (benchmarks/README).
         b, c, g = x.shape[0], x.shape[-1], self.groups
-        xg = x.astype(jnp.float32).reshape(b, -1, g, c // g)
-        mean = jnp.mean(xg, axis=(1, 3))
-        var = jnp.maximum(jnp.mean(jnp.square(xg), axis=(1, 3)) - jnp.square(mean), 0.0)
+        xf = x.astype(jnp.float32)
+        count = (xf.size // (b * c)) * (c // g)
+        spatial = tuple(range(1, x.ndim - 1))
+        mean = jnp.sum(jnp.sum(xf, axis=spatial).reshape(b, g, c // g), -1) / count
+        mean_sq = jnp.sum(jnp.sum(jnp.square(xf), axis=spatial).reshape(b, g, c // g), -1) / count
+        var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
         inv = jax.lax.rsqrt(var + self.eps)  # (B, G)
         gamma = self.scale[...].reshape(g, c // g)
         a = (inv[:, :, None] * gamma).reshape(b, c)
         shift = (self.bias[...].reshape(g, c // g) - mean[:, :, None] * inv[:, :, None] * gamma).reshape(b, c)
         bshape = (b,) + (1,) * (x.ndim - 2) + (c,)
-        y = x.astype(jnp.float32) * a.reshape(bshape) + shift.reshape(bshape)
+        y = xf * a.reshape(bshape) + shift.reshape(bshape)
         return y.astype(self.dtype)
 
 

@@ -1,0 +1,95 @@
+"""Sampling-server throughput: continuous batching versus one sample at a time.
+
+64 concurrent clients each ask for 8 samples of 50-step DDIM from the digits model (configs/digits.py,
+252,545 params) served by a real `diffjax serve` process on loopback. Run once with --batch_slots 64
+(continuous batching) and once with --batch_slots 1 (max-batch 1: every sample runs alone). Reports
+samples/s and p50/p99 request latency; goal: >= 8x the throughput of max-batch 1.
+
+    python benchmarks/server.py [--workdir workdir/digits] [--clients 64] [--samples 8] [--steps 50]
+
+Without --workdir (or if it has no checkpoint) a digits model is trained for 20 steps into a temporary
+workdir: the speed of a step does not depend on how well the weights are trained. Every run is
+bounded: a fixed request count and a deadline per request (--deadline_s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from diffjax.serving import Client  # noqa: E402
+from diffjax.serving.subprocess_server import ServerProcess  # noqa: E402
+
+
+def ensure_workdir(workdir: str | None) -> str:
+    if workdir and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return workdir
+    workdir = workdir or os.path.join(tempfile.mkdtemp(prefix="diffjax-bench-"), "digits")
+    print(f"training configs/digits.py for 20 steps into {workdir} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "diffjax", "train", "--config", os.path.join(ROOT, "configs/digits.py"),
+                    f"--workdir={workdir}", "--config.training.n_iters=20", "--config.training.snapshot_freq=20",
+                    "--config.training.eval_freq=0", "--no_progress"], check=True, cwd=ROOT)
+    return workdir
+
+
+def load(addr: str, clients: int, samples: int, steps: int, deadline_s: float) -> dict:
+    """`clients` concurrent Sample calls; throughput over the whole wave and per-request latency."""
+    with Client(addr, timeout=deadline_s) as client:
+        client.sample(1, sampler="ddim", num_steps=steps)  # first call after SERVING: connection set up
+
+        def one(i):
+            t0 = time.perf_counter()
+            x = client.sample(samples, sampler="ddim", num_steps=steps, seed=i)
+            assert x.shape[0] == samples
+            return time.perf_counter() - t0
+
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+            latencies = np.array(list(pool.map(one, range(clients))))
+        wall = time.perf_counter() - start
+        status = client.status()
+    return dict(wall=wall, samples_per_s=clients * samples / wall, p50=np.percentile(latencies, 50),
+                p99=np.percentile(latencies, 99), steps_run=status.steps_run)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--slots", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--deadline_s", type=float, default=600.0)
+    args = p.parse_args()
+    workdir = ensure_workdir(args.workdir)
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    rows = []
+    for slots in [1, *args.slots]:
+        with ServerProcess(workdir, f"--batch_slots={slots}", "--reload_s=0", env=env, cwd=ROOT) as server:
+            r = load(server.addr, args.clients, args.samples, args.steps, args.deadline_s)
+        rows.append((slots, r))
+        print(f"  batch_slots={slots}: {r['samples_per_s']:.1f} samples/s, p50 {r['p50']:.2f}s, p99 {r['p99']:.2f}s, "
+              f"{r['steps_run']} step calls, {r['wall']:.1f}s", flush=True)
+    base = rows[0][1]["samples_per_s"]
+    print(f"\n{args.clients} clients x {args.samples} samples, {args.steps}-step DDIM, digits model "
+          f"({os.cpu_count()} CPU cores)\n")
+    print("| server | samples/s | p50 latency (s) | p99 latency (s) | step calls | throughput vs max-batch 1 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for slots, r in rows:
+        name = "max-batch 1" if slots == 1 else f"continuous batching, {slots} slots"
+        print(f"| {name} | {r['samples_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['steps_run']} | "
+              f"{r['samples_per_s'] / base:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
