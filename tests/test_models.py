@@ -280,3 +280,22 @@ def test_group_norm_matches_flax():
     ref = nnx.GroupNorm(64, num_groups=16, epsilon=1e-6, rngs=nnx.Rngs(0))
     ref.scale[...], ref.bias[...] = gn.scale[...], gn.bias[...]
     np.testing.assert_allclose(gn(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_groupnorm_matches_the_grouped_reduction():
+    """The server's reduction order (spatial sums first) gives GroupNorm's numbers, and its
+    statistics are per example and per group: a shifted, scaled group normalises the same."""
+    from diffjax.models import layers
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 32)) * 3.0 + 1.5
+    norm = layers.GroupNorm(32)
+    grouped = jax.jit(lambda x: norm(x))(x)
+
+    def spatial(x):
+        with layers.inference_groupnorm():
+            return norm(x)
+
+    np.testing.assert_allclose(jax.jit(spatial)(x), grouped, atol=2e-5)
+    g = np.asarray(grouped).reshape(3, 64, norm.groups, 32 // norm.groups)
+    np.testing.assert_allclose(g.mean(axis=(1, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(g.std(axis=(1, 3)), 1.0, atol=1e-3)

@@ -17,6 +17,8 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Sequence
 
@@ -75,6 +77,25 @@ def num_groups(ch: int) -> int:
     return g
 
 
+_SPATIAL_FIRST = contextvars.ContextVar("groupnorm_spatial_first", default=False)
+
+
+@contextlib.contextmanager
+def inference_groupnorm():
+    """Trace GroupNorm with its statistics summed over H, W first, then within each group.
+
+    The same numbers (to float rounding) with a different reduction order: on XLA:CPU it makes
+    a forward pass faster (the 64-slot digits server step 35% more samples/s), while a training
+    step with it runs ~7% slower (benchmarks/train_step.py), so only forward-only programs (the
+    server's step) trace under this context; it applies at trace time.
+    """
+    token = _SPATIAL_FIRST.set(True)
+    try:
+        yield
+    finally:
+        _SPATIAL_FIRST.reset(token)
+
+
 class GroupNorm(nnx.Module):
     """GroupNorm over (H, W, C/G) with float32 statistics; eps 1e-6 as in DDPM/score_sde."""
 
@@ -85,15 +106,18 @@ class GroupNorm(nnx.Module):
 
     def __call__(self, x):
         # One pass for the statistics (E[x], E[x^2]), then y = x * a + b with per-(batch, channel)
-        # a, b. The sums run over the spatial axes first, with the channel axis staying minor
-        # (contiguous), and only then over the C/G channels of each group: on XLA:CPU this is
-        # 3-6x faster than reducing a (B, HW, G, C/G) view over axes (1, 3) (benchmarks/README).
+        # a, b: forward and backward each read the activations twice (a reduction + an
+        # elementwise pass), which matters on CPU where these passes are memory-bound.
         b, c, g = x.shape[0], x.shape[-1], self.groups
         xf = x.astype(jnp.float32)
-        count = (xf.size // (b * c)) * (c // g)
-        spatial = tuple(range(1, x.ndim - 1))
-        mean = jnp.sum(jnp.sum(xf, axis=spatial).reshape(b, g, c // g), -1) / count
-        mean_sq = jnp.sum(jnp.sum(jnp.square(xf), axis=spatial).reshape(b, g, c // g), -1) / count
+        if _SPATIAL_FIRST.get():  # sums over H, W first (channel axis minor), then within groups
+            count = (xf.size // (b * c)) * (c // g)
+            spatial = tuple(range(1, x.ndim - 1))
+            mean = jnp.sum(jnp.sum(xf, axis=spatial).reshape(b, g, c // g), -1) / count
+            mean_sq = jnp.sum(jnp.sum(jnp.square(xf), axis=spatial).reshape(b, g, c // g), -1) / count
+        else:
+            xg = xf.reshape(b, -1, g, c // g)
+            mean, mean_sq = jnp.mean(xg, axis=(1, 3)), jnp.mean(jnp.square(xg), axis=(1, 3))
         var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
         inv = jax.lax.rsqrt(var + self.eps)  # (B, G)
         gamma = self.scale[...].reshape(g, c // g)
