@@ -146,14 +146,16 @@ def main(argv: list[str]) -> int:
 
 
 def _sample(client: Client, args) -> int:
+    """Streams the samples (any count fits), then writes the PNG grid / scatter and the .npz."""
     from diffjax import snapshots
 
     start = time.perf_counter()
-    response = client.sample_response(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
-                                      labels=args.labels, guidance_scale=args.guidance_scale)
-    x = tensor_to_numpy(response.samples)
     info = client.model_info()
+    x = np.zeros((max(args.num, 0), *info.sample_shape), np.float32)
+    for indices, batch in client.sample_stream(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
+                                               labels=args.labels, guidance_scale=args.guidance_scale):
+        x[indices] = batch
     png, npz = snapshots.save_samples(x, args.out, (info.data_min, info.data_max))
-    print(f"{len(x)} samples (checkpoint step {response.checkpoint_step}, {response.nfe} NFE) in "
-          f"{time.perf_counter() - start:.1f}s -> {png}, {npz}")
+    print(f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
+          f"checkpoint step {info.checkpoint_step}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
     return 0
