@@ -100,11 +100,12 @@ class Workdir:
 
         from diffjax import trainer
 
-        path = os.path.join(workdir, "config.json")
-        if not os.path.exists(path):
+        from etils import epath
+
+        path = epath.Path(workdir) / "config.json"  # local or gs://
+        if not path.exists():
             raise SystemExit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
-        with open(path) as f:
-            self.config = ml_collections.ConfigDict(json.load(f))
+        self.config = ml_collections.ConfigDict(json.loads(path.read_text()))
         self.path, self.command = workdir, command
         state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, trainer.make_mesh(self.config))
         self.abstract_state = jax.eval_shape(lambda s: s, state)

@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 
 USAGE_EPILOG = "Config overrides: --config.a.b=value (type-checked by ml_collections)."
@@ -69,16 +70,31 @@ def check_workdir(workdir: str) -> None:
         raise SystemExit(f"diffjax train: cannot write to --workdir {workdir!r}: {err.strerror}") from None
 
 
+def is_remote(workdir: str) -> bool:
+    return "://" in str(workdir)
+
+
 class Logger:
-    """JSONL metrics and TensorBoard event files in workdir (process 0 only)."""
+    """JSONL metrics, TensorBoard event files and sample grids in workdir (process 0 only).
 
-    def __init__(self, workdir: str, active: bool):
-        self.active = active
-        if active:
-            from tensorboardX import SummaryWriter
+    A remote workdir (gs://...) cannot be appended to: files are staged in a local directory and
+    copied to the workdir through etils.epath at every write (metrics.jsonl is rewritten whole).
+    """
 
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    def __init__(self, workdir: str, active: bool, *, remote: bool | None = None):
+        self.active, self.workdir = active, workdir
+        self.remote = is_remote(workdir) if remote is None else remote
+        if not active:
+            return
+        from etils import epath
+        from tensorboardX import SummaryWriter
+
+        self.local = tempfile.mkdtemp(prefix="diffjax-logs-") if self.remote else workdir
+        jsonl = epath.Path(workdir) / "metrics.jsonl"
+        if self.remote and jsonl.exists():  # resume: keep what earlier runs logged
+            epath.Path(os.path.join(self.local, "metrics.jsonl")).write_text(jsonl.read_text())
+        self.jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -88,6 +104,7 @@ class Logger:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+        self._upload()
 
     def image(self, step: int, tag: str, path: str) -> None:
         if self.active:
@@ -95,11 +112,31 @@ class Logger:
             from PIL import Image
 
             self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
+            self._upload()
+
+    def samples_dir(self) -> str:
+        """Where sample grids are written first (the workdir itself unless it is remote)."""
+        return self.local if self.active else self.workdir
+
+    def _upload(self) -> None:
+        """Copy the staged files that changed to the remote workdir."""
+        if not (self.active and self.remote):
+            return
+        from etils import epath
+
+        for root, _, files in os.walk(self.local):
+            for name in files:
+                src = os.path.join(root, name)
+                dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                epath.Path(src).copy(dst, overwrite=True)
 
     def close(self):
         if self.active:
             self.jsonl.close()
             self.tb.close()
+            self._upload()
 
 
 def main(argv: list[str]) -> int:
@@ -128,8 +165,9 @@ def main(argv: list[str]) -> int:
         print(f"resumed from step {start} in {args.workdir}", flush=True)
     step = int(start or 0)
     if is_main:
-        with open(os.path.join(args.workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        from etils import epath
+
+        (epath.Path(args.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     train_step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
     fused_sharding = trainer.batch_sharding(mesh, leading=1)
@@ -192,7 +230,7 @@ def main(argv: list[str]) -> int:
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
                 check_finite()
                 trainer.save(manager, step, state, train_iter)
-                path = snapshots.sample_grid(config, graphdef, rest, process, state, args.workdir, step)
+                path = snapshots.sample_grid(config, graphdef, rest, process, state, logger.samples_dir(), step)
                 if path:
                     logger.image(step, "samples", path)
         if stop["signal"] is not None:

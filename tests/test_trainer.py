@@ -150,3 +150,26 @@ def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])]
     assert any("fsdp" in str(s) for s in specs)  # large kernels are split over the fsdp axis
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_remote_workdir_logs_are_staged_and_copied(tmp_path):
+    """gs:// workdirs cannot be appended to: the logger stages files locally and copies them over
+    (exercised here with remote=True on a local directory standing in for the bucket)."""
+    from diffjax import plotting
+    from diffjax.train import Logger
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    (bucket / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # an earlier run
+    logger = Logger(str(bucket), True, remote=True)
+    assert logger.samples_dir() != str(bucket)
+    logger.write(2, {"loss": 0.5})
+    assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2]
+    assert glob.glob(str(bucket / "tensorboard" / "events.out.tfevents.*"))
+    png = os.path.join(logger.samples_dir(), "samples", "step_00000002.png")
+    plotting.scatter_png([("x", np.zeros((4, 2)))], png)
+    logger.image(2, "samples", png)
+    logger.write(3, {"loss": 0.25})
+    logger.close()
+    assert (bucket / "samples" / "step_00000002.png").exists()
+    assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2, 3]
