@@ -95,21 +95,27 @@ def eval_loss(config, graphdef, rest, process, state) -> float:
 class Workdir:
     """A training workdir opened for reading: config, network definition, process and its checkpoints."""
 
-    def __init__(self, workdir: str, *, command: str = "diffjax sample"):
+    def __init__(self, workdir: str, *, command: str = "diffjax sample", inference: bool = False):
+        """inference=True: for eval-mode use of restore(only=("ema",)) (sample, serve); the
+        network's dropout RNG state is a placeholder instead of the trained run's."""
         import ml_collections
+        from etils import epath
 
         from diffjax import trainer
-
-        from etils import epath
 
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
             raise SystemExit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
         self.config = ml_collections.ConfigDict(json.loads(path.read_text()))
         self.path, self.command = workdir, command
-        state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, trainer.make_mesh(self.config))
-        self.abstract_state = jax.eval_shape(lambda s: s, state)
-        del state
+        mesh = trainer.make_mesh(self.config)
+        if inference:  # shapes and shardings only: nothing is initialised or compiled
+            self.abstract_state, self.shardings, self.graphdef, _ = trainer.state_layout(self.config, mesh)
+            self.rest = trainer.inference_rest(self.config)
+        else:
+            state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, mesh)
+            self.abstract_state = jax.eval_shape(lambda s: s, state)
+            del state
         self.process = trainer.build_process(self.config)
         self.manager = trainer.checkpoint_manager(workdir, async_save=False)
 
@@ -133,7 +139,7 @@ class Workdir:
 def load_workdir(workdir: str, only: tuple[str, ...] | None = None):
     """(config, graphdef, rest, process, state, step) from the latest readable checkpoint
     (just the `only` entries of the state if given, e.g. ("ema",))."""
-    w = Workdir(workdir)
+    w = Workdir(workdir, inference=only == ("ema",))
     state, step = w.restore(only=only)
     return w.config, w.graphdef, w.rest, w.process, state, step
 

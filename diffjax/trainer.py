@@ -123,9 +123,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, accum) if accum > 1 else tx
 
 
-def init_state(config, mesh: Mesh):
-    """(state, shardings, graphdef, rest): the state is created directly sharded (jit out_shardings)."""
-    graphdef, abstract_params, rest_abstract = abstract_model(config)
+def state_layout(config, mesh: Mesh):
+    """(abstract state, shardings, graphdef, create): the train state's shapes and shardings,
+    traced abstractly (nothing allocated or compiled); create(key) -> (state, rest) builds it."""
+    graphdef, abstract_params, _ = abstract_model(config)
     p_shard = param_shardings(config, mesh, abstract_params)
     tx = make_optimizer(config)
     replicated = NamedSharding(mesh, P())
@@ -139,9 +140,28 @@ def init_state(config, mesh: Mesh):
         return state, rest
 
     abstract_state, _ = jax.eval_shape(create, jax.random.PRNGKey(0))
-    shardings = _state_shardings(abstract_state, p_shard, replicated)
+    return abstract_state, _state_shardings(abstract_state, p_shard, replicated), graphdef, create
+
+
+def init_state(config, mesh: Mesh):
+    """(state, shardings, graphdef, rest): the state is created directly sharded (jit out_shardings)."""
+    _, shardings, graphdef, create = state_layout(config, mesh)
+    replicated = NamedSharding(mesh, P())
     state, rest = jax.jit(create, out_shardings=(shardings, replicated))(jax.random.PRNGKey(int(config.seed)))
     return state, shardings, graphdef, rest
+
+
+def inference_rest(config):
+    """The network's non-parameter state (dropout RNG streams) for eval-mode use, without
+    initialising the network: keys are key(0), counters 0. Eval (train=False) never draws from them."""
+    _, _, abstract = abstract_model(config)
+
+    def make(leaf):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jnp.broadcast_to(jax.random.key(0), leaf.shape)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree.map(make, abstract)
 
 
 def _state_shardings(abstract_state, p_shard, replicated):

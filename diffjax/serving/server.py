@@ -238,7 +238,7 @@ class Server:
         from diffjax.serving.engine import Engine
 
         t0 = time.perf_counter()
-        self.source = snapshots.Workdir(self.workdir, command="diffjax serve")
+        self.source = snapshots.Workdir(self.workdir, command="diffjax serve", inference=True)
         state, step = self.source.restore(only=("ema",))
         config, process = self.source.config, self.source.process
         max_steps = self.options.max_steps
