@@ -73,8 +73,21 @@ def _x0_estimate(den: Denoiser, process: Process, x, t, label, scale, num_classe
     return jax.lax.cond(jnp.any(guided_slots), with_guidance, plain)
 
 
-def _step(den, state, admit, times, *, process, num_classes, sample_shape):
-    """Admit, free and advance all busy slots by one step (one network evaluation each)."""
+_INT_COLUMNS = ("mask", "free", "index", "num_steps", "kind", "label", "key0", "key1")
+_FLOAT_COLUMNS = ("scale", "t", "s", "t_prev")
+
+
+def _step(den, state, ints, floats, *, process, num_classes, sample_shape):
+    """Admit, free and advance all busy slots by one step (one network evaluation each).
+
+    The per-slot inputs come packed in two arrays (one host->device transfer each): ints (B, 8)
+    with the _INT_COLUMNS (the key's two uint32 words bit-cast) and floats (B, 4) _FLOAT_COLUMNS.
+    """
+    col = dict(zip(_INT_COLUMNS, ints.T)) | dict(zip(_FLOAT_COLUMNS, floats.T))
+    admit = dict(mask=col["mask"] > 0, free=col["free"] > 0, index=col["index"], num_steps=col["num_steps"],
+                 kind=col["kind"], label=col["label"], scale=col["scale"],
+                 key=jax.lax.bitcast_convert_type(ints[:, 6:8], jnp.uint32))
+    times = dict(t=col["t"], s=col["s"], t_prev=col["t_prev"])
     with inference_groupnorm():  # forward-only program: the faster GroupNorm reduction order
         return _advance(den, state, admit, times, process, num_classes, sample_shape)
 
@@ -142,6 +155,10 @@ class Engine:
         self.num_steps = np.zeros(self.batch_slots, np.int64)
         self.busy = np.zeros(self.batch_slots, bool)
         self.grids: list[np.ndarray | None] = [None] * self.batch_slots
+        self.scale = np.full(self.batch_slots, np.nan, np.float32)  # guidance weight per slot (NaN: none)
+        idle = np.zeros((self.batch_slots, len(_INT_COLUMNS)), np.int32)
+        idle[:, 3], idle[:, 5] = 1, -1
+        self._idle_ints = jax.device_put(idle, self._rows)  # "nothing admitted or freed": sent once
         self.calls = 0
 
     def _initial_state(self):
@@ -162,29 +179,30 @@ class Engine:
     def step(self, admissions: list[Admission] = (), free: list[int] = ()) -> list[tuple[int, np.ndarray]]:
         """Admit, free, advance one step; returns (slot, sample) for every slot that finished."""
         b = self.batch_slots
-        admit = dict(mask=np.zeros(b, bool), free=np.zeros(b, bool), key=np.zeros((b, 2), np.uint32),
-                     index=np.zeros(b, np.int32), num_steps=np.ones(b, np.int32), kind=np.zeros(b, np.int32),
-                     label=np.full(b, -1, np.int32), scale=np.full(b, np.nan, np.float32))
-        for slot in free:
-            admit["free"][slot], self.busy[slot] = True, False
-        for a in admissions:
-            if self.busy[a.slot]:
-                raise RuntimeError(f"slot {a.slot} is busy")
-            admit["mask"][a.slot] = True
-            admit["key"][a.slot] = a.key
-            admit["index"][a.slot], admit["num_steps"][a.slot] = a.index, a.num_steps
-            admit["kind"][a.slot], admit["label"][a.slot] = SAMPLER_KINDS[a.sampler], a.label
-            admit["scale"][a.slot] = np.nan if a.guidance_scale is None else a.guidance_scale
-            self.busy[a.slot], self.steps[a.slot], self.num_steps[a.slot] = True, 0, a.num_steps
-            self.grids[a.slot] = time_grid(self.process, a.num_steps)
-        if not self.busy.any() and not admit["free"].any():
+        ints = self._idle_ints
+        if admissions or free:
+            ints = np.zeros((b, len(_INT_COLUMNS)), np.int32)
+            ints[:, 3], ints[:, 5] = 1, -1  # num_steps, label of slots not admitted now (unused)
+            for slot in free:
+                ints[slot, 1], self.busy[slot] = 1, False
+            for a in admissions:
+                if self.busy[a.slot]:
+                    raise RuntimeError(f"slot {a.slot} is busy")
+                ints[a.slot, :6] = (1, 0, a.index, a.num_steps, SAMPLER_KINDS[a.sampler], a.label)
+                ints[a.slot, 6:8] = np.asarray(a.key, np.uint32).view(np.int32)
+                self.scale[a.slot] = np.nan if a.guidance_scale is None else a.guidance_scale
+                self.busy[a.slot], self.steps[a.slot], self.num_steps[a.slot] = True, 0, a.num_steps
+                self.grids[a.slot] = time_grid(self.process, a.num_steps)
+        elif not self.busy.any():
             return []
-        times = dict(t=np.zeros(b, np.float32), s=np.zeros(b, np.float32), t_prev=np.zeros(b, np.float32))
+        floats = np.zeros((b, len(_FLOAT_COLUMNS)), np.float32)
+        floats[:, 0] = self.scale
         for slot in np.flatnonzero(self.busy):
             grid, i = self.grids[slot], self.steps[slot]
-            times["t"][slot], times["s"][slot], times["t_prev"][slot] = grid[i], grid[i + 1], grid[max(i - 1, 0)]
-        self.state = self._step(self.denoiser, self.state, jax.device_put(admit, self._rows),
-                                jax.device_put(times, self._rows))
+            floats[slot, 1:] = grid[i], grid[i + 1], grid[max(i - 1, 0)]
+        if isinstance(ints, np.ndarray):
+            ints = jax.device_put(ints, self._rows)
+        self.state = self._step(self.denoiser, self.state, ints, jax.device_put(floats, self._rows))
         self.calls += 1
         self.steps[self.busy] += 1
         done = np.flatnonzero(self.busy & (self.steps >= self.num_steps))
