@@ -36,11 +36,16 @@ def scatter_png(panels: list[tuple[str, np.ndarray]], path: str | Path, size: in
     return path
 
 
-def image_grid(images: np.ndarray, data_range=(-1.0, 1.0), pad: int = 2, scale: int = 1) -> Image.Image:
-    """A near-square grid of images (N, H, W, C) in data_range, as a Pillow image."""
+def to_uint8(images: np.ndarray, data_range=(-1.0, 1.0)) -> np.ndarray:
+    """Values in data_range -> uint8 0..255 (clipped, rounded to nearest)."""
     lo, hi = data_range
     x = np.clip((np.asarray(images, np.float64) - lo) / (hi - lo), 0.0, 1.0)
-    x = (x * 255 + 0.5).astype(np.uint8)
+    return (x * 255 + 0.5).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, data_range=(-1.0, 1.0), pad: int = 2, scale: int = 1) -> Image.Image:
+    """A near-square grid of images (N, H, W, C) in data_range, as a Pillow image."""
+    x = to_uint8(images, data_range)
     n, h, w, c = x.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)

@@ -101,12 +101,11 @@ def _advance(den, state, admit, times, process, num_classes, sample_shape):
         x=pick(x_T, state["x"]), d_prev=pick(jnp.zeros_like(x_T), state["d_prev"]),
         key=jnp.where(new[:, None], keys, state["key"]), step=jnp.where(new, 0, state["step"]),
         n=pick(admit["num_steps"], state["n"]), kind=pick(admit["kind"], state["kind"]),
-        label=pick(admit["label"], state["label"]), scale=pick(admit["scale"], state["scale"]),
-        active=(state["active"] & ~admit["free"]) | new,
+        label=pick(admit["label"], state["label"]), active=(state["active"] & ~admit["free"]) | new,
     )
     x, i, n, active = state["x"], state["step"], state["n"], state["active"]
     t, s, t_prev = times["t"], times["s"], times["t_prev"]  # this step's times of every slot (host grids)
-    x0 = _x0_estimate(den, process, x, t, state["label"], state["scale"], num_classes)
+    x0 = _x0_estimate(den, process, x, t, state["label"], admit["scale"], num_classes)
     # DDIM / ancestral: the DDPM posterior with per-slot eta.
     noise = samplers.example_noise(state["key"], sample_shape, i)
     eta = bcast(jnp.asarray(_ETA)[state["kind"]], x)
@@ -155,7 +154,8 @@ class Engine:
         self.num_steps = np.zeros(self.batch_slots, np.int64)
         self.busy = np.zeros(self.batch_slots, bool)
         self.grids: list[np.ndarray | None] = [None] * self.batch_slots
-        self.scale = np.full(self.batch_slots, np.nan, np.float32)  # guidance weight per slot (NaN: none)
+        # Guidance weight per slot (NaN: none), sent with every step's times.
+        self.scale = np.full(self.batch_slots, np.nan, np.float32)
         idle = np.zeros((self.batch_slots, len(_INT_COLUMNS)), np.int32)
         idle[:, 3], idle[:, 5] = 1, -1
         self._idle_ints = jax.device_put(idle, self._rows)  # "nothing admitted or freed": sent once
@@ -166,8 +166,7 @@ class Engine:
         zeros = lambda s, dt: jax.device_put(np.zeros(s, dt), self._rows)
         return dict(x=zeros((b, *shape), np.float32), d_prev=zeros((b, *shape), np.float32),
                     key=zeros((b, 2), np.uint32), step=zeros((b,), np.int32), n=zeros((b,), np.int32),
-                    kind=zeros((b,), np.int32), label=zeros((b,), np.int32), scale=zeros((b,), np.float32),
-                    active=zeros((b,), bool))
+                    kind=zeros((b,), np.int32), label=zeros((b,), np.int32), active=zeros((b,), bool))
 
     def set_denoiser(self, denoiser: Denoiser) -> None:
         """New weights (same network): takes effect at the next step, no recompilation."""

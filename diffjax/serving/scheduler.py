@@ -63,7 +63,6 @@ class Scheduler:
         self._accepting, self._running = True, True
         self.stats = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="diffjax-scheduler", daemon=True)
-        self._error: BaseException | None = None
 
     def start(self) -> "Scheduler":
         self._thread.start()
@@ -168,7 +167,6 @@ class Scheduler:
                 if finished:
                     self._deliver(finished)
         except BaseException as err:  # noqa: BLE001 - fail every waiting request, not silently hang
-            self._error = err
             with self._cond:
                 jobs = {j for j, _ in self._owner.values()} | set(self._pending)
                 self._accepting = False
@@ -195,10 +193,6 @@ class Scheduler:
             job.events.put(("batch", indices, np.stack(xs), job.checkpoint_step))
             if job.finished == job.num_samples:
                 job.events.put(("done",))
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._error
 
 
 def wait_events(job: Job, is_active: Callable[[], bool], poll_s: float = 0.1):

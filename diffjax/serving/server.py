@@ -52,7 +52,7 @@ class ServerOptions:
 class Model:
     """What the servicer knows of the model: shapes, classes, data range, defaults."""
 
-    def __init__(self, config, process, sample_shape, step: int, max_steps: int):
+    def __init__(self, config, process, sample_shape, max_steps: int):
         from diffjax import snapshots
 
         self.config, self.process, self.sample_shape = config, process, tuple(sample_shape)
@@ -61,7 +61,6 @@ class Model:
         self.max_steps = max_steps
         self.default_sampler = config.sampling.sampler if config.sampling.sampler in SAMPLER_KINDS else "ddim"
         self.default_steps = min(int(config.sampling.num_steps), max_steps)
-        self.step = step
 
 
 class Servicer(pb_grpc.SamplingServicer):
@@ -180,10 +179,10 @@ def encode_png(images: np.ndarray, data_range: tuple[float, float]) -> list[byte
     """(N, H, W, C) in data_range -> one PNG (8-bit grey or RGB) per image."""
     from PIL import Image
 
-    lo, hi = data_range
-    u8 = (np.clip((images - lo) / (hi - lo), 0, 1) * 255 + 0.5).astype(np.uint8)
+    from diffjax.plotting import to_uint8
+
     out = []
-    for img in u8:
+    for img in to_uint8(images, data_range):
         buf = io.BytesIO()
         Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
         out.append(buf.getvalue())
@@ -244,10 +243,9 @@ class Server:
         max_steps = self.options.max_steps
         if process.discrete:
             max_steps = min(max_steps, int(process.num_scales))
-        denoiser = trainer.network_denoiser(self.source.graphdef, self.source.rest, process, config, state["ema"])
         shape = trainer.data_shape(config)
-        self.model = Model(config, process, shape, step, max_steps)
-        engine = Engine(denoiser, process, shape, batch_slots=self.options.batch_slots,
+        self.model = Model(config, process, shape, max_steps)
+        engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
                         num_classes=self.model.num_classes)
         time_grid(process, self.model.default_steps)
         self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests)
@@ -269,9 +267,14 @@ class Server:
         self.log(f"diffjax serve: compiled and warmed up in {time.perf_counter() - t0:.1f}s; "
                  f"SERVING on {self.options.host}:{self.port}")
 
-    def _watch_checkpoints(self) -> None:
+    def _denoiser(self, ema_state):
+        """The network with a restored checkpoint's EMA weights, as a diffjax Denoiser."""
         from diffjax import trainer
 
+        w = self.source
+        return trainer.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
+
+    def _watch_checkpoints(self) -> None:
         while not self._stop.wait(self.options.reload_s):
             try:
                 latest = self.source.latest_step()
@@ -280,9 +283,7 @@ class Server:
                 state, step = self.source.restore(only=("ema",))
                 if step <= self.scheduler.checkpoint_step:  # the newer step was unreadable
                     continue
-                den = trainer.network_denoiser(self.source.graphdef, self.source.rest, self.model.process,
-                                               self.model.config, state["ema"])
-                self.scheduler.stage_weights(den, step)
+                self.scheduler.stage_weights(self._denoiser(state), step)
                 self.log(f"diffjax serve: step {step} staged; swapping in when the busy slots drain")
             except Exception as err:  # noqa: BLE001 - a bad new checkpoint must not take the server down
                 self.log(f"diffjax serve: reload failed, keeping step {self.scheduler.checkpoint_step}: {err!r}")
