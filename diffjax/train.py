@@ -84,6 +84,7 @@ class Logger:
     def __init__(self, workdir: str, active: bool, *, remote: bool | None = None):
         self.active, self.workdir = active, workdir
         self.remote = is_remote(workdir) if remote is None else remote
+        self._uploaded: dict[str, tuple[int, int]] = {}  # staged file -> (mtime, size) last copied
         if not active:
             return
         from etils import epath
@@ -120,7 +121,7 @@ class Logger:
         return self.local if self.active else self.workdir
 
     def _upload(self) -> None:
-        """Copy the staged files that changed to the remote workdir."""
+        """Copy the staged files that changed since the last upload to the remote workdir."""
         if not (self.active and self.remote):
             return
         from etils import epath
@@ -128,6 +129,10 @@ class Logger:
         for root, _, files in os.walk(self.local):
             for name in files:
                 src = os.path.join(root, name)
+                stat = os.stat(src)
+                if self._uploaded.get(src) == (stat.st_mtime_ns, stat.st_size):
+                    continue  # unchanged since the last copy (earlier sample grids, closed event files)
+                self._uploaded[src] = (stat.st_mtime_ns, stat.st_size)
                 dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 epath.Path(src).copy(dst, overwrite=True)
