@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from diffjax.serving import Client, protos, subprocess_server
 from diffjax.serving import sampling_pb2 as pb
-from diffjax.serving.client import png_to_numpy
+from diffjax.serving.client import png_to_numpy, tensor_to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOTS = 8
@@ -79,7 +79,7 @@ def test_health_reflection_and_model_info(server, client):
     assert db.FindFileContainingSymbol("diffjax.v1.Sampling").name == "diffjax/serving/sampling.proto"
     info = client.model_info()
     assert list(info.sample_shape) == [8, 8, 1] and info.num_classes == 10
-    assert set(info.samplers) == {"ancestral", "ddim", "dpm_solver++"}
+    assert set(info.samplers) == {"ancestral", "ddim", "dpm_solver++", "heun"}
     assert info.checkpoint_step == 2 and info.process == "ddpm" and info.max_steps == 1000
     assert (info.data_min, info.data_max) == (-1.0, 1.0)
 
@@ -92,11 +92,12 @@ def test_matches_the_offline_sampler(workdir, client):
 
     config, graphdef, rest, process, state, _ = snapshots.load_workdir(str(workdir))
     labels = np.arange(6, dtype=np.int32) % 10
-    for sampler in ("ddim", "ancestral", "dpm_solver++"):
+    for sampler in ("ddim", "ancestral", "dpm_solver++", "heun"):
         want = snapshots.generate(config, graphdef, rest, process, state["ema"], 6, sampler=sampler, steps=12,
                                   seed=7, labels=jax.numpy.asarray(labels))
-        got = client.sample(6, sampler=sampler, num_steps=12, seed=7, labels=labels.tolist())
-        np.testing.assert_allclose(got, want, atol=2e-4, err_msg=sampler)
+        got = client.sample_response(6, sampler=sampler, num_steps=12, seed=7, labels=labels.tolist())
+        assert got.nfe == (23 if sampler == "heun" else 12)
+        np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg=sampler)
 
 
 def test_32_concurrent_clients_and_batch_independence(client):
@@ -106,7 +107,7 @@ def test_32_concurrent_clients_and_batch_independence(client):
     requests = []
     for i in range(32):
         n = int(rng.integers(1, 6))
-        kw = dict(sampler=["ddim", "ancestral", "dpm_solver++"][i % 3], num_steps=int(rng.integers(3, 30)), seed=i)
+        kw = dict(sampler=["ddim", "ancestral", "dpm_solver++", "heun"][i % 4], num_steps=int(rng.integers(3, 30)), seed=i)
         if i % 4 == 1:
             kw.update(labels=[i % 10])
         if i % 4 == 2:
@@ -144,6 +145,7 @@ BAD = [
     (dict(num_samples=-3), "num_samples"), (dict(num_samples=0), "num_samples"),
     (dict(num_samples=10**6), "num_samples"), (dict(sampler="heunn"), "sampler"),
     (dict(num_steps=-1), "num_steps"), (dict(num_steps=1001), "num_steps"),
+    (dict(sampler="heun", num_steps=1), "num_steps"),
     (dict(labels=[3], guidance_scale=float("nan")), "guidance_scale"),
     (dict(guidance_scale=2.0), "guidance_scale"), (dict(labels=[10]), "labels"), (dict(labels=[-2]), "labels"),
     (dict(labels=[1, 2]), "labels"), (dict(output=7), "output"),

@@ -7,7 +7,8 @@ network evaluation, each at its own time. Slots of requests with different num_s
 share the batch; finished slots are refilled on the next call.
 
 The math is the samplers' own: `samplers.posterior_step` (DDIM eta = 0, ancestral eta = 1),
-DPM-Solver++(2M) with a per-slot history, `samplers.example_noise` keyed exactly as
+DPM-Solver++(2M) with a per-slot history, EDM's Heun (two calls per grid step, as
+`samplers.heun` without churn), `samplers.example_noise` keyed exactly as
 `samplers.sample`. A request (seed, n, sampler, steps) therefore gives the samples that
 `samplers.sample(sampler, ..., key=PRNGKey(seed), shape=(n, ...))` gives offline, whatever else
 is in the batch. Each slot's times come from `process.time_grid(n)` (cached per n on the host).
@@ -30,9 +31,29 @@ from diffjax.models.layers import inference_groupnorm
 from diffjax.processes import Process, bcast
 
 Array = jax.Array
-# Samplers the engine can run one network evaluation per step (kind code, DDIM eta).
-SAMPLER_KINDS = {"ddim": 0, "ancestral": 1, "dpm_solver++": 2}
-_ETA = np.array([0.0, 1.0, 0.0], np.float32)
+# Samplers the engine serves (kind code) and their DDIM eta. Every engine call is one network
+# evaluation per slot; heun takes two calls per grid step (Euler predictor, then the corrector).
+SAMPLER_KINDS = {"ddim": 0, "ancestral": 1, "dpm_solver++": 2, "heun": 3}
+_ETA = np.array([0.0, 1.0, 0.0, 0.0], np.float32)
+_HEUN = SAMPLER_KINDS["heun"]
+
+
+def evaluations(sampler: str, num_steps: int) -> int:
+    """Network evaluations (engine calls) of one sample: as samplers.sample counts its NFE."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
+
+
+def slot_times(sampler: str, grid: np.ndarray, call: int) -> tuple[float, float, float]:
+    """(t, s, t_prev) of a slot's `call`-th evaluation on its time grid.
+
+    One-step samplers evaluate at grid[i] and step to grid[i + 1] (t_prev = grid[i - 1] for the
+    DPM-Solver++ history). Heun's calls alternate: the predictor evaluates at grid[i], the
+    corrector at grid[i + 1], both stepping from grid[i] (t_prev) to grid[i + 1] (s).
+    """
+    if sampler != "heun":
+        return grid[call], grid[call + 1], grid[max(call - 1, 0)]
+    i, corrector = divmod(call, 2)
+    return grid[i + corrector], grid[i + 1], grid[i]
 
 
 @dataclasses.dataclass
@@ -101,16 +122,22 @@ def _advance(den, state, admit, times, process, num_classes, sample_shape):
     # Noise is drawn only on steps that need it (threefry is ~20% of a batch-1 step on XLA:CPU).
     x_T = jax.lax.cond(jnp.any(new), lambda: process.prior_std() * samplers.example_noise(
         keys, sample_shape, samplers.INIT_NOISE), lambda: jnp.zeros_like(state["x"]))
+    t, s, t_prev = times["t"], times["s"], times["t_prev"]  # this step's times of every slot (host grids)
+    (a_t, s_t), (a_s, s_s), (a_p, s_p) = (process.coefficients(u) for u in (t, s, t_prev))
+    # Heun runs in the scaled space x~ = x / alpha (as samplers.heun); it starts at t = grid[0].
+    x_T = jnp.where(bcast(new & (admit["kind"] == _HEUN), x_T), x_T / bcast(a_t, x_T), x_T)
     pick = lambda a, b: jnp.where(bcast(new, a) if a.ndim > 1 else new, a, b)
     state = dict(
         x=pick(x_T, state["x"]), d_prev=pick(jnp.zeros_like(x_T), state["d_prev"]),
         key=jnp.where(new[:, None], keys, state["key"]), step=jnp.where(new, 0, state["step"]),
         n=pick(admit["num_steps"], state["n"]), kind=pick(admit["kind"], state["kind"]),
         label=pick(admit["label"], state["label"]), active=(state["active"] & ~admit["free"]) | new,
+        x_base=state["x_base"],
     )
     x, i, n, active = state["x"], state["step"], state["n"], state["active"]
-    t, s, t_prev = times["t"], times["s"], times["t_prev"]  # this step's times of every slot (host grids)
-    x0 = _x0_estimate(den, process, x, t, state["label"], admit["scale"], num_classes)
+    heun = state["kind"] == _HEUN
+    x_in = jnp.where(bcast(heun, x), x * bcast(a_t, x), x)
+    x0 = _x0_estimate(den, process, x_in, t, state["label"], admit["scale"], num_classes)
     # DDIM / ancestral: the DDPM posterior with per-slot eta.
     stochastic = active & (jnp.asarray(_ETA)[state["kind"]] > 0)  # slots that draw noise (ancestral)
     noise = jax.lax.cond(jnp.any(stochastic), lambda: samplers.example_noise(state["key"], sample_shape, i),
@@ -118,7 +145,6 @@ def _advance(den, state, admit, times, process, num_classes, sample_shape):
     eta = bcast(jnp.asarray(_ETA)[state["kind"]], x)
     x_posterior = samplers.posterior_step(process, x, x0, t, s, noise, eta)
     # DPM-Solver++(2M): second order between the first and the last step, as samplers.dpm_solver_pp.
-    (a_t, s_t), (a_s, s_s), (a_p, s_p) = (process.coefficients(u) for u in (t, s, t_prev))
     ratio_t, ratio_s = s_t / a_t, s_s / a_s
     lam = lambda r: -jnp.log(jnp.where(r > 0, r, 1.0))
     second = (i > 0) & (i < n - 1)
@@ -126,10 +152,20 @@ def _advance(den, state, admit, times, process, num_classes, sample_shape):
     r = bcast(jnp.where(second, r, 1.0), x)
     d = jnp.where(bcast(second, x), (1 + 0.5 / r) * x0 - (0.5 / r) * state["d_prev"], x0)
     x_dpm = bcast(s_s / s_t, x) * x + bcast(a_s * (1.0 - ratio_s / ratio_t), x) * d
-    x_next = jnp.where(bcast(state["kind"] == SAMPLER_KINDS["dpm_solver++"], x), x_dpm, x_posterior)
+    # Heun (samplers.heun, no churn): slope d = (x~ - x0) / sigma at the evaluated time; the
+    # predictor keeps x~ and d, the corrector averages the two slopes; the last call returns x0.
+    sig_t, sig_next, sig_base = ratio_t, ratio_s, s_p / a_p
+    slope = (x - x0) / bcast(jnp.where(heun, sig_t, 1.0), x)
+    predictor = (i % 2 == 0) & (i < n - 1)
+    x_heun = jnp.where(bcast(predictor, x), x + bcast(sig_next - sig_t, x) * slope,
+                       state["x_base"] + bcast(sig_next - sig_base, x) * 0.5 * (state["d_prev"] + slope))
+    x_heun = jnp.where(bcast(i == n - 1, x), x0, x_heun)
+    kind = bcast(state["kind"], x)
+    x_next = jnp.where(kind == SAMPLER_KINDS["dpm_solver++"], x_dpm, jnp.where(kind == _HEUN, x_heun, x_posterior))
     busy = bcast(active, x)
     state["x"] = jnp.where(busy, x_next, x)
-    state["d_prev"] = jnp.where(busy, x0, state["d_prev"])
+    state["d_prev"] = jnp.where(busy, jnp.where(kind == _HEUN, slope, x0), state["d_prev"])
+    state["x_base"] = jnp.where(bcast(active & heun & predictor, x), x, state["x_base"])
     state["step"] = jnp.where(active, i + 1, i)
     state["active"] = active & (state["step"] < n)
     return state
@@ -163,6 +199,7 @@ class Engine:
         self.num_steps = np.zeros(self.batch_slots, np.int64)
         self.busy = np.zeros(self.batch_slots, bool)
         self.grids: list[np.ndarray | None] = [None] * self.batch_slots
+        self.samplers: list[str] = ["ddim"] * self.batch_slots
         # Guidance weight per slot (NaN: none), sent with every step's times.
         self.scale = np.full(self.batch_slots, np.nan, np.float32)
         idle = np.zeros((self.batch_slots, len(_INT_COLUMNS)), np.int32)
@@ -174,6 +211,7 @@ class Engine:
         b, shape = self.batch_slots, self.sample_shape
         zeros = lambda s, dt: jax.device_put(np.zeros(s, dt), self._rows)
         return dict(x=zeros((b, *shape), np.float32), d_prev=zeros((b, *shape), np.float32),
+                    x_base=zeros((b, *shape), np.float32),
                     key=zeros((b, 2), np.uint32), step=zeros((b,), np.int32), n=zeros((b,), np.int32),
                     kind=zeros((b,), np.int32), label=zeros((b,), np.int32), active=zeros((b,), bool))
 
@@ -199,18 +237,18 @@ class Engine:
             for a in admissions:
                 if self.busy[a.slot]:
                     raise RuntimeError(f"slot {a.slot} is busy")
-                ints[a.slot, :6] = (1, 0, a.index, a.num_steps, SAMPLER_KINDS[a.sampler], a.label)
+                calls = evaluations(a.sampler, a.num_steps)
+                ints[a.slot, :6] = (1, 0, a.index, calls, SAMPLER_KINDS[a.sampler], a.label)
                 ints[a.slot, 6:8] = np.asarray(a.key, np.uint32).view(np.int32)
                 self.scale[a.slot] = np.nan if a.guidance_scale is None else a.guidance_scale
-                self.busy[a.slot], self.steps[a.slot], self.num_steps[a.slot] = True, 0, a.num_steps
-                self.grids[a.slot] = time_grid(self.process, a.num_steps)
+                self.busy[a.slot], self.steps[a.slot], self.num_steps[a.slot] = True, 0, calls
+                self.grids[a.slot], self.samplers[a.slot] = time_grid(self.process, a.num_steps), a.sampler
         elif not self.busy.any():
             return []
         floats = np.zeros((b, len(_FLOAT_COLUMNS)), np.float32)
         floats[:, 0] = self.scale
         for slot in np.flatnonzero(self.busy):
-            grid, i = self.grids[slot], self.steps[slot]
-            floats[slot, 1:] = grid[i], grid[i + 1], grid[max(i - 1, 0)]
+            floats[slot, 1:] = slot_times(self.samplers[slot], self.grids[slot], self.steps[slot])
         if isinstance(ints, np.ndarray):
             ints = jax.device_put(ints, self._rows)
         self.state = self._step(self._den_leaves, self.state, ints, jax.device_put(floats, self._rows))

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
-from diffjax.serving.engine import SAMPLER_KINDS, time_grid
+from diffjax.serving.engine import SAMPLER_KINDS, evaluations, time_grid
 from diffjax.serving.scheduler import Job, NotAccepting, QueueFull, Scheduler, wait_events
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Sampling"].full_name  # "diffjax.v1.Sampling"
@@ -82,8 +82,9 @@ class Servicer(pb_grpc.SamplingServicer):
         if sampler not in SAMPLER_KINDS:
             bad(f"sampler must be one of {sorted(SAMPLER_KINDS)}, got {request.sampler!r}")
         steps = request.num_steps or m.default_steps
-        if not 1 <= steps <= m.max_steps:
-            bad(f"num_steps must be in [1, {m.max_steps}], got {request.num_steps}")
+        low = 2 if sampler == "heun" else 1  # heun: N grid points, 2N - 1 evaluations
+        if not low <= steps <= m.max_steps:
+            bad(f"num_steps must be in [{low}, {m.max_steps}] for {sampler}, got {request.num_steps}")
         if request.output not in pb.OutputFormat.values():
             bad(f"output must be one of {list(pb.OutputFormat.keys())}, got {request.output}")
         if request.output == pb.PNG and len(m.sample_shape) != 3:
@@ -144,7 +145,7 @@ class Servicer(pb_grpc.SamplingServicer):
             out[indices] = xs
         if job.finished != job.num_samples:
             context.abort(grpc.StatusCode.CANCELLED, "request cancelled")
-        response = pb.SampleResponse(checkpoint_step=int(step), nfe=job.num_steps)
+        response = pb.SampleResponse(checkpoint_step=int(step), nfe=evaluations(job.sampler, job.num_steps))
         self._fill(response, request.output, out)
         return response
 
