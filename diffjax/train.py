@@ -175,6 +175,7 @@ def main(argv: list[str]) -> int:
         (epath.Path(args.workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     train_step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
+    evaluate = None  # snapshots.EvalLoss, built at the first evaluation and reused
     fused_sharding = trainer.batch_sharding(mesh, leading=1)
     k = max(1, int(t.n_jitted_steps))
     n_iters = int(t.n_iters)
@@ -230,7 +231,8 @@ def main(argv: list[str]) -> int:
             if progress is not None:
                 progress.update(step - before)
             if crossed(t.eval_freq, before, step):  # every process: the eval batch spans all devices
-                eval_loss = snapshots.eval_loss(config, graphdef, rest, process, state)
+                evaluate = evaluate or snapshots.EvalLoss(config, graphdef, rest, process)
+                eval_loss = evaluate(state)
                 logger.write(step, {"eval_loss": eval_loss})
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
                 check_finite()

@@ -48,7 +48,8 @@ def final_params(workdir):
 def test_kill9_and_resume_is_bit_identical(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = ["--config.training.n_iters=40", "--config.training.snapshot_freq=4"]
-    res = run(train_cmd("ref", *common), cwd=tmp_path)  # a relative workdir, as users type it
+    # The reference run also evaluates (eval must not touch the training state or its RNG).
+    res = run(train_cmd("ref", *common, "--config.training.eval_freq=10"), cwd=tmp_path)  # relative workdir
     assert res.returncode == 0, res.stderr[-2000:]
     proc = subprocess.Popen(train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -70,6 +71,8 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
     lines = [json.loads(line) for line in open(ref / "metrics.jsonl")]
     assert [m["step"] for m in lines if "loss" in m] == list(range(2, 41, 2))
     assert all(np.isfinite(m["loss"]) for m in lines if "loss" in m)
+    evals = [(m["step"], m["eval_loss"]) for m in lines if "eval_loss" in m]
+    assert [s for s, _ in evals] == [10, 20, 30, 40] and all(np.isfinite(v) for _, v in evals)
     assert glob.glob(f"{ref}/tensorboard/events.out.tfevents.*")
     assert os.path.exists(ref / "samples" / "step_00000040.png")
 
@@ -173,3 +176,30 @@ def test_remote_workdir_logs_are_staged_and_copied(tmp_path):
     logger.close()
     assert (bucket / "samples" / "step_00000002.png").exists()
     assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_eval_loss_is_compiled_once_and_scores_the_ema_weights():
+    """snapshots.EvalLoss: one held-out batch read and one compilation for the whole run."""
+    from diffjax import data, losses, snapshots, trainer
+    from diffjax.info import load_config
+
+    config = load_config(f"{ROOT}/configs/toy/eight_gaussians.py", ["--config.training.batch_size=32"])
+    mesh = trainer.make_mesh(config)
+    state, _, graphdef, rest = trainer.init_state(config, mesh)
+    process = trainer.build_process(config)
+    evaluate = snapshots.EvalLoss(config, graphdef, rest, process)
+    held_out = next(data.make_iterator(config, "eval", seed=0))["x"]
+    np.testing.assert_array_equal(np.asarray(evaluate.batch["x"]), held_out)
+
+    def direct(weights):
+        den = trainer.network_denoiser(graphdef, rest, process, config, weights)
+        return float(losses.loss(config.training.loss, den, process, evaluate.batch, jax.random.PRNGKey(0)))
+
+    first = evaluate(state)
+    np.testing.assert_allclose(first, direct(state["ema"]), rtol=1e-5)
+    # The EMA weights are scored, not the raw params; a new state reuses the compiled loss.
+    moved = dict(state, ema=jax.tree.map(lambda w: w * 0.5, state["ema"]))
+    second = evaluate(moved)
+    assert second != first
+    np.testing.assert_allclose(second, direct(moved["ema"]), rtol=1e-5)
+    assert evaluate.loss._cache_size() == 1
