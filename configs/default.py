@@ -10,9 +10,9 @@ Schema (the trainer reads these keys):
   training: batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
             loss ('eps' | 'dsm' | 'v' | 'edm'), likelihood_weighting, reduce_mean, label_dropout,
             ema_rate, grad_accum_steps, fsdp
-  model:    name, prediction ('eps' | 'score' | 'x0' | 'v'), dtype, num_classes, architecture
+  model:    name, prediction ('eps' | 'score' | 'x0' | 'v'), dtype, num_classes, augment_dim, architecture
             fields; image_size / num_channels / centered are references to the data fields
-  data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization
+  data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
   sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, noise_removal,
@@ -55,12 +55,14 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.centered = True
     data.random_flip = True
     data.uniform_dequantization = False
+    data.augment_p = 0.0  # EDM's geometric augmentation probability (diffjax.augment); needs model.augment_dim=9
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "ddpm_unet"
     model.prediction = "eps"
     model.dtype = "float32"
     model.num_classes = 0
+    model.augment_dim = 0  # 9 to condition on EDM's augmentation labels
     model.image_size = data.get_ref("image_size")
     model.num_channels = data.get_ref("num_channels")
     model.centered = data.get_ref("centered")

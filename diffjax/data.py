@@ -65,6 +65,8 @@ import grain
 import jax
 import numpy as np
 
+from diffjax import augment
+
 TOY_DATASETS = ("eight_gaussians", "swiss_roll", "two_moons")
 TOY_SIZES = {"train": 65536, "eval": 4096, "test": 4096}
 DIGITS_TRAIN = 1500
@@ -294,10 +296,12 @@ class _Preprocess:
 
 
 class _Augment:
-    """Random part (rng is grain's per-position generator): flip, dequantization, then centering."""
+    """Random part (rng is grain's per-position generator): flip, dequantization, centering, then
+    EDM's geometric augmentation with its labels under "augment" when edm_p > 0 (diffjax.augment)."""
 
-    def __init__(self, image: bool, random_flip: bool, dequantize: bool, centered: bool):
+    def __init__(self, image: bool, random_flip: bool, dequantize: bool, centered: bool, edm_p: float = 0.0):
         self.image, self.random_flip, self.dequantize, self.centered = image, random_flip, dequantize, centered
+        self.edm_p = edm_p
 
     def __call__(self, example, rng: np.random.Generator):
         x = example["x"]
@@ -308,6 +312,9 @@ class _Augment:
                 x = (x * 255.0 + rng.random(x.shape, dtype=np.float32)) / 256.0
             if self.centered:
                 x = x * 2.0 - 1.0
+        if self.edm_p > 0:
+            x, labels = augment.augment(np.asarray(x, np.float32), rng, self.edm_p)
+            return {"x": np.ascontiguousarray(x, np.float32), "label": example["label"], "augment": labels}
         return {"x": np.ascontiguousarray(x, np.float32), "label": example["label"]}
 
 
@@ -356,9 +363,14 @@ def make_dataset(config, split: str = "train", *, seed: int | None = None, shard
         ds = ds[: (n // global_batch) * global_batch]  # every process gets the same number of batches
     ds = ds.map(_Preprocess(kind, size, channels, name))
     data = config.data
-    augment = _Augment(kind != "toy", bool(data.random_flip), bool(data.uniform_dequantization),
-                       bool(data.centered))
-    ds = ds.random_map(augment, seed=_derived_seed(seed, 1))
+    edm_p = float(data.get("augment_p", 0.0))
+    if not 0.0 <= edm_p <= 1.0:
+        raise ValueError(f"data.augment_p must be in [0, 1] (EDM's augmentation probability), got {edm_p}")
+    if edm_p > 0 and kind == "toy":
+        raise ValueError(f"data.augment_p > 0 needs image data; data.dataset={name!r} is a 2-D toy set")
+    randomise = _Augment(kind != "toy", bool(data.random_flip), bool(data.uniform_dequantization),
+                         bool(data.centered), edm_p if split == "train" else 0.0)
+    ds = ds.random_map(randomise, seed=_derived_seed(seed, 1))
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     return ds.batch(local_batch, drop_remainder=True)
@@ -368,7 +380,8 @@ def make_iterator(config, split: str = "train", *, seed: int | None = None, shar
                   shard_count: int | None = None, worker_count: int = 0, shuffle: bool | None = None,
                   repeat: bool | None = None, num_threads: int | None = None,
                   prefetch_batches: int | None = None) -> grain.DatasetIterator:
-    """Iterator over this process's batches {"x": float32 (B, H, W, C) or (B, 2), "label": int32 (B,)}.
+    """Iterator over this process's batches {"x": float32 (B, H, W, C) or (B, 2), "label": int32 (B,)},
+    plus "augment": float32 (B, 9), EDM's augmentation labels, for 'train' when data.augment_p > 0.
 
     B = global batch / shard_count (training.batch_size for 'train', eval.batch_size otherwise);
     shard_index / shard_count default to jax.process_index() / jax.process_count(). 'train' is shuffled

@@ -157,6 +157,7 @@ def main(argv: list[str]) -> int:
     is_main = jax.process_index() == 0
     mesh = trainer.make_mesh(config)
     trainer.check_batch_size(config, mesh)
+    trainer.check_augmentation(config)
     process = trainer.build_process(config)
     t = config.training
 
@@ -213,7 +214,7 @@ def main(argv: list[str]) -> int:
         while step < n_iters and stop["signal"] is None:
             n = min(k, n_iters - step)
             local = [next(train_iter) for _ in range(n)]
-            batches = {key: np.stack([b[key] for b in local]) for key in ("x", "label")}
+            batches = {key: np.stack([b[key] for b in local]) for key in local[0]}  # x, label (, augment)
             batches = jax.tree.map(lambda a: jax.make_array_from_process_local_data(fused_sharding, a), batches)
             if not config.model.get("num_classes", 0):
                 batches.pop("label")

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffjax import losses, models, processes
+from diffjax.augment import AUGMENT_DIM
 from diffjax.denoiser import Denoiser
 from diffjax.processes import EDM, Process, bcast
 
@@ -43,28 +44,33 @@ def build_process(config) -> Process:
 
 @dataclasses.dataclass(frozen=True)
 class NetworkApply:
-    """apply(params=(weights, rest, dropout_key), x, t, cond) for a Flax NNX network."""
+    """apply(params=(weights, rest, dropout_key, augment_labels), x, t, cond) for a Flax NNX network.
+
+    augment_labels: EDM's augmentation labels of the batch being denoised (training with
+    data.augment_p > 0), or None (no augmentation: sampling, evaluation)."""
 
     graphdef: Any
     process: Process
     train: bool = False
 
     def __call__(self, params, x, t, cond):
-        weights, rest, dropout_key = params
+        weights, rest, dropout_key, augment_labels = params
         model = nnx.merge(self.graphdef, nnx.State(weights), rest)
-        rngs = nnx.Rngs(dropout=dropout_key) if self.train else None
+        kw = dict(train=self.train, rngs=nnx.Rngs(dropout=dropout_key) if self.train else None)
+        if augment_labels is not None:
+            kw["augment_labels"] = augment_labels
         cond_in = self.process.noise_cond(t)
         if isinstance(self.process, EDM):  # D(x; s) = c_skip x + c_out F(c_in x; c_noise)
             c_skip, c_out, c_in = (bcast(c, x) for c in self.process.precondition(t))
-            return c_skip * x + c_out * model(c_in * x, cond_in, cond, train=self.train, rngs=rngs)
-        return model(x, cond_in, cond, train=self.train, rngs=rngs)
+            return c_skip * x + c_out * model(c_in * x, cond_in, cond, **kw)
+        return model(x, cond_in, cond, **kw)
 
 
 def network_denoiser(graphdef, rest, process: Process, config, weights, *, train: bool = False,
-                     dropout_key: Array | None = None) -> Denoiser:
+                     dropout_key: Array | None = None, augment_labels: Array | None = None) -> Denoiser:
     prediction = "x0" if isinstance(process, EDM) else config.model.prediction
     key = jax.random.PRNGKey(0) if dropout_key is None else dropout_key
-    return Denoiser(NetworkApply(graphdef, process, train), (weights, rest, key), prediction)
+    return Denoiser(NetworkApply(graphdef, process, train), (weights, rest, key, augment_labels), prediction)
 
 
 def abstract_model(config):
@@ -97,6 +103,14 @@ def check_batch_size(config, mesh: Mesh) -> None:
     if b % n or b % jax.process_count():
         raise ValueError(f"training.batch_size={b} must be divisible by the device count {n} "
                          f"(and the process count {jax.process_count()}); e.g. {max(n, b - b % n)}")
+
+
+def check_augmentation(config) -> None:
+    """EDM's augmentation (data.augment_p > 0) needs a network conditioned on its labels."""
+    p, dim = float(config.data.get("augment_p", 0.0)), int(config.model.get("augment_dim", 0))
+    if p > 0 and dim != AUGMENT_DIM:
+        raise ValueError(f"data.augment_p={p} needs model.augment_dim={AUGMENT_DIM} (the network is told "
+                         f"which augmentation was applied), got model.augment_dim={dim}")
 
 
 def param_shardings(config, mesh: Mesh, params_state) -> Any:
@@ -189,7 +203,8 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         rng, k_loss, k_drop = jax.random.split(state["rng"], 3)
 
         def loss_fn(weights):
-            den = network_denoiser(graphdef, rest, process, config, weights, train=True, dropout_key=k_drop)
+            den = network_denoiser(graphdef, rest, process, config, weights, train=True, dropout_key=k_drop,
+                                   augment_labels=batch.get("augment"))
             return losses.loss(t.loss, den, process, batch, k_loss,
                                likelihood_weighting=bool(t.likelihood_weighting),
                                label_dropout=float(t.label_dropout))

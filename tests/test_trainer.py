@@ -123,6 +123,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     (["--config.training.batch_size=12"], 8, "training.batch_size=12 must be divisible by the device count 8"),
     (["--config.data.dataset=imagenet_typo"], 1, "data.dataset"),
     (["--config.training.bogus=1"], 1, "bogus"),
+    (["--config.data.augment_p=0.12"], 1, "data.augment_p=0.12 needs model.augment_dim=9"),
+    (["--config.data.augment_p=2", "--config.model.augment_dim=9"], 1, "data.augment_p must be in [0, 1]"),
 ])
 def test_bad_input_errors(tmp_path, extra, devices, message):
     res = run(train_cmd(tmp_path / "w", "--config.training.n_iters=2", *extra), devices=devices)

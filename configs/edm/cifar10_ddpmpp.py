@@ -7,9 +7,10 @@ steps), EMA half-life 0.5 Mimg (= 0.5 ** (512 / 5e5) ~ 0.999 per step), dropout 
 ln sigma ~ N(-1.2, 1.2^2), sigma_data 0.5, preconditioned x0 ("D") output, c_noise = ln(sigma)/4
 fed to a positional embedding. Network: EDM's DDPM++ (128 channels, ch_mult 2,2,2, 4 blocks,
 attention at 16x16) built with our ncsnpp model; EDM's own SongUNet differs in small details
-(noise-embedding and attention layout): 55,732,739 parameters here against the ~56M EDM
-reports for DDPM++. EDM also uses non-leaking geometric augmentation (p = 0.12): data.augment_p
-records it; the trainer must implement it to match the published FID.
+(noise-embedding and attention layout): 55,733,891 parameters here against the ~56M EDM
+reports for DDPM++. EDM's non-leaking geometric augmentation (p = 0.12: x/y flips, scaling,
+rotation, anisotropy, fractional translation; diffjax.augment) with the network conditioned on
+the 9 augmentation labels (augment_dim = 9; zeros when sampling).
 """
 
 from configs import default
@@ -34,6 +35,7 @@ def get_config():
     model.ch_mult = (2, 2, 2)
     model.dropout = 0.13
     model.prediction = "x0"
+    model.augment_dim = 9  # EDM's map_augment: the network is told which augmentation was applied
 
     optim = config.optim
     optim.lr = 1e-3

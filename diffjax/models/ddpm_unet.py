@@ -48,7 +48,8 @@ class DDPMUNet(nnx.Module):
         num_classes = int(g("num_classes", 0))
         self.embed = L.NoiseClassEmbedding(nf, embedding_type=g("embedding_type", "positional"),
                                            fourier_scale=float(g("fourier_scale", 16.0)),
-                                           conditional=conditional, num_classes=num_classes, act=act,
+                                           conditional=conditional, num_classes=num_classes,
+                                           augment_dim=int(g("augment_dim", 0)), act=act,
                                            dtype=dtype, rngs=rngs)
         temb_dim = 4 * nf if (conditional or num_classes) else None
         block = lambda i, o: L.ResBlock(i, o, temb_dim=temb_dim, dropout=dropout, kind="ddpm",  # noqa: E731
@@ -95,9 +96,9 @@ class DDPMUNet(nnx.Module):
         self.norm_out = L.GroupNorm(ch, dtype=dtype)
         self.conv_out = L.conv(ch, channels, init_scale=0.0, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, noise_cond, labels=None, *, train: bool = False, rngs=None):
+    def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         kw = dict(train=train, rngs=rngs)
-        temb = self.embed(noise_cond, labels)
+        temb = self.embed(noise_cond, labels, augment_labels)
         h = x.astype(self.dtype)
         if not self.centered:  # data in [0, 1]
             h = 2 * h - 1

@@ -160,11 +160,13 @@ class NoiseClassEmbedding(nnx.Module):
     embedding_type 'positional' embeds noise_cond directly (DDPM timestep or 999 t);
     'fourier' embeds log(noise_cond) (noise_cond = sigma). With num_classes > 0 a table of
     num_classes + 1 rows is added to the output; row num_classes is the null label
-    (label -1, or labels=None), used for classifier-free guidance.
+    (label -1, or labels=None), used for classifier-free guidance. With augment_dim > 0 the
+    augmentation labels go through a bias-free Dense and are added to the noise embedding before
+    the MLP, as EDM's map_augment (augment_labels=None: zeros, i.e. no augmentation).
     """
 
     def __init__(self, nf: int, *, embedding_type="positional", fourier_scale=16.0, conditional=True,
-                 num_classes=0, act=swish, out_dim=None, dtype=jnp.float32, rngs: nnx.Rngs):
+                 num_classes=0, augment_dim=0, act=swish, out_dim=None, dtype=jnp.float32, rngs: nnx.Rngs):
         out_dim = out_dim or 4 * nf
         self.nf, self.act, self.embedding_type, self.dtype = nf, act, embedding_type, dtype
         self.num_classes, self.out_dim = num_classes, out_dim
@@ -173,6 +175,11 @@ class NoiseClassEmbedding(nnx.Module):
         self.fourier = (GaussianFourierProjection(nf, fourier_scale, rngs=rngs)
                         if conditional and embedding_type == "fourier" else None)
         in_dim = 2 * nf if embedding_type == "fourier" else nf
+        if augment_dim and not conditional:
+            raise ValueError("model.augment_dim needs a noise-conditional network (model.conditional=True)")
+        self.augment_dim = int(augment_dim)
+        self.augment = (nnx.Linear(augment_dim, in_dim, use_bias=False, kernel_init=default_init(), rngs=rngs,
+                                   kernel_metadata=sharding_meta(DENSE_SHARDING)) if augment_dim else None)
         self.dense0 = dense(in_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
         self.dense1 = dense(out_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
         self.label_emb = (nnx.Embed(num_classes + 1, out_dim, rngs=rngs,
@@ -180,13 +187,17 @@ class NoiseClassEmbedding(nnx.Module):
                                     embedding_metadata=sharding_meta(DENSE_SHARDING))
                           if num_classes else None)
 
-    def __call__(self, noise_cond, labels=None):
+    def __call__(self, noise_cond, labels=None, augment_labels=None):
         temb = None
+        if augment_labels is not None and self.augment is None:
+            raise ValueError("augment_labels given but the network has no augment_dim (set model.augment_dim)")
         if self.dense0 is not None:
             if self.fourier is not None:
                 emb = self.fourier(jnp.log(noise_cond))
             else:
                 emb = timestep_embedding(noise_cond, self.nf)
+            if augment_labels is not None:
+                emb = emb + self.augment(augment_labels.astype(jnp.float32))
             temb = self.dense1(self.act(self.dense0(emb)))
         if self.label_emb is not None:
             b = noise_cond.shape[0]

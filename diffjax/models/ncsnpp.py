@@ -73,7 +73,8 @@ class NCSNpp(nnx.Module):
         conditional, num_classes = bool(g("conditional", True)), int(g("num_classes", 0))
         self.embed = L.NoiseClassEmbedding(nf, embedding_type=str(g("embedding_type", "fourier")).lower(),
                                            fourier_scale=float(g("fourier_scale", 16.0)),
-                                           conditional=conditional, num_classes=num_classes, act=act,
+                                           conditional=conditional, num_classes=num_classes,
+                                           augment_dim=int(g("augment_dim", 0)), act=act,
                                            dtype=dtype, rngs=rngs)
         temb_dim = 4 * nf if (conditional or num_classes) else None
         common = dict(dtype=dtype, rngs=rngs)
@@ -147,10 +148,10 @@ class NCSNpp(nnx.Module):
 
         self.norm_out, self.conv_out = (None, None) if prog == "output_skip" else gn_conv(ch, channels, init_scale)
 
-    def __call__(self, x, noise_cond, labels=None, *, train: bool = False, rngs=None):
+    def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         kw = dict(train=train, rngs=rngs)
         act, skip = self.act, self.skip_rescale
-        temb = self.embed(noise_cond, labels)
+        temb = self.embed(noise_cond, labels, augment_labels)
         x = x.astype(self.dtype)
         if not self.centered:  # data in [0, 1]
             x = 2 * x - 1
