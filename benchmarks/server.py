@@ -70,12 +70,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--slots", type=int, nargs="+", default=[64, 128])
     p.add_argument("--deadline_s", type=float, default=600.0)
+    p.add_argument("--admission", choices=("fifo", "fair"), default="fifo", help="the batched servers' slot order")
     args = p.parse_args()
     workdir = ensure_workdir(args.workdir)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     rows = []
     for slots in [1, *args.slots]:
-        with ServerProcess(workdir, f"--batch_slots={slots}", "--reload_s=0", env=env, cwd=ROOT) as server:
+        flags = [f"--batch_slots={slots}", "--reload_s=0", f"--admission={args.admission}"]
+        with ServerProcess(workdir, *flags, env=env, cwd=ROOT) as server:
             r = load(server.addr, args.clients, args.samples, args.steps, args.deadline_s)
         rows.append((slots, r))
         print(f"  batch_slots={slots}: {r['samples_per_s']:.1f} samples/s, p50 {r['p50']:.2f}s, p99 {r['p99']:.2f}s, "
@@ -86,7 +88,7 @@ def main() -> None:
     print("| server | samples/s | p50 latency (s) | p99 latency (s) | step calls | throughput vs max-batch 1 |")
     print("|---|---:|---:|---:|---:|---:|")
     for slots, r in rows:
-        name = "max-batch 1" if slots == 1 else f"continuous batching, {slots} slots"
+        name = "max-batch 1" if slots == 1 else f"continuous batching, {slots} slots ({args.admission})"
         print(f"| {name} | {r['samples_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['steps_run']} | "
               f"{r['samples_per_s'] / base:.1f}x |")
 

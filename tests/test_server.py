@@ -264,3 +264,41 @@ def test_tls_and_reload_of_a_newer_checkpoint(tmp_path, workdir):
             np.testing.assert_allclose(np.frombuffer(response.samples.data, "<f4").reshape(first.shape), want, atol=2e-4)
     finally:
         s.stop()
+
+
+@pytest.mark.parametrize("admission", ["fifo", "fair"])
+def test_admission_policy_with_a_huge_request_ahead(admission):
+    """In-process Scheduler, 4 slots: a 40-sample request queued before a 1-sample one. FIFO runs
+    the small one only once every sample of the big one has a slot; 'fair' caps the big one's
+    share while the small one waits, so it finishes in the first wave."""
+    import jax
+    from flax import nnx
+
+    from diffjax import models, trainer
+    from diffjax.info import load_config
+    from diffjax.serving.engine import Engine
+    from diffjax.serving.scheduler import Job, Scheduler, wait_events
+
+    config = load_config(TINY[0].split("=", 1)[1], [a for a in TINY[1:] if a.startswith("--config.")])
+    graphdef, params, rest = nnx.split(models.create(config.model, 0), nnx.Param, ...)
+    process = trainer.build_process(config)
+    den = trainer.network_denoiser(graphdef, rest, process, config, params)
+    scheduler = Scheduler(Engine(den, process, (8, 8, 1), batch_slots=4, devices=jax.devices()[:1]),
+                          checkpoint_step=0, admission=admission)
+    labels = lambda n: np.full(n, -1, np.int32)
+    big = scheduler.submit(Job(40, "ddim", 5, 0, labels(40), None))
+    small = scheduler.submit(Job(1, "ddim", 5, 1, labels(1), None))
+    scheduler.start()
+    try:
+        assert [e[0] for e in wait_events(small, lambda: True)] == ["batch", "done"]
+        big_done_before_small = big.finished
+        events = list(wait_events(big, lambda: True))
+        assert events[-1] == ("done",) and big.finished == 40
+    finally:
+        scheduler.shutdown()
+    if admission == "fifo":
+        assert big_done_before_small >= 36  # the small request's wave came after the big one's last
+    else:
+        assert big_done_before_small <= 4  # finished alongside the big request's first wave
+    with pytest.raises(ValueError, match="admission must be one of"):
+        Scheduler(scheduler.engine, checkpoint_step=0, admission="lifo")

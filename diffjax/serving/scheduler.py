@@ -1,8 +1,14 @@
 """The scheduler: one thread that owns the Engine, packs queued requests into free slots and
 delivers finished samples to the requests they belong to.
 
-Requests are admitted in arrival order, sample by sample, into whatever slots are free, so a
-request may run beside any others and start before an earlier one has finished. Cancelled requests
+Requests are admitted sample by sample into whatever slots are free. admission="fifo" (the
+default) fills them in arrival order: best mean latency when requests are alike, but a huge
+request holds every request behind it until all its samples have slots. admission="fair" first
+gives slots, in arrival order, to requests below their fair share (slots / requests running or
+waiting), then the rest in arrival order: a small request then waits at most about one sample's
+duration behind huge ones, at the cost of spreading a burst of equal requests over the batch (they
+all finish late together). No slot idles while work waits under either policy. A request may run
+beside any others and start before an earlier one has finished. Cancelled requests
 (client cancel, deadline) are dropped from the queue and their slots freed at the next step.
 A new checkpoint is swapped in between steps once the busy slots have drained, so every request is
 made by one set of weights and says which.
@@ -20,6 +26,9 @@ from typing import Callable
 import numpy as np
 
 from diffjax.serving.engine import Admission, Engine, request_key
+
+
+ADMISSION = ("fifo", "fair")
 
 
 class QueueFull(Exception):
@@ -51,8 +60,11 @@ class Job:
 class Scheduler:
     """Continuous batching over an Engine; thread-safe submit/cancel from gRPC handler threads."""
 
-    def __init__(self, engine: Engine, *, checkpoint_step: int, max_queued_requests: int = 256):
-        self.engine = engine
+    def __init__(self, engine: Engine, *, checkpoint_step: int, max_queued_requests: int = 256,
+                 admission: str = "fifo"):
+        if admission not in ADMISSION:
+            raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
+        self.engine, self.admission = engine, admission
         self.checkpoint_step = checkpoint_step
         self.max_queued_requests = int(max_queued_requests)
         self._pending: collections.deque[Job] = collections.deque()
@@ -137,24 +149,33 @@ class Scheduler:
                 self.checkpoint_step, self._staged = step, None
                 self.stats["reloads"] += 1
             free, self._to_free = self._to_free, []
-            admissions: list[Admission] = []
             slots = [s for s in self.engine.free_slots() if s not in self._owner]
-            while slots and self._pending:
-                job = self._pending[0]
-                if self._staged is not None and job.admitted == 0:
-                    break  # new requests wait for the new weights; started ones finish on the old
-                slot, index = slots.pop(0), job.admitted
-                if job.checkpoint_step is None:
-                    job.checkpoint_step = self.checkpoint_step
-                admissions.append(Admission(slot, job.key, index, job.num_steps, job.sampler,
-                                            int(job.labels[index]), job.guidance_scale))
-                self._owner[slot] = (job, index)
-                job.admitted += 1
-                if job.admitted == job.num_samples:
-                    self._pending.popleft()
+            admissions = self._admit(slots) if slots and self._pending else []
             if admissions or free or self.engine.busy.any():
                 return admissions, free
             self._cond.wait(timeout=0.5)
+
+    def _admit(self, slots: list[int]) -> list[Admission]:
+        """Fill free slots: with admission="fair" fair shares first, then arrival order."""
+        running = collections.Counter(id(job) for job, _ in self._owner.values())
+        jobs = {id(job) for job, _ in self._owner.values()} | {id(job) for job in self._pending}
+        share = max(1, self.engine.batch_slots // len(jobs))
+        # New requests wait for staged weights; started ones finish on the weights they began with.
+        ready = [job for job in self._pending if self._staged is None or job.admitted > 0]
+        admissions: list[Admission] = []
+        for capped in (True, False) if self.admission == "fair" else (False,):
+            for job in ready:
+                while slots and job.admitted < job.num_samples and not (capped and running[id(job)] >= share):
+                    slot, index = slots.pop(0), job.admitted
+                    if job.checkpoint_step is None:
+                        job.checkpoint_step = self.checkpoint_step
+                    admissions.append(Admission(slot, job.key, index, job.num_steps, job.sampler,
+                                                int(job.labels[index]), job.guidance_scale))
+                    self._owner[slot] = (job, index)
+                    job.admitted += 1
+                    running[id(job)] += 1
+        self._pending = collections.deque(job for job in self._pending if job.admitted < job.num_samples)
+        return admissions
 
     def _loop(self) -> None:
         try:

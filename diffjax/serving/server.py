@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
 from diffjax.serving.engine import SAMPLER_KINDS, evaluations, time_grid
-from diffjax.serving.scheduler import Job, NotAccepting, QueueFull, Scheduler, wait_events
+from diffjax.serving.scheduler import ADMISSION, Job, NotAccepting, QueueFull, Scheduler, wait_events
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Sampling"].full_name  # "diffjax.v1.Sampling"
 
@@ -45,6 +45,7 @@ class ServerOptions:
     reload_s: float = 30.0  # 0 = never look for newer checkpoints
     grace_s: float = 30.0
     workers: int = 128  # handler threads: one per concurrent RPC
+    admission: str = "fifo"  # or "fair" (scheduler.ADMISSION)
     tls_cert: str | None = None
     tls_key: str | None = None
 
@@ -249,7 +250,8 @@ class Server:
         engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
                         num_classes=self.model.num_classes)
         time_grid(process, self.model.default_steps)
-        self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests)
+        self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests,
+                                   admission=self.options.admission)
         self.servicer = Servicer(self.model, self.scheduler, self.options)
         self.log(f"diffjax serve: loaded step {step} of {self.workdir} ({process.name}, samples {list(shape)}, "
                  f"{self.options.batch_slots} slots) in {time.perf_counter() - t0:.1f}s")
@@ -316,6 +318,8 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     p.add_argument("--max_message_bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--reload_s", type=float, default=d.reload_s, help="seconds between checks for a newer checkpoint")
     p.add_argument("--grace_s", type=float, default=d.grace_s, help="shutdown drain time")
+    p.add_argument("--admission", choices=ADMISSION, default=d.admission,
+                   help="slot order: fifo (arrival order) or fair (capped share per request while others wait)")
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
     args = p.parse_args(argv)
