@@ -32,9 +32,14 @@ def parse_args(argv: list[str]):
     parser.add_argument("--process_id", type=int, default=_env_int("DIFFJAX_PROCESS_ID"))
     parser.add_argument("--tpu", action="store_true", help="call jax.distributed.initialize() with no arguments")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    parser.add_argument("--data_workers", type=int, default=0,
+                        help="input worker processes per host (grain); 0 = threads in the training process. "
+                             "Use some when per-example work (decoding, data.augment_p) limits img/s")
     parser.add_argument("--no_progress", action="store_true")
     overrides = [a for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    if args.data_workers < 0:
+        parser.error(f"--data_workers must be >= 0, got {args.data_workers}")
     return args, overrides
 
 
@@ -162,7 +167,7 @@ def main(argv: list[str]) -> int:
     t = config.training
 
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
-    train_iter = data.make_iterator(config, "train", seed=int(config.seed))
+    train_iter = data.make_iterator(config, "train", seed=int(config.seed), worker_count=args.data_workers)
     manager = trainer.checkpoint_manager(args.workdir, keep=args.keep)
     abstract = jax.eval_shape(lambda s: s, state)
     restored, start = trainer.restore(manager, shardings, abstract, train_iter)

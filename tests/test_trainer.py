@@ -205,3 +205,19 @@ def test_eval_loss_is_compiled_once_and_scores_the_ema_weights():
     assert second != first
     np.testing.assert_allclose(second, direct(moved["ema"]), rtol=1e-5)
     assert evaluate.loss._cache_size() == 1
+
+
+def test_data_workers_train_and_resume(tmp_path):
+    """--data_workers: the input runs in grain worker processes; the iterator state (every worker's
+    position) is checkpointed and restored on resume."""
+    workdir = tmp_path / "w"
+    first = run(train_cmd(workdir, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
+                          "--data_workers=2"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4",
+                          "--data_workers=2"))
+    assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-2000:]
+    assert "was not restored" not in again.stdout + again.stderr
+    assert max(steps_in(workdir)) == 8
+    bad = run(train_cmd(tmp_path / "b", "--data_workers=-1"))
+    assert bad.returncode == 2 and "--data_workers must be >= 0" in bad.stderr
