@@ -6,6 +6,7 @@
 samples/s and p50/p99 request latency; goal: >= 8x the throughput of max-batch 1.
 
     python benchmarks/server.py [--workdir workdir/digits] [--clients 64] [--samples 8] [--steps 50]
+    python benchmarks/server.py --mixed [--big 1024] [--clients 16] [--slots 64]   # fifo vs fair admission
 
 Without --workdir (or if it has no checkpoint) a digits model is trained for 20 steps into a temporary
 workdir: the speed of a step does not depend on how well the weights are trained. Every run is
@@ -62,6 +63,43 @@ def load(addr: str, clients: int, samples: int, steps: int, deadline_s: float) -
                 p99=np.percentile(latencies, 99), steps_run=status.steps_run)
 
 
+def mixed(addr: str, big: int, small: int, steps: int, deadline_s: float) -> dict:
+    """One `big`-sample request, then (once it occupies the slots) `small` 1-sample requests, one
+    after another every 0.2 s: how long the small ones wait behind the big one."""
+    with Client(addr, timeout=deadline_s) as client:
+        client.sample(1, sampler="ddim", num_steps=steps)
+
+        def timed(n, seed, delay=0.0):
+            time.sleep(delay)
+            t0 = time.perf_counter()
+            client.sample(n, sampler="ddim", num_steps=steps, seed=seed)
+            return time.perf_counter() - t0
+
+        with concurrent.futures.ThreadPoolExecutor(small + 1) as pool:
+            big_f = pool.submit(timed, big, 0)
+            while client.status().busy_slots == 0:
+                time.sleep(0.01)
+            small_f = [pool.submit(timed, 1, 1 + i, 0.2 * i) for i in range(small)]
+            latencies = np.array([f.result() for f in small_f])
+            big_s = big_f.result()
+    return dict(small_p50=np.percentile(latencies, 50), small_max=latencies.max(), big=big_s)
+
+
+def main_mixed(args, workdir, env) -> None:
+    rows = []
+    for admission in ("fifo", "fair"):
+        flags = [f"--batch_slots={args.slots[0]}", "--reload_s=0", f"--admission={admission}",
+                 f"--max_samples_per_request={max(1024, args.big)}"]
+        with ServerProcess(workdir, *flags, env=env, cwd=ROOT) as server:
+            rows.append((admission, mixed(server.addr, args.big, args.clients, args.steps, args.deadline_s)))
+    print(f"\none {args.big}-sample request, then {args.clients} 1-sample requests (one every 0.2 s), "
+          f"{args.steps}-step DDIM, {args.slots[0]} slots, digits model ({os.cpu_count()} CPU cores)\n")
+    print("| admission | small requests p50 (s) | small requests max (s) | big request (s) |")
+    print("|---|---:|---:|---:|")
+    for admission, r in rows:
+        print(f"| {admission} | {r['small_p50']:.2f} | {r['small_max']:.2f} | {r['big']:.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default=None)
@@ -71,9 +109,14 @@ def main() -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[64, 128])
     p.add_argument("--deadline_s", type=float, default=600.0)
     p.add_argument("--admission", choices=("fifo", "fair"), default="fifo", help="the batched servers' slot order")
+    p.add_argument("--mixed", action="store_true",
+                   help="instead: one --big request then --clients 1-sample requests, fifo vs fair admission")
+    p.add_argument("--big", type=int, default=1024)
     args = p.parse_args()
     workdir = ensure_workdir(args.workdir)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    if args.mixed:
+        return main_mixed(args, workdir, env)
     rows = []
     for slots in [1, *args.slots]:
         flags = [f"--batch_slots={slots}", "--reload_s=0", f"--admission={args.admission}"]
