@@ -214,6 +214,8 @@ def test_data_workers_train_and_resume(tmp_path):
     first = run(train_cmd(workdir, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
                           "--data_workers=2"))
     assert first.returncode == 0, first.stderr[-2000:]
+    saved = json.load(open(workdir / "checkpoints" / "4" / "data" / "process_0-of-1.json"))
+    assert len(saved["iterators_in_use_states"]) == 2  # one position per worker process
     again = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4",
                           "--data_workers=2"))
     assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-2000:]
