@@ -312,10 +312,10 @@ class _Augment:
                 x = (x * 255.0 + rng.random(x.shape, dtype=np.float32)) / 256.0
             if self.centered:
                 x = x * 2.0 - 1.0
+        out = {"label": example["label"]}
         if self.edm_p > 0:
-            x, labels = augment.augment(np.asarray(x, np.float32), rng, self.edm_p)
-            return {"x": np.ascontiguousarray(x, np.float32), "label": example["label"], "augment": labels}
-        return {"x": np.ascontiguousarray(x, np.float32), "label": example["label"]}
+            x, out["augment"] = augment.augment(np.asarray(x, np.float32), rng, self.edm_p)
+        return {"x": np.ascontiguousarray(x, np.float32), **out}
 
 
 def _derived_seed(seed: int, stream: int) -> int:

@@ -177,7 +177,6 @@ class NoiseClassEmbedding(nnx.Module):
         in_dim = 2 * nf if embedding_type == "fourier" else nf
         if augment_dim and not conditional:
             raise ValueError("model.augment_dim needs a noise-conditional network (model.conditional=True)")
-        self.augment_dim = int(augment_dim)
         self.augment = (nnx.Linear(augment_dim, in_dim, use_bias=False, kernel_init=default_init(), rngs=rngs,
                                    kernel_metadata=sharding_meta(DENSE_SHARDING)) if augment_dim else None)
         self.dense0 = dense(in_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None

@@ -186,10 +186,9 @@ class Engine:
         self.mesh = Mesh(np.array(devices), ("batch",))
         self._rows = NamedSharding(self.mesh, P("batch"))
         self._replicated = NamedSharding(self.mesh, P())
-        self._den_leaves, den_tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
-        self._den_tree = den_tree
+        self._den_leaves, self._den_tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
         self._step = jax.jit(
-            partial(_step, den_tree=den_tree, process=process, num_classes=self.num_classes,
+            partial(_step, den_tree=self._den_tree, process=process, num_classes=self.num_classes,
                     sample_shape=self.sample_shape),
             donate_argnums=(1,), out_shardings=self._rows,
         )
