@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean bazel-test bazel-test-all
+.PHONY: demo test bench bench-accel accel-wheels install clean bazel-test bazel-test-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/samplers.py
 	$(PY) benchmarks/trainer.py
 	$(PY) benchmarks/train_step.py
+
+# The accelerator table (train / sample / server / PyTorch peer) on whatever backend JAX sees;
+# BENCH_ACCEL_FLAGS=--quick for a CPU smoke run. accel-wheels: wheels for an offline GPU machine.
+BENCH_ACCEL_FLAGS ?=
+bench-accel: $(VENV)/.bench
+	$(PY) benchmarks/accelerator.py --out bench_out/accelerator.json $(BENCH_ACCEL_FLAGS)
+
+accel-wheels:
+	bash benchmarks/accelerator_wheels.sh .whl 3.12
 
 # Bazel (4.2+; Debian: apt-get install bazel-bootstrap). The tests run on the virtualenv's
 # Python (tools/bazel/BUILD); --config=offline uses the local stand-ins in tools/bazel/ for the

@@ -157,17 +157,24 @@ def _timeit(fn):
 # PyTorch + diffusers
 # ------------------------------------------------------------------------------------------------
 
+def diffusers_ddpm_unet(nf: int = 128):
+    """diffusers' UNet2DModel in the DDPM CIFAR-10 layout (google/ddpm-cifar10-32): 35,746,307
+    parameters at nf=128."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(nf, 2 * nf, 2 * nf, 2 * nf),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       dropout=0.1)
+
+
 def bench_torch(batch, steps, warmup, threads):
     import torch
-    from diffusers import UNet2DModel
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    net = UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                      block_out_channels=(128, 256, 256, 256),
-                      down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                      up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                      dropout=0.1)
+    net = diffusers_ddpm_unet()
     net.train()
     n_params = sum(p.numel() for p in net.parameters())
     params = [p for p in net.parameters()]

@@ -96,7 +96,10 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
 
     sds = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(tuple(s), d)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))
-    lowered = jax.jit(jax.grad(loss)).lower(params, rest, sds(shape), sds(shape[:1]), sds(shape), key)
+    # Lowered for the CPU whatever the default backend: GPU plugins (PJRT C API) have no cost
+    # analysis before compilation, and after it cuDNN convolutions are custom calls it does not count.
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        lowered = jax.jit(jax.grad(loss)).lower(params, rest, sds(shape), sds(shape[:1]), sds(shape), key)
     cost = lowered.cost_analysis()
     if not cost or "flops" not in cost:  # older jax: only the compiled executable has a cost model
         cost = lowered.compile().cost_analysis()

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from diffjax.denoiser import Denoiser
 from diffjax.processes import Process
-from diffjax.samplers import probability_flow_drift
+from diffjax.samplers import ODE_PRECISION, probability_flow_drift
 
 Array = jax.Array
 TRACES = ("hutchinson", "exact")
@@ -54,11 +54,12 @@ def _log_likelihood(denoiser, key, x, cond, *, process, trace, probe, rtol, atol
         fy, div = divergence(t, state[0])
         return fy, div
 
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=process.t_min, t1=process.t_max,
-        dt0=(process.t_max - process.t_min) / 64, y0=(x, jnp.zeros(x.shape[0], x.dtype)),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=8192,
-    )
+    with jax.default_matmul_precision(ODE_PRECISION):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=process.t_min, t1=process.t_max,
+            dt0=(process.t_max - process.t_min) / 64, y0=(x, jnp.zeros(x.shape[0], x.dtype)),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=8192,
+        )
     x_T, delta = sol.ys[0][-1], sol.ys[1][-1]
     return process.prior_logp(x_T) + delta, 6 * sol.stats["num_steps"] + 1
 

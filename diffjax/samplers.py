@@ -26,6 +26,10 @@ from diffjax.processes import Process, bcast, check_steps
 
 Array = jax.Array
 INIT_NOISE = 0x7FFFFFFF  # fold-in index of the initial noise x_T (steps use 0, 1, ...)
+# Adaptive ODE solves (sampling and likelihood) trace their float32 matmuls and convolutions at
+# full precision: TPUs default to bf16 passes and recent NVIDIA GPUs to TF32, whose ~1e-3 relative
+# error perturbs the solver's error control and the divergence integral.
+ODE_PRECISION = "highest"
 
 
 # ---- shared pieces ------------------------------------------------------------------------------
@@ -242,16 +246,17 @@ def ode(denoiser, process, x, keys, cond, num_steps, rtol: float = 1e-5, atol: f
         raise ValueError(f"ode solver must be one of {sorted(solvers)}, got {solver!r}")
     drift = probability_flow_drift(denoiser, process, cond)
     t0, t1 = process.t_max, process.t_min
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(lambda t, y, _: drift(t, y)), solvers[solver](), t0=t0, t1=t1,
-        dt0=(t1 - t0) / num_steps, y0=x, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        max_steps=4096,
-    )
-    x = sol.ys[-1]
-    nfe = 6 * sol.stats["num_steps"] + 1
-    if denoise:
-        x = predict(denoiser, process, x, jnp.float32(t1), cond, "x0")
-        nfe = nfe + 1
+    with jax.default_matmul_precision(ODE_PRECISION):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(lambda t, y, _: drift(t, y)), solvers[solver](), t0=t0, t1=t1,
+            dt0=(t1 - t0) / num_steps, y0=x, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=4096,
+        )
+        x = sol.ys[-1]
+        nfe = 6 * sol.stats["num_steps"] + 1
+        if denoise:
+            x = predict(denoiser, process, x, jnp.float32(t1), cond, "x0")
+            nfe = nfe + 1
     return x, nfe
 
 

@@ -1,0 +1,460 @@
+"""Accelerator benchmark: the numbers a user sizes a launch with, on whatever backend JAX sees.
+
+One table (printed, and written as JSON with --out) of:
+  train    img/s, MFU, peak device memory and compile time of one training step (diffjax's own
+           trainer.make_train_step: loss, grad, optax chain, EMA, buffers donated) for
+           configs/ddpm_cifar10.py (35.7M) and configs/vp/cifar10_ddpmpp_continuous.py (61.8M),
+           batch --batch per device, compute dtype float32 and bfloat16 (params, optimiser
+           state and EMA stay float32);
+  sample   samples/s of DDIM-100 and Heun-18 on the 35.7M UNet at batch --sample_batch;
+  server   samples/s and p50/p99 latency of `diffjax serve` under 64 concurrent clients (50-step
+           DDIM) against max-batch 1, on the digits model and on the 35.7M UNet;
+  torch    the peer, where torch and diffusers import: diffusers UNet2DModel in the same DDPM
+           layout, trained by a plain loop (AdamW, clip, EMA) in bf16 autocast, eager and
+           torch.compile'd, same batch.
+  inception  Inception-v3 features/s (needs the evaluation package; reported as missing until then).
+
+MFU = the network's forward + backward FLOPs per step (XLA cost analysis of the HLO, as `diffjax
+info` prints them) / step time / the device's peak: the datasheet dense peak
+for known accelerators (bf16; TF32 for float32 on NVIDIA, whose default f32 matmuls are TF32),
+otherwise the f32 matmul rate measured in the same run. Every case runs in its own process
+(clean peak-memory counters, a crashed case does not stop the rest).
+
+    python benchmarks/accelerator.py [--out accel.json] [--only train,sample,server,torch]
+    python benchmarks/accelerator.py --quick      # tiny sizes: the whole command in minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+CONFIGS = {"ddpm_cifar10": "configs/ddpm_cifar10.py", "ddpmpp_vp": "configs/vp/cifar10_ddpmpp_continuous.py"}
+# --quick: the same code paths on networks small enough for a CPU
+QUICK_MODEL = {"ddpm_cifar10": ["--config.model.nf=32"],
+               "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"]}
+# Datasheet dense peaks in FLOP/s: (bfloat16, float32 as the device runs it by default).
+PEAKS = {
+    "H100": (989.4e12, 494.7e12),  # SXM; f32 matmuls run as TF32 by default on NVIDIA
+    "H200": (989.4e12, 494.7e12),
+    "A100": (312e12, 156e12),
+    "TPU v4": (275e12, 275e12),  # TPU f32 matmuls default to bf16 passes
+    "TPU v5 lite": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12),
+}
+
+
+def _device_peak(dtype: str) -> tuple[float | None, str]:
+    import jax
+
+    kind = jax.devices()[0].device_kind
+    for name, (bf16, f32) in PEAKS.items():
+        if name.lower() in kind.lower():
+            return (bf16 if dtype == "bfloat16" else f32), f"{kind} datasheet"
+    return None, kind
+
+
+def _matmul_rate(dtype: str, n: int) -> float:
+    """FLOP/s of an n^3 jnp.dot in `dtype` (median of 5 after a warm-up)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(jnp.dot)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def _peak_memory() -> int | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+# ---- cases (each runs in its own process) -------------------------------------------------------
+def _config(name: str, quick: bool, extra=()):
+    from diffjax.info import load_config
+
+    return load_config(os.path.join(ROOT, CONFIGS[name]), [*(QUICK_MODEL[name] if quick else []), *extra])
+
+
+def case_train(name: str, dtype: str, args) -> dict:
+    import jax
+    import numpy as np
+
+    from diffjax import models, trainer
+    from diffjax.info import training_flops
+
+    n_dev = jax.device_count()
+    config = _config(name, args.quick, [f"--config.model.dtype={dtype}",
+                                        f"--config.training.batch_size={args.batch * n_dev}"])
+    mesh = trainer.make_mesh(config)
+    state, shardings, graphdef, rest = trainer.init_state(config, mesh)
+    process = trainer.build_process(config)
+    step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
+    shape = (1, args.batch * n_dev, *trainer.data_shape(config))
+    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+    batches = {"x": jax.device_put(x, trainer.batch_sharding(mesh, leading=1))}
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches).compile()
+    compile_s = time.perf_counter() - t0
+    flops = training_flops(config.model, shape[1:])  # network forward + backward (optimiser: <0.1%)
+    for _ in range(args.warmup):
+        state, loss = compiled(state, batches)
+    jax.block_until_ready(loss)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        state, loss = compiled(state, batches)
+    jax.block_until_ready(loss)
+    sec = (time.perf_counter() - t0) / args.steps
+    assert np.isfinite(np.asarray(loss)).all(), "non-finite loss"
+    peak, peak_src = _device_peak(dtype)
+    if peak is None:
+        peak, peak_src = _matmul_rate("float32", 2048 if args.quick else 4096) * n_dev, "measured f32 jnp.dot"
+    params = models.param_count(state["params"])
+    peak_total = peak * n_dev if "datasheet" in peak_src else peak
+    floats = [a for k in ("params", "ema", "opt_state") for a in jax.tree.leaves(state[k])
+              if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
+    return dict(params=params, batch=args.batch * n_dev, ms_per_step=sec * 1e3, img_s=args.batch * n_dev / sec,
+                tflops=flops / sec / 1e12, mfu=flops / sec / peak_total, peak_src=peak_src, peak_flops=peak_total,
+                flops_per_img=flops / (args.batch * n_dev), peak_mem_gib=_gib(_peak_memory()),
+                compile_s=compile_s, state_dtypes=sorted({str(a.dtype) for a in floats}))
+
+
+def case_sample(sampler: str, dtype: str, args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from diffjax import models, samplers, trainer
+
+    config = _config("ddpm_cifar10", args.quick, [f"--config.model.dtype={dtype}"])
+    model = models.create(config.model, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    process = trainer.build_process(config)
+    den = trainer.network_denoiser(graphdef, rest, process, config, params.to_pure_dict())
+    steps = {"ddim": args.ddim_steps, "heun": args.heun_steps}[sampler]
+    shape = (args.sample_batch, *trainer.data_shape(config))
+
+    def run(seed):
+        x, info = samplers.sample(sampler, den, process, jax.random.key(seed), shape, steps)
+        return jax.block_until_ready(x), info
+
+    t0 = time.perf_counter()
+    x, info = run(0)
+    first_s = time.perf_counter() - t0
+    times = []
+    for seed in range(1, 3):
+        t0 = time.perf_counter()
+        x, _ = run(seed)
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(np.asarray(x)).all()
+    sec = statistics.median(times)
+    return dict(batch=args.sample_batch, steps=steps, nfe=info["nfe"], samples_s=args.sample_batch / sec,
+                s_per_batch=sec, first_call_s=first_s, peak_mem_gib=_gib(_peak_memory()))
+
+
+def case_workdir(name: str, directory: str, quick: bool) -> dict:
+    """A servable workdir (config.json + an orbax checkpoint of freshly initialised weights): the
+    server's speed does not depend on the weights' values."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from diffjax import trainer
+
+    config = _config(name, quick)
+    state, *_ = trainer.init_state(config, trainer.make_mesh(config))
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")),
+                               item_names=("state",)) as manager:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
+    return dict(params=int(sum(a.size for a in jax.tree.leaves(state["params"]))))
+
+
+def case_server(model: str, args) -> dict:
+    from diffjax.serving.subprocess_server import ServerProcess
+    from server import ensure_workdir, load
+
+    tmp = tempfile.mkdtemp(prefix="diffjax-accel-")
+    if model == "digits":
+        workdir = ensure_workdir(os.path.join(tmp, "digits"))
+    else:
+        workdir = os.path.join(tmp, model)
+        _run_case(["workdir", model, workdir], args, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    samples = args.server_samples[model]
+    rows = {}
+    for slots in args.slots:
+        flags = [f"--batch_slots={slots}", "--reload_s=0"]
+        t0 = time.perf_counter()
+        with ServerProcess(workdir, *flags, cwd=ROOT, timeout=600) as server:
+            start_s = time.perf_counter() - t0
+            r = load(server.addr, args.clients, samples, args.server_steps, deadline_s=600)
+        rows[str(slots)] = dict(samples_s=r["samples_per_s"], p50_s=r["p50"], p99_s=r["p99"],
+                                step_calls=r["steps_run"], start_s=start_s)
+        print(f"  {model} batch_slots={slots}: {r['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
+    base = rows[str(args.slots[0])]["samples_s"]
+    return dict(clients=args.clients, samples_per_client=samples, steps=args.server_steps, slots=rows,
+                best_ratio=max(r["samples_s"] for r in rows.values()) / base)
+
+
+def case_torch(mode: str, args) -> dict:
+    import torch
+
+    from train_step import CLIP, EMA, LR, T, alpha_bars, diffusers_ddpm_unet
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    net = diffusers_ddpm_unet(32 if args.quick else 128).to(dev).train()
+    n_params = sum(p.numel() for p in net.parameters())
+    params = list(net.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **({"fused": True} if dev == "cuda" else {}))
+    model = torch.compile(net) if mode == "compile" else net
+    abar = torch.from_numpy(alpha_bars()).to(dev)
+    x0 = torch.rand(args.batch, 3, 32, 32, device=dev) * 2 - 1
+
+    def step():
+        t = torch.randint(1, T + 1, (args.batch,), device=dev)
+        eps = torch.randn_like(x0)
+        a = abar[t - 1].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            out = model(x_t, t - 1).sample
+        loss = torch.mean((out.float() - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1 - EMA)
+        return loss
+
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(max(args.warmup, 3 if mode == "compile" else 1)):
+        loss = step()
+    sync()
+    compile_s = time.perf_counter() - t0
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    sync()
+    sec = (time.perf_counter() - t0) / args.steps
+    assert torch.isfinite(loss).item()
+    mem = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+    return dict(params=n_params, batch=args.batch, ms_per_step=sec * 1e3, img_s=args.batch / sec,
+                peak_mem_gib=_gib(mem), warmup_s=compile_s, version=f"torch {torch.__version__}")
+
+
+def case_inception(args) -> dict:
+    try:
+        from diffjax import evaluation  # noqa: F401
+    except ImportError:
+        return dict(skipped="diffjax.evaluation (Inception-v3 for FID/IS) is not built yet")
+    raise NotImplementedError("wire the Inception feature benchmark here once diffjax.evaluation exists")
+
+
+def case_info(args) -> dict:
+    import jax
+
+    return dict(backend=jax.default_backend(), devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+                jax=jax.__version__, cpus=os.cpu_count(), quick=args.quick, date=time.strftime("%Y-%m-%d"))
+
+
+def _gib(n):
+    return None if n is None else n / 2**30
+
+
+# ---- driver -----------------------------------------------------------------------------------
+def _plan(args) -> list[list[str]]:
+    """The cases of each part of --only, in the order given."""
+    parts = {
+        "train": [["train", name, dt] for name in args.train_configs for dt in args.dtypes],
+        "sample": [["sample", s, dt] for s in args.samplers for dt in args.dtypes],
+        "inception": [["inception"]],
+        "server": [["server", m] for m in args.server_models],
+        "torch": [["torch", "eager"], ["torch", "compile"]],
+    }
+    return [case for part in args.only for case in parts[part]]
+
+
+def _forward(args) -> list[str]:
+    out = [f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+           f"--sample_batch={args.sample_batch}", f"--ddim_steps={args.ddim_steps}",
+           f"--heun_steps={args.heun_steps}", f"--clients={args.clients}", f"--server_steps={args.server_steps}",
+           "--slots", *map(str, args.slots)]
+    if args.server_samples_per_client:
+        out.append(f"--server_samples_per_client={args.server_samples_per_client}")
+    return out + (["--quick"] if args.quick else [])
+
+
+def _run_case(case: list[str], args, env=None) -> dict:
+    """Run one case in a child process; its result is the last stdout line starting with RESULT."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", *case, *_forward(args)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.case_timeout)
+    except subprocess.TimeoutExpired as err:
+        tail = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-6:] if isinstance(
+            err.stderr, bytes) else (err.stderr or "").strip().splitlines()[-6:]
+        return dict(error=f"timed out after {args.case_timeout} s: " + " | ".join(tail))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+        return dict(error=f"exit {proc.returncode}: " + " | ".join(tail))
+    result = json.loads(lines[-1][len("RESULT "):])
+    result["wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def _peer_mfu(res: dict, results: list[dict]) -> None:
+    """The peer's TFLOP/s and MFU from the same network's FLOPs and bf16 peak (the JAX train rows)."""
+    ref = [r["result"] for r in results if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"]
+           and "flops_per_img" in r["result"]]
+    if ref:
+        res["tflops"] = res["img_s"] * ref[0]["flops_per_img"] / 1e12
+        res["mfu"] = res["tflops"] * 1e12 / ref[0]["peak_flops"]
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| case | size | img/s or samples/s | ms/step | MFU | peak mem (GiB) | compile (s) | note |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        name, res = " ".join(r["case"]), r["result"]
+        if "error" in res or "skipped" in res:
+            print(f"| {name} | | | | | | | {res.get('error') or res.get('skipped')} |")
+        elif r["case"][0] == "train":
+            print(f"| {name} | {res['params'] / 1e6:.1f}M, batch {res['batch']} | {res['img_s']:,.0f} | "
+                  f"{res['ms_per_step']:.1f} | {res['mfu']:.1%} | {_fmt(res['peak_mem_gib'], '.2f')} | "
+                  f"{res['compile_s']:.1f} | {res['tflops']:.1f} TFLOP/s vs {res['peak_src']} |")
+        elif r["case"][0] == "sample":
+            print(f"| {name} | batch {res['batch']}, nfe {res['nfe']} | {res['samples_s']:,.1f} | | | "
+                  f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | {res['s_per_batch']:.2f} s/batch |")
+        elif r["case"][0] == "torch":
+            print(f"| {name} (diffusers, bf16 autocast) | {res['params'] / 1e6:.1f}M, batch {res['batch']} | "
+                  f"{res['img_s']:,.0f} | {res['ms_per_step']:.1f} | {_fmt(res.get('mfu'), '.1%')} | "
+                  f"{_fmt(res['peak_mem_gib'], '.2f')} | "
+                  f"{res['warmup_s']:.1f} | {res['version']} |")
+        elif r["case"][0] == "server":
+            for slots, s in res["slots"].items():
+                label = "max-batch 1" if slots == "1" else f"{slots} slots"
+                print(f"| server {r['case'][1]} {label} | {res['clients']} clients x {res['samples_per_client']}, "
+                      f"{res['steps']}-step DDIM | {s['samples_s']:,.1f} | | | | {s['start_s']:.1f} | "
+                      f"p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s |")
+            print(f"| server {r['case'][1]} best / max-batch 1 | | {res['best_ratio']:.1f}x | | | | | |")
+    jax_bf16 = [r["result"].get("img_s") for r in results
+                if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"] and "img_s" in r["result"]]
+    peer = [r["result"]["img_s"] for r in results if r["case"][0] == "torch" and "img_s" in r["result"]]
+    if jax_bf16 and peer:
+        print(f"\nddpm_cifar10 bf16 train: diffjax / best PyTorch peer = {jax_bf16[0] / max(peer):.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="train,sample,inception,server,torch",
+                   help="comma-separated subset of train,sample,inception,server,torch")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--train_configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    p.add_argument("--samplers", default="ddim,heun", help="comma-separated subset of ddim,heun")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU smoke run)")
+    p.add_argument("--batch", type=int, default=None, help="train batch per device (default 128; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed train steps (default 50; quick 2)")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--sample_batch", type=int, default=None, help="default 1024; quick 4")
+    p.add_argument("--ddim_steps", type=int, default=None)
+    p.add_argument("--heun_steps", type=int, default=None)
+    p.add_argument("--clients", type=int, default=None, help="concurrent server clients (default 64; quick 4)")
+    p.add_argument("--server_steps", type=int, default=None)
+    p.add_argument("--server_samples_per_client", type=int, default=None, help="default 2 (64 clients x 2 = 128 in flight)")
+    p.add_argument("--server_models", default=None, help="comma-separated: digits,ddpm_cifar10")
+    p.add_argument("--slots", type=int, nargs="+", default=None, help="server batch_slots; the first is the baseline")
+    p.add_argument("--case_timeout", type=float, default=1800)
+    p.add_argument("--case", nargs="+", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    q = args.quick
+    defaults = dict(batch=(4, 128), steps=(2, 50), warmup=(1, 5), sample_batch=(4, 1024), ddim_steps=(4, 100),
+                    heun_steps=(3, 18), clients=(4, 64), server_steps=(5, 50), slots=([1, 4], [1, 128]),
+                    server_models=("digits", "digits,ddpm_cifar10"))
+    for k, (quick, full) in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, quick if q else full)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(args.only) - {"train", "sample", "inception", "server", "torch"}
+    if unknown:
+        p.error(f"--only: unknown part(s) {sorted(unknown)}; choose from train,sample,inception,server,torch")
+    args.dtypes = [s.strip() for s in args.dtypes.split(",")]
+    if set(args.dtypes) - {"float32", "bfloat16"}:
+        p.error(f"--dtypes: each must be float32 or bfloat16, got {args.dtypes}")
+    args.server_models = [s.strip() for s in args.server_models.split(",")]
+    for name, allowed in (("train_configs", tuple(CONFIGS)), ("samplers", ("ddim", "heun")),
+                          ("server_models", ("digits", "ddpm_cifar10"))):
+        value = [v.strip() for v in getattr(args, name).split(",")] if isinstance(getattr(args, name), str) \
+            else getattr(args, name)
+        if not value or set(value) - set(allowed):
+            p.error(f"--{name}: each must be one of {','.join(allowed)}, got {','.join(value)}")
+        setattr(args, name, value)
+    n = args.server_samples_per_client
+    args.server_samples = {"digits": n or 2, "ddpm_cifar10": n or 2}
+
+    if args.case:
+        kind, *rest = args.case
+        fn = {"train": lambda: case_train(*rest, args), "sample": lambda: case_sample(*rest, args),
+              "workdir": lambda: case_workdir(*rest, q), "server": lambda: case_server(*rest, args),
+              "torch": lambda: case_torch(*rest, args), "inception": lambda: case_inception(args),
+              "info": lambda: case_info(args)}[kind]
+        try:
+            result = fn()
+        except ImportError as err:
+            result = dict(skipped=f"not importable: {err}")
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    info = _run_case(["info"], args)  # the driver itself never touches the device (no memory held)
+    print(f"{info['device_kind']} x{info['devices']} ({info['backend']}), jax {info['jax']}, {info['cpus']} cpus"
+          + (", --quick" if q else ""), flush=True)
+    results = []
+    for case in _plan(args):
+        print(f"-- {' '.join(case)}", flush=True)
+        res = _run_case(case, args)
+        if case[0] == "torch" and "img_s" in res:
+            _peer_mfu(res, results)
+        print(f"   {json.dumps(res)}", flush=True)
+        results.append(dict(case=case, result=res))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(info=info, results=results), f, indent=1)
+    print_table(results)
+    failed = [r for r in results if "error" in r["result"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
