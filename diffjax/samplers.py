@@ -275,8 +275,11 @@ def sampler_options(name: str) -> dict[str, object]:
 
 
 @partial(jax.jit, static_argnames=("name", "process", "num_steps", "shape", "opts"))
-def _run(denoiser, key, x_T, cond, *, name, process, num_steps, shape, opts):
-    keys = example_keys(key, shape[0])
+def _run(denoiser, key, x_T, cond, indices=None, *, name, process, num_steps, shape, opts):
+    if indices is None:
+        keys = example_keys(key, shape[0])
+    else:  # global example indices: sample i's noise does not depend on the batch it is drawn in
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
     if x_T is None:
         x_T = process.prior_std() * example_noise(keys, shape[1:], INIT_NOISE)
     x, nfe = SAMPLERS[name](denoiser, process, x_T, keys, cond, num_steps, **dict(opts))
@@ -285,8 +288,12 @@ def _run(denoiser, key, x_T, cond, *, name, process, num_steps, shape, opts):
 
 def sample(name: str, denoiser: Denoiser, process: Process, key: Array, shape: tuple[int, ...],
            num_steps: int = 100, *, x_T: Array | None = None, cond: Array | None = None,
-           guidance_scale: float | None = None, **opts) -> tuple[Array, dict]:
-    """Draw samples of `shape` (batch first) with sampler `name`; returns (x, {"nfe": int, ...})."""
+           guidance_scale: float | None = None, indices: Array | None = None, **opts) -> tuple[Array, dict]:
+    """Draw samples of `shape` (batch first) with sampler `name`; returns (x, {"nfe": int, ...}).
+
+    indices: the examples' global indices (B,) int32 (default 0..B-1): example i's noise comes from
+    fold_in(key, i), so a large set drawn in batches (sharded as `indices` is) equals one drawn at once.
+    """
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     check_steps(num_steps)
@@ -311,6 +318,8 @@ def sample(name: str, denoiser: Denoiser, process: Process, key: Array, shape: t
         if cond is None:
             raise ValueError("guidance_scale needs class labels in cond")
         denoiser = guided(denoiser, guidance_scale)
-    x, nfe = _run(denoiser, key, x_T, cond, name=name, process=process, num_steps=int(num_steps),
+    if indices is not None and (tuple(indices.shape) != shape[:1] or not jnp.issubdtype(indices.dtype, jnp.integer)):
+        raise ValueError(f"indices must be integers of shape {shape[:1]}, got {indices.dtype}{tuple(indices.shape)}")
+    x, nfe = _run(denoiser, key, x_T, cond, indices, name=name, process=process, num_steps=int(num_steps),
                   shape=shape, opts=tuple(sorted(opts.items())))
     return x, {"nfe": int(nfe), "sampler": name, "num_steps": int(num_steps)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import jax
@@ -163,11 +164,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--label", type=int, default=None, help="class label for every sample (conditional models)")
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--out", default="grid.png")
+    parser.add_argument("--out_dir", default=None,
+                        help="instead of one grid: a uint8 .npz shard set for evaluation (sharded over all devices, "
+                             "resumable; see diffjax.evaluation.generate)")
+    parser.add_argument("--shard_size", type=int, default=1000, help="samples per shard with --out_dir")
+    parser.add_argument("--quantize", default="round", choices=("round", "floor"),
+                        help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)")
+    parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     if args.num <= 0:
         parser.error(f"--num must be positive, got {args.num}")
     if args.steps is not None and args.steps <= 0:
         parser.error(f"--steps must be positive, got {args.steps}")
+    if args.shard_size <= 0:
+        parser.error(f"--shard_size must be positive, got {args.shard_size}")
+    if args.out_dir is not None:
+        return _sample_set(args)
     config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",))
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
     start = time.perf_counter()
@@ -175,4 +187,23 @@ def main(argv: list[str]) -> int:
                  seed=args.seed, labels=labels, guidance_scale=args.guidance_scale)
     png, npz = save_samples(x, args.out, data_range(config))
     print(f"{args.num} samples from step {step} in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
+    return 0
+
+
+def _sample_set(args) -> int:
+    """`diffjax sample --out_dir`: the evaluation-scale shard set."""
+    from diffjax.evaluation import generate
+
+    w = Workdir(args.workdir, inference=True)
+    state, step = w.restore(only=("ema",))
+    try:
+        protocol = generate.write_samples(w, state, step, args.out_dir, args.num, sampler=args.sampler,
+                                          steps=args.steps, seed=args.seed, shard_size=args.shard_size,
+                                          quantize_rule=args.quantize, label=args.label,
+                                          guidance_scale=args.guidance_scale, progress=not args.no_progress)
+    except ValueError as err:
+        print(f"diffjax sample: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.num} samples of step {step} ({protocol['sampler']}, {protocol['steps']} steps) in "
+          f"{args.out_dir} ({protocol['seconds_this_run']:.1f}s this run)")
     return 0
