@@ -17,7 +17,7 @@ Schema (the trainer reads these keys):
             grad_clip (max global norm; 0 disables clipping)
   sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, noise_removal,
             probability_flow
-  eval:     batch_size, num_samples
+  eval:     batch_size, num_samples, metrics, reference, quantize, seed
 """
 
 import ml_collections
@@ -111,7 +111,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1024
-    evaluate.num_samples = 50000
+    evaluate.num_samples = 50000  # `diffjax eval --workdir`: the papers' 50k samples
+    evaluate.metrics = "fid,is"  # comma-separated, from diffjax.evaluation.evaluate.METRICS
+    evaluate.reference = ""  # statistics .npz of the reference split (`diffjax eval stats`)
+    evaluate.quantize = "round"  # uint8 rounding of samples: round (DDPM/EDM/diffusers) or floor (score_sde)
+    evaluate.seed = 0
     return config
 
 

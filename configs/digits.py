@@ -48,4 +48,5 @@ def get_config():
     sampling.num_steps = 100
     config.eval.batch_size = 256
     config.eval.num_samples = 1024
+    config.eval.metrics = "digits"  # digits-FID + classifier score (diffjax.evaluation.digits)
     return config

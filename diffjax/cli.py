@@ -11,6 +11,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("diffjax.info", "print a config's network, parameter count and training FLOPs"),
     "train": ("diffjax.train", "train a config into a workdir (sharded, checkpointed, resumable)"),
     "sample": ("diffjax.snapshots", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
+    "eval": ("diffjax.evaluation.cli", "metrics of sample sets: FID / IS / KID / precision-recall, digits-FID"),
     "serve": ("diffjax.serving.server", "serve a workdir's checkpoint over gRPC (continuous batching)"),
     "client": ("diffjax.serving.client", "call a sampling server: sample -> PNG grid, info, status, health"),
 }

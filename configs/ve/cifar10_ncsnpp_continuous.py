@@ -25,4 +25,5 @@ def get_config():
     config.sampling.predictor = "reverse_diffusion"
     config.sampling.corrector = "langevin"
     config.sampling.snr = 0.16
+    config.eval.quantize = "floor"  # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8)
     return config

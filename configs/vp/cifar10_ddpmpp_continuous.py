@@ -21,4 +21,5 @@ def get_config():
     config.sampling.sampler = "pc"
     config.sampling.predictor = "euler_maruyama"
     config.sampling.corrector = "none"
+    config.eval.quantize = "floor"  # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8)
     return config

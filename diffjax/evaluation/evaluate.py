@@ -1,0 +1,207 @@
+"""The evaluation recipes behind `diffjax eval`: reference statistics, set-vs-set comparison and a
+workdir's checkpoint evaluated at its config's protocol, each number stored with its protocol."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+METRICS = ("fid", "is", "kid", "pr", "digits")
+
+
+def parse_metrics(spec: str | tuple | list) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in (spec.split(",") if isinstance(spec, str) else spec) if m.strip())
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {unknown or [spec]}; choose from {','.join(METRICS)}")
+    return names
+
+
+def is_stats_file(path: str) -> bool:
+    """True for an .npz of statistics (mu + sigma, or score_sde's pool_3) rather than images."""
+    if not (path.endswith(".npz") and os.path.isfile(path)):
+        return False
+    with np.load(path, allow_pickle=False) as f:
+        return ("mu" in f.files and "sigma" in f.files) or "pool_3" in f.files
+
+
+class Extractor:
+    """The FID Inception with its weights file's path and sha256 (stored beside every number)."""
+
+    def __init__(self, weights: str | None = None, batch_size: int = 200):
+        from diffjax.evaluation import inception, inception_weights
+
+        self.path = inception_weights.weights_path(weights)
+        self.sha256 = inception_weights.file_sha256(self.path)
+        self.model = inception.create(inception_weights.load_pytorch_fid_weights(self.path))
+        self.batch_size = batch_size
+
+    def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 1 or 3) -> (pool3 (N, 2048), logits (N, 1008)) float64; 1 channel is
+        repeated to RGB (as pytorch-fid's PIL convert('RGB') does for grayscale files)."""
+        from diffjax.evaluation import inception
+
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, 1 or 3), got {images.dtype}{images.shape}")
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        pool3, logits = inception.features(self.model, images, self.batch_size)
+        return pool3.astype(np.float64), logits.astype(np.float64)
+
+    def describe(self) -> dict[str, str]:
+        return {"inception_weights": self.path, "inception_sha256": self.sha256}
+
+
+def reference_images(config_path: str | None, data: str | None, split: str, image_size: int | None,
+                     data_dir: str | None) -> tuple[np.ndarray, str]:
+    """Every image of a split the trainer reads, as uint8 (N, H, W, C), and its name."""
+    from diffjax import data as data_lib
+    from diffjax.info import load_config
+
+    if not config_path and not data:
+        raise ValueError("give --config (a config's data block) or --data (a dataset name)")
+    overrides = []
+    if data:
+        overrides.append(f"--config.data.dataset={data}")
+    if image_size:
+        overrides.append(f"--config.data.image_size={image_size}")
+    config = load_config(config_path or os.path.join(_configs_dir(), "ddpm_cifar10.py"), overrides)
+    if data == "digits" and not config_path:
+        config.unlock()
+        config.data.image_size, config.data.num_channels = 8, 1
+    if data_dir:
+        config.unlock()
+        config.data.data_dir = data_dir
+    source, kind = data_lib._source(config, split)
+    if kind == "toy":
+        raise ValueError(f"data.dataset={config.data.dataset!r} is 2-D points, not images")
+    pre = data_lib._Preprocess(kind, int(config.data.image_size), int(config.data.num_channels),
+                               config.data.dataset)
+    from diffjax.evaluation.generate import quantize
+
+    images = np.stack([quantize(pre(source[i])["x"], (0.0, 1.0)) for i in range(len(source))])
+    return images, str(config.data.dataset)
+
+
+def _configs_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def write_reference_stats(images: np.ndarray, out: str, source: str, split: str, weights: str | None,
+                          batch_size: int = 200) -> dict[str, Any]:
+    from diffjax.evaluation import stats
+
+    extractor = Extractor(weights, batch_size)
+    pool3, _ = extractor.features(images)
+    mu, sigma = stats.feature_statistics(pool3)
+    meta = dict(extractor=extractor.sha256, num_images=int(len(images)), source=source, split=split,
+                image_shape=np.asarray(images.shape[1:]))
+    stats.save_stats(out, mu, sigma, meta)
+    return meta
+
+
+def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weights: str | None = None,
+            batch_size: int = 200, extractor: Extractor | None = None) -> dict[str, Any]:
+    """Metrics of set `a` (uint8 images) against `b` (uint8 images, or a statistics file: FID only)."""
+    from diffjax.evaluation import metrics as m
+    from diffjax.evaluation import stats
+
+    result: dict[str, Any] = {"num": int(len(a))}
+    if "digits" in metrics:
+        from diffjax.evaluation import digits
+
+        result.update(digits.digits_report(a))
+    inception = [k for k in metrics if k != "digits"]
+    if not inception:
+        return result
+    extractor = extractor or Extractor(weights, batch_size)
+    result.update(extractor.describe())
+    pool_a, logits_a = extractor.features(a)
+    if "is" in metrics:
+        result["is"], result["is_std"] = m.inception_score(logits_a)
+    if not set(inception) - {"is"}:
+        return result
+    if isinstance(b, str):
+        if set(inception) - {"fid", "is"}:
+            raise ValueError(f"{b} holds statistics only: it supports fid (and is of the first set), not "
+                             f"{sorted(set(inception) - {'fid', 'is'})}")
+        ref = stats.load_stats(b, expect_extractor=extractor.sha256)
+        result["reference"] = {"path": os.path.abspath(b), "sha256": _sha256(b), "num_images": ref.meta.get("num_images")}
+        if "fid" in metrics:
+            mu, sigma = stats.feature_statistics(pool_a)
+            result["fid"] = m.frechet_distance(mu, sigma, ref.mu, ref.sigma)
+        return result
+    pool_b, _ = extractor.features(b)
+    result["num_reference"] = int(len(b))
+    if "fid" in metrics:
+        result["fid"] = m.frechet_distance(*stats.feature_statistics(pool_a), *stats.feature_statistics(pool_b))
+    if "kid" in metrics:
+        result["kid"], result["kid_std"] = m.kernel_inception_distance(pool_a, pool_b)
+    if "pr" in metrics:
+        result["precision"], result["recall"] = m.precision_recall(pool_b, pool_a)
+    return result
+
+
+def _sha256(path: str) -> str:
+    from diffjax.evaluation.inception_weights import file_sha256
+
+    return file_sha256(path)
+
+
+def format_result(result: dict[str, Any]) -> str:
+    names = [("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
+             ("digits_fid", "digits-FID"), ("classifier_score", "classifier score")]
+    rows = [f"| {label} | {result[k]:.4f}" + (f" +- {result[k + '_std']:.4f}" if k + "_std" in result else "") + " |"
+            for k, label in names if k in result]
+    return "| metric | value |\n|---|---:|\n" + "\n".join(rows) + f"\n\n{result.get('num', '?')} samples"
+
+
+def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
+    """Sample (or reuse) the newest checkpoint's set, compute the metrics, write W/eval/step_N.json."""
+    import jax
+
+    from diffjax.evaluation import generate
+    from diffjax.snapshots import Workdir
+
+    start = time.perf_counter()
+    w = Workdir(args.workdir, command="diffjax eval", inference=True)
+    ev = w.config.get("eval", {})
+    num = int(args.num or ev.get("num_samples", 50000))
+    metrics = parse_metrics(args.metrics or ev.get("metrics", "fid,is"))
+    ref = args.ref or ev.get("reference", "") or None
+    if set(metrics) & {"kid", "pr"}:
+        raise ValueError("kid and pr need reference images, not statistics: use `diffjax eval compare SET REF_SET`")
+    if "fid" in metrics and not ref:
+        raise ValueError("fid needs reference statistics: pass --ref REF.npz (make one with `diffjax eval stats "
+                         "--config CONFIG.py --split train --out REF.npz`) or set eval.reference in the config")
+    if ref and not os.path.exists(ref):
+        raise ValueError(f"--ref {ref}: no such file")
+    extractor = Extractor(args.inception_weights, args.batch_size) if set(metrics) - {"digits"} else None
+    state, step = w.restore(only=("ema",))
+    sampler = args.sampler or w.config.sampling.sampler
+    steps = int(args.steps or w.config.sampling.num_steps)
+    seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
+    rule = ev.get("quantize", "round")
+    out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}")
+    protocol = generate.write_samples(w, state, step, out_dir, num, sampler=sampler, steps=steps, seed=seed,
+                                      shard_size=args.shard_size, quantize_rule=rule, progress=not args.no_progress)
+    images, _ = generate.read_set(out_dir)
+    result = compare(images, ref or images, metrics, extractor=extractor)
+    protocol.update(samples=out_dir, metrics=list(metrics), wall_s=round(time.perf_counter() - start, 2))
+    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  metrics=result, protocol=protocol)
+    path = os.path.join(args.workdir, "eval", f"step_{step}.json")
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1, default=_jsonable)
+        os.replace(path + ".tmp", path)
+    return record, path
+
+
+def _jsonable(v):
+    return v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else str(v))
