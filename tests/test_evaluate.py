@@ -94,3 +94,37 @@ def test_parse_metrics():
     assert evaluate.parse_metrics("fid, is") == ("fid", "is")
     with pytest.raises(ValueError, match="choose from fid,is,kid,pr,digits"):
         evaluate.parse_metrics("fid,lpips")
+
+
+VP_DIGITS = '''from configs import default, digits
+
+
+def get_config():
+    config = digits.get_config()
+    config.process = default.process("vp", beta_min=0.1, beta_max=20.0)
+    return config
+'''
+
+
+def test_bits_per_dim_on_a_split_is_the_same_sharded_and_reports_its_stderr(tmp_path):
+    (tmp_path / "vp_digits.py").write_text(VP_DIGITS)
+    wd = tmp_path / "vp"
+    args = [a for a in TINY if not a.startswith("--config=")]
+    res = _diffjax("train", f"--workdir={wd}", f"--config={tmp_path / 'vp_digits.py'}", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = []
+    for devices in (1, 8):
+        res = _diffjax("eval", "bpd", f"--workdir={wd}", "--num=12", "--passes=2", "--batch_size=8", "--no_progress",
+                       devices=devices)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "bits/dim on eval:" in res.stdout
+        records.append(json.loads((wd / "eval" / "bpd_step_2.json").read_text()))
+    m, p = records[0]["metrics"], records[0]["protocol"]
+    assert m["num"] == 12 and m["passes"] == 2 and 0 < m["bpd_stderr"] < m["bpd"] < 50
+    assert p["dequantization"] == "uniform" and p["split"] == "eval" and p["mean_nfe"] > 10
+    assert records[1]["metrics"]["bpd"] == pytest.approx(m["bpd"], rel=1e-4)  # padding + sharding change nothing
+
+
+def test_bits_per_dim_of_a_discrete_chain_is_refused(workdir):
+    res = _diffjax("eval", "bpd", f"--workdir={workdir}", "--num=4")
+    assert res.returncode == 2 and "discrete chain" in res.stderr

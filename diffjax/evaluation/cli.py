@@ -8,6 +8,8 @@
   diffjax eval compare A B [--metrics fid,kid,is,pr]
       metrics between two sample sets (`diffjax sample --out_dir` sets, PNG folders, .npz of images);
       B may be a statistics .npz (FID only).
+  diffjax eval bpd --workdir W [--split eval] [--passes 5]
+      bits/dim of the newest EMA weights on a data split (uniform dequantisation, standard error).
   diffjax eval convert-inception SRC.pth DST.npz
       pytorch-fid's Inception weights -> a torch-free .npz.
   diffjax eval digits SET [--data_range LO HI]
@@ -198,7 +200,30 @@ def cmd_workdir(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"stats": cmd_stats, "compare": cmd_compare, "convert-inception": cmd_convert, "digits": cmd_digits}
+def cmd_bpd(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="diffjax eval bpd", description="bits/dim of a workdir on a data split")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="eval", help="train, eval or test (eval = the dataset's test split)")
+    p.add_argument("--passes", type=int, default=1, help="passes over the split (score_sde: 5)")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--num", type=int, default=None, help="only the first N examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    from diffjax.evaluation import evaluate
+
+    try:
+        record, path = evaluate.bits_per_dim_split(args)
+    except (OSError, ValueError) as err:
+        raise EvalError(str(err)) from err
+    m = record["metrics"]
+    se = "" if m["bpd_stderr"] is None else f" +- {m['bpd_stderr']:.4f} (standard error)"
+    print(f"bits/dim on {args.split}: {m['bpd']:.4f}{se} over {m['num']} examples x {m['passes']} pass(es)")
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"stats": cmd_stats, "bpd": cmd_bpd, "compare": cmd_compare, "convert-inception": cmd_convert, "digits": cmd_digits}
 
 
 def main(argv: list[str]) -> int:

@@ -60,7 +60,6 @@ class Extractor:
 def reference_images(config_path: str | None, data: str | None, split: str, image_size: int | None,
                      data_dir: str | None) -> tuple[np.ndarray, str]:
     """Every image of a split the trainer reads, as uint8 (N, H, W, C), and its name."""
-    from diffjax import data as data_lib
     from diffjax.info import load_config
 
     if not config_path and not data:
@@ -77,15 +76,20 @@ def reference_images(config_path: str | None, data: str | None, split: str, imag
     if data_dir:
         config.unlock()
         config.data.data_dir = data_dir
+    return split_images(config, split), str(config.data.dataset)
+
+
+def split_images(config, split: str) -> np.ndarray:
+    """Every image of the config's dataset split, preprocessed as the trainer does, as uint8."""
+    from diffjax import data as data_lib
+    from diffjax.evaluation.generate import quantize
+
     source, kind = data_lib._source(config, split)
     if kind == "toy":
         raise ValueError(f"data.dataset={config.data.dataset!r} is 2-D points, not images")
     pre = data_lib._Preprocess(kind, int(config.data.image_size), int(config.data.num_channels),
                                config.data.dataset)
-    from diffjax.evaluation.generate import quantize
-
-    images = np.stack([quantize(pre(source[i])["x"], (0.0, 1.0)) for i in range(len(source))])
-    return images, str(config.data.dataset)
+    return np.stack([quantize(pre(source[i])["x"], (0.0, 1.0)) for i in range(len(source))])
 
 
 def _configs_dir() -> str:
@@ -205,3 +209,72 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
 
 def _jsonable(v):
     return v.tolist() if isinstance(v, np.ndarray) else (v.item() if isinstance(v, np.generic) else str(v))
+
+
+def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
+    """Bits/dim of a workdir's newest EMA weights on a data split (score_sde's protocol: uniform
+    dequantisation, `passes` passes with fresh dequantisation and Hutchinson noise), sharded over all
+    devices; mean and standard error over examples; writes W/eval/bpd_step_N.json."""
+    import jax
+
+    from diffjax import likelihood, snapshots, trainer
+    from diffjax.snapshots import Workdir
+
+    start = time.perf_counter()
+    w = Workdir(args.workdir, command="diffjax eval bpd", inference=True)
+    if args.passes < 1 or args.batch_size < 1:
+        raise ValueError(f"--passes and --batch_size must be positive, got {args.passes}, {args.batch_size}")
+    w.process._require_continuous("probability-flow likelihood (bits/dim)")
+    images = split_images(w.config, args.split)[: args.num or None]
+    state, step = w.restore(only=("ema",))
+    mesh = trainer.make_mesh(w.config)
+    n_dev = mesh.devices.size
+    batch = -(-args.batch_size // n_dev) * n_dev
+    lo, hi = snapshots.data_range(w.config)
+    den = trainer.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
+    sharding = trainer.batch_sharding(mesh)
+    per_pass = np.zeros((args.passes, len(images)))
+    nfe = []
+    bar = _progress(args.passes * len(images), not args.no_progress, f"bits/dim ({args.split})")
+    for p in range(args.passes):
+        for b0 in range(0, len(images), batch):
+            chunk = images[b0:b0 + batch]
+            n = len(chunk)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)]) if n < batch else chunk
+            x = jax.device_put(lo + (hi - lo) * padded.astype(np.float32) / 255.0, sharding)
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), p), b0)
+            bpd, info = likelihood.bits_per_dim(den, w.process, key, x, data_range=(lo, hi))
+            per_pass[p, b0:b0 + n] = snapshots._host(bpd)[:n]
+            nfe.append(info["nfe"])
+            if bar is not None:
+                bar.update(n)
+    if bar is not None:
+        bar.close()
+    per_example = per_pass.mean(0)
+    result = dict(bpd=float(per_example.mean()),
+                  bpd_stderr=float(per_example.std(ddof=1) / np.sqrt(len(per_example))) if len(per_example) > 1 else None,
+                  num=int(len(images)), passes=int(args.passes))
+    protocol = dict(workdir=str(args.workdir), checkpoint_step=int(step), weights="ema",
+                    ema_rate=float(w.config.training.ema_rate), split=args.split, seed=int(args.seed),
+                    dequantization="uniform", num_bins=256, trace="hutchinson", probe="rademacher",
+                    solver="tsit5 rtol=atol=1e-5", mean_nfe=float(np.mean(nfe)), data_range=[lo, hi],
+                    wall_s=round(time.perf_counter() - start, 2))
+    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=result,
+                  protocol=protocol)
+    path = os.path.join(args.workdir, "eval", f"bpd_step_{step}.json")
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1, default=_jsonable)
+        os.replace(path + ".tmp", path)
+    return record, path
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    import jax
+
+    if not enabled or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", dynamic_ncols=True, mininterval=1.0, desc=desc)
