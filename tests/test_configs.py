@@ -34,7 +34,7 @@ SCHEMA = {
     "data": ["dataset", "image_size", "num_channels", "centered", "random_flip", "uniform_dequantization"],
     "optim": ["optimizer", "lr", "beta1", "eps", "weight_decay", "warmup", "grad_clip"],
     "sampling": ["sampler", "num_steps", "snr", "n_steps_each", "noise_removal", "probability_flow"],
-    "eval": ["batch_size", "num_samples", "metrics", "reference", "quantize", "seed"],
+    "eval": ["batch_size", "num_samples", "metrics", "reference", "quantize", "seed", "bpd_passes", "targets"],
 }
 
 
@@ -129,3 +129,18 @@ def test_training_flops_scale_with_width():
     f_small = info.training_flops(small.model, (1, 8, 8, 1))
     f_big = info.training_flops(big.model, (1, 8, 8, 1))
     assert f_small > 0 and 2.5 < f_big / f_small < 4.5  # conv FLOPs ~ width^2
+
+
+@pytest.mark.parametrize("path", sorted(REPRODUCTIONS))
+def test_eval_targets_are_the_docstrings_and_the_readme_table(path):
+    """Each reproduction's eval.targets (what `diffjax eval` results are compared with) are numbers its
+    docstring cites, and README's configs table shows them in that config's row."""
+    c = load(path)
+    targets = dict(c.eval.targets)
+    assert targets and set(targets) <= {"fid", "is", "bpd"}, path
+    doc = open(os.path.join(ROOT, path)).read().split('"""')[1]
+    row = next(line for line in open(os.path.join(ROOT, "README.md")).read().splitlines()
+               if line.startswith(f"| `{os.path.relpath(path, 'configs')}` |"))
+    for name, value in targets.items():
+        assert f"{value:.2f}" in doc and f"{value:.2f}" in row, (path, name, value)
+    assert c.eval.quantize in ("round", "floor") and c.eval.bpd_passes >= 1

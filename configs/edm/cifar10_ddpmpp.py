@@ -46,4 +46,5 @@ def get_config():
     sampling = config.sampling
     sampling.sampler = "heun"
     sampling.num_steps = 18
+    config.eval.targets.update({"fid": 1.97})
     return config

@@ -26,4 +26,6 @@ def get_config():
     config.sampling.corrector = "langevin"
     config.sampling.snr = 0.16
     config.eval.quantize = "floor"  # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8)
+    config.eval.targets.update({"fid": 2.38, "is": 9.83})
+    config.eval.bpd_passes = 5  # score_sde run_lib: bpd_num_repeats = 5
     return config

@@ -22,4 +22,6 @@ def get_config():
     config.sampling.predictor = "euler_maruyama"
     config.sampling.corrector = "none"
     config.eval.quantize = "floor"  # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8)
+    config.eval.targets.update({"fid": 2.55, "is": 9.58, "bpd": 3.16})
+    config.eval.bpd_passes = 5  # score_sde run_lib: bpd_num_repeats = 5
     return config

@@ -21,4 +21,6 @@ def get_config():
     config.sampling.predictor = "euler_maruyama"
     config.sampling.corrector = "none"
     config.eval.quantize = "floor"  # score_sde: np.clip(x * 255, 0, 255).astype(np.uint8)
+    config.eval.targets.update({"fid": 2.41, "is": 9.68, "bpd": 3.13})
+    config.eval.bpd_passes = 5  # score_sde run_lib: bpd_num_repeats = 5
     return config

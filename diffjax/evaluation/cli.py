@@ -204,7 +204,7 @@ def cmd_bpd(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="diffjax eval bpd", description="bits/dim of a workdir on a data split")
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="eval", help="train, eval or test (eval = the dataset's test split)")
-    p.add_argument("--passes", type=int, default=1, help="passes over the split (score_sde: 5)")
+    p.add_argument("--passes", type=int, default=None, help="passes over the split (default: eval.bpd_passes)")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--num", type=int, default=None, help="only the first N examples")
     p.add_argument("--seed", type=int, default=0)

@@ -222,6 +222,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
 
     start = time.perf_counter()
     w = Workdir(args.workdir, command="diffjax eval bpd", inference=True)
+    args.passes = int(args.passes or w.config.get("eval", {}).get("bpd_passes", 1))
     if args.passes < 1 or args.batch_size < 1:
         raise ValueError(f"--passes and --batch_size must be positive, got {args.passes}, {args.batch_size}")
     w.process._require_continuous("probability-flow likelihood (bits/dim)")
