@@ -128,3 +128,80 @@ def test_bits_per_dim_on_a_split_is_the_same_sharded_and_reports_its_stderr(tmp_
 def test_bits_per_dim_of_a_discrete_chain_is_refused(workdir):
     res = _diffjax("eval", "bpd", f"--workdir={workdir}", "--num=4")
     assert res.returncode == 2 and "discrete chain" in res.stderr
+
+
+# ---- Inception-based commands, with pytorch-fid's network at random weights ---------------------
+@pytest.fixture(scope="module")
+def inception_npz(tmp_path_factory):
+    """A random-weights FID Inception saved as pytorch-fid's .pth, converted by the CLI to .npz."""
+    torch = pytest.importorskip("torch")
+    from torch_peers import fid_inception_peer
+
+    tmp = tmp_path_factory.mktemp("inception")
+    _, inner = fid_inception_peer(seed=1)
+    torch.save(inner.state_dict(), tmp / "random.pth")
+    res = _diffjax("eval", "convert-inception", str(tmp / "random.pth"), str(tmp / "random.npz"))
+    assert res.returncode == 0 and "wrote" in res.stdout, res.stderr
+    return tmp / "random.npz"
+
+
+def _png_folder(path, n, seed, shift=0):
+    from PIL import Image
+
+    path.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.clip(rng.normal(128 + shift, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_stats_then_compare_fid_and_the_extractor_check(inception_npz, tmp_path):
+    from diffjax.evaluation import inception, inception_weights, metrics, stats
+
+    ref_dir = _png_folder(tmp_path / "ref", 12, 0)
+    res = _diffjax("eval", "stats", f"--data=folder:{ref_dir}", "--image_size=32", f"--out={tmp_path / 'ref.npz'}",
+                   f"--inception_weights={inception_npz}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    ref = stats.load_stats(tmp_path / "ref.npz", expect_extractor=inception_weights.file_sha256(inception_npz))
+    assert ref.meta["num_images"] == 12 and ref.mu.shape == (2048,)
+    fake = np.clip(np.random.default_rng(5).normal(150, 40, (10, 32, 32, 3)), 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "fake.npz", images=fake)
+    res = _diffjax("eval", "compare", str(tmp_path / "fake.npz"), str(tmp_path / "ref.npz"), "--metrics=fid,is",
+                   f"--inception_weights={inception_npz}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    fid = float(next(line for line in res.stdout.splitlines() if line.startswith("| FID |")).split("|")[2])
+    model = inception.create(inception_weights.load_pytorch_fid_weights(inception_npz))
+    pool, _ = inception.features(model, fake)
+    assert fid == pytest.approx(metrics.frechet_distance(*stats.feature_statistics(pool), ref.mu, ref.sigma), rel=1e-3)
+    # the same statistics read with other Inception weights (the .pth: another file hash) are refused
+    res = _diffjax("eval", "compare", str(tmp_path / "fake.npz"), str(tmp_path / "ref.npz"), "--metrics=fid",
+                   f"--inception_weights={inception_npz.with_suffix('.pth')}")
+    assert res.returncode == 2 and "not comparable" in res.stderr
+
+
+def test_compare_a_set_with_itself(inception_npz, tmp_path):
+    folder = _png_folder(tmp_path / "set", 12, 3)
+    res = _diffjax("eval", "compare", str(folder), str(folder), "--metrics=fid,kid,pr",
+                   f"--inception_weights={inception_npz}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    values = {line.split("|")[1].strip(): float(line.split("|")[2].split("+-")[0])
+              for line in res.stdout.splitlines() if line.startswith("| ") and "metric" not in line}
+    assert abs(values["FID"]) < 1e-2 and values["precision"] == 1.0 and values["recall"] == 1.0
+
+
+def test_missing_inception_weights_offline_says_where_to_put_them(tmp_path):
+    env = dict(_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("DIFFJAX_INCEPTION_WEIGHTS", None)
+    folder = _png_folder(tmp_path / "set", 2, 0)
+    res = subprocess.run([sys.executable, "-m", "diffjax", "eval", "stats", f"--data=folder:{folder}",
+                          "--image_size=32", f"--out={tmp_path / 'ref.npz'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "pt_inception-2015-12-05-6726825d.pth" in res.stderr
+    assert "DIFFJAX_INCEPTION_WEIGHTS" in res.stderr and not (tmp_path / "ref.npz").exists()
+
+
+def test_images_of_the_wrong_shape_are_refused(tmp_path):
+    np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 2), np.uint8))
+    res = _diffjax("eval", "compare", str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))
+    assert res.returncode == 2 and "C = 1 or 3" in res.stderr

@@ -125,17 +125,19 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
         return result
     extractor = extractor or Extractor(weights, batch_size)
     result.update(extractor.describe())
-    pool_a, logits_a = extractor.features(a)
-    if "is" in metrics:
-        result["is"], result["is_std"] = m.inception_score(logits_a)
-    if not set(inception) - {"is"}:
-        return result
-    if isinstance(b, str):
+    ref = None
+    if isinstance(b, str):  # read (and check) the reference before the expensive features
         if set(inception) - {"fid", "is"}:
             raise ValueError(f"{b} holds statistics only: it supports fid (and is of the first set), not "
                              f"{sorted(set(inception) - {'fid', 'is'})}")
         ref = stats.load_stats(b, expect_extractor=extractor.sha256)
         result["reference"] = {"path": os.path.abspath(b), "sha256": _sha256(b), "num_images": ref.meta.get("num_images")}
+    pool_a, logits_a = extractor.features(a)
+    if "is" in metrics:
+        result["is"], result["is_std"] = m.inception_score(logits_a)
+    if not set(inception) - {"is"}:
+        return result
+    if ref is not None:
         if "fid" in metrics:
             mu, sigma = stats.feature_statistics(pool_a)
             result["fid"] = m.frechet_distance(mu, sigma, ref.mu, ref.sigma)

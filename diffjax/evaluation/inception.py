@@ -313,7 +313,7 @@ def features(model: InceptionV3, images: np.ndarray, batch_size: int = 200) -> t
     count) are sharded over all devices; the last one is zero-padded, so there is one compile."""
     check_images(np.shape(images))
     devices = jax.devices()
-    step = math.ceil(max(1, batch_size) / len(devices)) * len(devices)
+    step = math.ceil(max(1, min(batch_size, len(images))) / len(devices)) * len(devices)  # no padding beyond the set
     mesh = Mesh(np.array(devices), ("batch",))
     graphdef, state = nnx.split(model)
     state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
