@@ -33,8 +33,13 @@ def is_stats_file(path: str) -> bool:
 class Extractor:
     """The FID Inception with its weights file's path and sha256 (stored beside every number)."""
 
-    def __init__(self, weights: str | None = None, batch_size: int = 200):
+    def __init__(self, weights: str | None = None, batch_size: int | None = None):
+        import jax
+
         from diffjax.evaluation import inception, inception_weights
+
+        if batch_size is None:  # XLA:CPU runs the Inception ~1.35x faster at batch 20 than at 50 (cache)
+            batch_size = 200 if jax.default_backend() != "cpu" else 20 * jax.device_count()
 
         self.path = inception_weights.weights_path(weights)
         self.sha256 = inception_weights.file_sha256(self.path)
@@ -97,7 +102,7 @@ def _configs_dir() -> str:
 
 
 def write_reference_stats(images: np.ndarray, out: str, source: str, split: str, weights: str | None,
-                          batch_size: int = 200) -> dict[str, Any]:
+                          batch_size: int | None = None) -> dict[str, Any]:
     from diffjax.evaluation import stats
 
     extractor = Extractor(weights, batch_size)
@@ -110,7 +115,7 @@ def write_reference_stats(images: np.ndarray, out: str, source: str, split: str,
 
 
 def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weights: str | None = None,
-            batch_size: int = 200, extractor: Extractor | None = None) -> dict[str, Any]:
+            batch_size: int | None = None, extractor: Extractor | None = None) -> dict[str, Any]:
     """Metrics of set `a` (uint8 images) against `b` (uint8 images, or a statistics file: FID only)."""
     from diffjax.evaluation import metrics as m
     from diffjax.evaluation import stats
