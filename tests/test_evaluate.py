@@ -39,7 +39,7 @@ def workdir(tmp_path_factory):
 def test_workdir_eval_writes_numbers_with_protocol_and_reuses_the_set(workdir):
     res = _diffjax("eval", f"--workdir={workdir}", "--num=300", "--shard_size=100", "--no_progress")
     assert res.returncode == 0, res.stderr[-3000:]
-    record = json.loads((workdir / "eval" / "step_2.json").read_text())
+    record = json.loads((workdir / "eval" / "step_2_ddim4_n300.json").read_text())
     m, p = record["metrics"], record["protocol"]
     assert record["step"] == 2 and m["num"] == 300
     assert p["checkpoint_step"] == 2 and p["sampler"] == "ddim" and p["steps"] == 4 and p["nfe"] == 4
@@ -53,7 +53,7 @@ def test_workdir_eval_writes_numbers_with_protocol_and_reuses_the_set(workdir):
     assert images.shape == (300, 8, 8, 1)
     res2 = _diffjax("eval", f"--workdir={workdir}", "--num=300", "--shard_size=100", "--no_progress")
     assert res2.returncode == 0 and "3 of 3 shards already written" in res2.stdout
-    assert json.loads((workdir / "eval" / "step_2.json").read_text())["metrics"] == m
+    assert json.loads((workdir / "eval" / "step_2_ddim4_n300.json").read_text())["metrics"] == m
 
 
 def test_digits_command_scores_real_digits_near_the_floor(tmp_path):

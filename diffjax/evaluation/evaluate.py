@@ -206,7 +206,10 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     protocol.update(samples=out_dir, metrics=list(metrics), wall_s=round(time.perf_counter() - start, 2))
     record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   metrics=result, protocol=protocol)
-    path = os.path.join(args.workdir, "eval", f"step_{step}.json")
+    default = (sampler, steps, num) == (w.config.sampling.sampler, int(w.config.sampling.num_steps),
+                                        int(ev.get("num_samples", 50000)))
+    name = f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}.json"  # the config's protocol or not
+    path = os.path.join(args.workdir, "eval", name)
     if jax.process_index() == 0:
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1, default=_jsonable)
