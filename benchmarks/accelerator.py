@@ -12,7 +12,7 @@ One table (printed, and written as JSON with --out) of:
   torch    the peer, where torch and diffusers import: diffusers UNet2DModel in the same DDPM
            layout, trained by a plain loop (AdamW, clip, EMA) in bf16 autocast, eager and
            torch.compile'd, same batch.
-  inception  Inception-v3 features/s (needs the evaluation package; reported as missing until then).
+  inception  FID Inception-v3 features/s (random weights; 32x32 images resized to 299).
 
 MFU = the network's forward + backward FLOPs per step (XLA cost analysis of the HLO, as `diffjax
 info` prints them) / step time / the device's peak: the datasheet dense peak
@@ -270,11 +270,28 @@ def case_torch(mode: str, args) -> dict:
 
 
 def case_inception(args) -> dict:
-    try:
-        from diffjax import evaluation  # noqa: F401
-    except ImportError:
-        return dict(skipped="diffjax.evaluation (Inception-v3 for FID/IS) is not built yet")
-    raise NotImplementedError("wire the Inception feature benchmark here once diffjax.evaluation exists")
+    """FID Inception-v3 features/s at random weights (speed does not depend on their values)."""
+    import numpy as np
+
+    from diffjax.evaluation import inception
+
+    rng = np.random.default_rng(0)
+    weights = {k: (rng.uniform(0.5, 1.5, s) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, s))
+               .astype(np.float32) for k, s in inception.state_dict_shapes().items()}
+    model = inception.create(weights)
+    batch = 8 if args.quick else args.inception_batch
+    images = rng.integers(0, 256, (batch * (1 if args.quick else 4), 32, 32, 3), dtype=np.uint8)
+    t0 = time.perf_counter()
+    inception.features(model, images, batch)
+    first_s = time.perf_counter() - t0
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        pool, _ = inception.features(model, images, batch)
+        times.append(time.perf_counter() - t0)
+    assert np.isfinite(pool).all()
+    return dict(batch=batch, num=len(images),
+                features_s=len(images) / min(times), first_call_s=first_s, peak_mem_gib=_gib(_peak_memory()))
 
 
 def case_info(args) -> dict:
@@ -305,6 +322,7 @@ def _forward(args) -> list[str]:
     out = [f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
            f"--sample_batch={args.sample_batch}", f"--ddim_steps={args.ddim_steps}",
            f"--heun_steps={args.heun_steps}", f"--clients={args.clients}", f"--server_steps={args.server_steps}",
+           f"--inception_batch={args.inception_batch}",
            "--slots", *map(str, args.slots)]
     if args.server_samples_per_client:
         out.append(f"--server_samples_per_client={args.server_samples_per_client}")
@@ -357,6 +375,9 @@ def print_table(results: list[dict]) -> None:
         elif r["case"][0] == "sample":
             print(f"| {name} | batch {res['batch']}, nfe {res['nfe']} | {res['samples_s']:,.1f} | | | "
                   f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | {res['s_per_batch']:.2f} s/batch |")
+        elif r["case"][0] == "inception":
+            print(f"| {name} (FID Inception-v3, 32->299) | batch {res['batch']} | {res['features_s']:,.1f} | | | "
+                  f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | features/s |")
         elif r["case"][0] == "torch":
             print(f"| {name} (diffusers, bf16 autocast) | {res['params'] / 1e6:.1f}M, batch {res['batch']} | "
                   f"{res['img_s']:,.0f} | {res['ms_per_step']:.1f} | {_fmt(res.get('mfu'), '.1%')} | "
@@ -391,6 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample_batch", type=int, default=None, help="default 1024; quick 4")
     p.add_argument("--ddim_steps", type=int, default=None)
     p.add_argument("--heun_steps", type=int, default=None)
+    p.add_argument("--inception_batch", type=int, default=200, help="Inception features batch")
     p.add_argument("--clients", type=int, default=None, help="concurrent server clients (default 64; quick 4)")
     p.add_argument("--server_steps", type=int, default=None)
     p.add_argument("--server_samples_per_client", type=int, default=None, help="default 2 (64 clients x 2 = 128 in flight)")
