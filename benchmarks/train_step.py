@@ -160,6 +160,10 @@ def _timeit(fn):
 def diffusers_ddpm_unet(nf: int = 128):
     """diffusers' UNet2DModel in the DDPM CIFAR-10 layout (google/ddpm-cifar10-32): 35,746,307
     parameters at nf=128."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from torch_peers import bare_torchvision
+
+    bare_torchvision()  # diffusers imports torchvision when installed; the PyPI wheel fails under CPU torch
     from diffusers import UNet2DModel
 
     return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

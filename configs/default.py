@@ -17,7 +17,8 @@ Schema (the trainer reads these keys):
             grad_clip (max global norm; 0 disables clipping)
   sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, noise_removal,
             probability_flow
-  eval:     batch_size, num_samples, metrics, reference, quantize, seed, bpd_passes, targets
+  eval:     batch_size, num_samples, metrics, reference, quantize, seed, fid_freq, fid_num,
+            bpd_passes, targets
 """
 
 import ml_collections
@@ -116,6 +117,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     evaluate.reference = ""  # statistics .npz of the reference split (`diffjax eval stats`)
     evaluate.quantize = "round"  # uint8 rounding of samples: round (DDPM/EDM/diffusers) or floor (score_sde)
     evaluate.seed = 0
+    evaluate.fid_freq = 0  # during training: fid@fid_num every fid_freq steps (0: off), logged as fid@n
+    evaluate.fid_num = 1000
     evaluate.bpd_passes = 1  # `diffjax eval bpd` passes over the split (score_sde: 5)
     evaluate.targets = ml_collections.ConfigDict()  # the paper's numbers: fid, is, bpd (README's table)
     return config

@@ -44,7 +44,10 @@ def get_config():
     optim.warmup = 200
 
     sampling = config.sampling
-    sampling.sampler = "ddim"
+    # Chosen by digits-FID / classifier score on 1,000 samples of the demo's checkpoint (README,
+    # "Evaluation"): ancestral 100 ties DDIM 50-250 on digits-FID (32.1 vs 32.0-32.1) and leads on
+    # the classifier score (9.13 vs 8.44-8.47); ancestral 1000 is best (31.1) at 10x the cost.
+    sampling.sampler = "ancestral"
     sampling.num_steps = 100
     config.eval.batch_size = 256
     config.eval.num_samples = 1024

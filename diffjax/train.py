@@ -182,6 +182,16 @@ def main(argv: list[str]) -> int:
 
     train_step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
     evaluate = None  # snapshots.EvalLoss, built at the first evaluation and reused
+    fid_freq = int(config.eval.get("fid_freq", 0))
+    training_fid = None
+    if fid_freq > 0:  # reference and extractor loaded before the first step: a missing file stops here
+        from diffjax.evaluation.evaluate import TrainingFID
+
+        try:
+            training_fid = TrainingFID(config, graphdef, rest, process)
+        except (OSError, ValueError) as err:
+            print(f"diffjax train: {err}", file=sys.stderr, flush=True)
+            return 2
     fused_sharding = trainer.batch_sharding(mesh, leading=1)
     k = max(1, int(t.n_jitted_steps))
     n_iters = int(t.n_iters)
@@ -240,6 +250,8 @@ def main(argv: list[str]) -> int:
                 evaluate = evaluate or snapshots.EvalLoss(config, graphdef, rest, process)
                 eval_loss = evaluate(state)
                 logger.write(step, {"eval_loss": eval_loss})
+            if training_fid is not None and (crossed(fid_freq, before, step) or step == n_iters):
+                logger.write(step, training_fid(state, step))
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
                 check_finite()
                 trainer.save(manager, step, state, train_iter)

@@ -34,7 +34,8 @@ SCHEMA = {
     "data": ["dataset", "image_size", "num_channels", "centered", "random_flip", "uniform_dequantization"],
     "optim": ["optimizer", "lr", "beta1", "eps", "weight_decay", "warmup", "grad_clip"],
     "sampling": ["sampler", "num_steps", "snr", "n_steps_each", "noise_removal", "probability_flow"],
-    "eval": ["batch_size", "num_samples", "metrics", "reference", "quantize", "seed", "bpd_passes", "targets"],
+    "eval": ["batch_size", "num_samples", "metrics", "reference", "quantize", "seed", "fid_freq", "fid_num",
+             "bpd_passes", "targets"],
 }
 
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
         "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
         "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.sampling.num_steps=4", "--no_progress"]
+        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4", "--no_progress"]
 
 
 def _env(devices=1):
@@ -205,3 +205,16 @@ def test_images_of_the_wrong_shape_are_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 8, 8, 2), np.uint8))
     res = _diffjax("eval", "compare", str(tmp_path / "bad.npz"), str(tmp_path / "bad.npz"))
     assert res.returncode == 2 and "C = 1 or 3" in res.stderr
+
+
+def test_training_logs_fid_at_n_and_refuses_to_start_without_a_reference(tmp_path):
+    wd = tmp_path / "fid"
+    res = _diffjax("train", f"--workdir={wd}", *TINY, "--config.eval.fid_freq=1", "--config.eval.fid_num=32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    fids = [(r["step"], r["digits_fid@32"]) for r in logged if "digits_fid@32" in r]
+    assert [s for s, _ in fids] == [1, 2] and all(100 < f < 1e4 for _, f in fids)  # 1-2 steps: far from digits
+    res = _diffjax("train", f"--workdir={tmp_path / 'noref'}", *TINY, "--config.eval.fid_freq=1",
+                   "--config.eval.metrics=fid,is")
+    assert res.returncode == 2 and "needs eval.reference" in res.stderr
+    assert not (tmp_path / "noref" / "checkpoints").exists() or not any((tmp_path / "noref" / "checkpoints").iterdir())

@@ -25,23 +25,33 @@ from unittest import mock
 import pytest
 
 
+def bare_torchvision() -> bool:
+    """Put bare ``torchvision`` / ``torchvision.models`` package modules into ``sys.modules`` (see the
+    module docstring); False if torchvision is not installed. Also what diffusers needs: it imports
+    torchvision whenever it is installed (benchmarks/train_step.py and accelerator.py call this)."""
+    if "torchvision" in sys.modules:
+        return True
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = types.ModuleType("torchvision")
+    root.__path__, root.__spec__ = list(spec.submodule_search_locations), spec  # find_spec() works on it
+    sys.modules["torchvision"] = root
+    models = types.ModuleType("torchvision.models")
+    models.__path__ = [f"{p}/models" for p in root.__path__]
+    sys.modules["torchvision.models"] = root.models = models
+    root.__version__ = importlib.import_module("torchvision.version").__version__
+    models.inception_v3 = importlib.import_module("torchvision.models.inception").inception_v3
+    return True
+
+
 def import_pytorch_fid_inception():
     """``pytorch_fid.inception``, importable without running torchvision's ``__init__``."""
     pytest.importorskip("torch")
     if importlib.util.find_spec("pytorch_fid") is None:
         pytest.skip("pytorch_fid is not installed")
-    if "torchvision" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None or not spec.submodule_search_locations:
-            pytest.skip("torchvision is not installed")
-        root = types.ModuleType("torchvision")
-        root.__path__ = list(spec.submodule_search_locations)
-        sys.modules["torchvision"] = root
-        models = types.ModuleType("torchvision.models")
-        models.__path__ = [f"{p}/models" for p in root.__path__]
-        sys.modules["torchvision.models"] = root.models = models
-        root.__version__ = importlib.import_module("torchvision.version").__version__
-        models.inception_v3 = importlib.import_module("torchvision.models.inception").inception_v3
+    if not bare_torchvision():
+        pytest.skip("torchvision is not installed")
     return importlib.import_module("pytorch_fid.inception")
 
 

@@ -289,3 +289,46 @@ def _progress(total: int, enabled: bool, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="img", dynamic_ncols=True, mininterval=1.0, desc=desc)
+
+
+class TrainingFID:
+    """fid@n during training (eval.fid_freq > 0): eval.fid_num samples of the EMA weights with the
+    config's sampler, rounded as eval.quantize, against eval.reference through the Inception, or
+    against the held-out digits through the digits classifier when eval.metrics is "digits". The
+    reference and the extractor are loaded once, here, so a missing file stops before training.
+    Logged as "fid@n" / "digits_fid@n": never to be confused with the 50k protocol number."""
+
+    def __init__(self, config, graphdef, rest, process):
+        from diffjax.evaluation import stats
+
+        self.config, self.graphdef, self.rest, self.process = config, graphdef, rest, process
+        self.num = int(config.eval.fid_num)
+        if self.num < 2:
+            raise ValueError(f"eval.fid_num must be >= 2 (a covariance), got {self.num}")
+        if "digits" in parse_metrics(config.eval.metrics):
+            from diffjax.evaluation import digits
+
+            self.name, self.extractor = f"digits_fid@{self.num}", None
+            self.params = digits.load()
+            self.ref = stats.feature_statistics(digits.features(digits.real_digits("eval")[0], self.params)[0])
+            return
+        if not config.eval.reference:
+            raise ValueError("eval.fid_freq > 0 needs eval.reference (statistics from `diffjax eval stats`)")
+        self.name, self.extractor = f"fid@{self.num}", Extractor()
+        ref = stats.load_stats(config.eval.reference, expect_extractor=self.extractor.sha256)
+        self.ref = (ref.mu, ref.sigma)
+
+    def __call__(self, state, step: int) -> dict[str, float]:
+        from diffjax import snapshots
+        from diffjax.evaluation import metrics, stats
+        from diffjax.evaluation.generate import quantize
+
+        x = snapshots.generate(self.config, self.graphdef, self.rest, self.process, state["ema"], self.num, seed=step)
+        images = quantize(x, snapshots.data_range(self.config), self.config.eval.quantize)
+        if self.extractor is None:
+            from diffjax.evaluation import digits
+
+            feats = digits.features(images, self.params)[0]
+        else:
+            feats = self.extractor.features(images)[0]
+        return {self.name: metrics.frechet_distance(*stats.feature_statistics(feats), *self.ref)}

@@ -326,7 +326,7 @@ def features(model: InceptionV3, images: np.ndarray, batch_size: int = 200) -> t
     [0, 255] or float in [0, 1]. Batches (``batch_size`` rounded up to a multiple of the device
     count) are sharded over all devices; the last one is zero-padded, so there is one compile."""
     check_images(np.shape(images))
-    devices = jax.devices()
+    devices = jax.local_devices()  # per process: no collectives, callable from one process alone
     step = math.ceil(max(1, min(batch_size, len(images))) / len(devices)) * len(devices)  # no padding beyond the set
     mesh = Mesh(np.array(devices), ("batch",))
     graphdef, state = nnx.split(model)
