@@ -6,7 +6,7 @@ random state dict, as in tests/torch_peers.py): speed does not depend on the wei
 the two outputs are compared on the timed batch. Images are random uint8 32x32 (CIFAR-10 size),
 resized to 299 inside both networks.
 
-    python benchmarks/evaluation.py [--num 400] [--batch 20] [--gen_num 2000] [--skip-torch]
+    python benchmarks/evaluation.py [--num 400] [--batch 10] [--gen_num 2000] [--skip-torch]
 
 Needs the test extra (torch==2.13.0 CPU, pytorch-fid) for the peer row.
 """
@@ -97,7 +97,7 @@ def generation_row(num: int, shard_size: int, steps: int):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num", type=int, default=400, help="images through the Inception per timed run")
-    p.add_argument("--batch", type=int, default=20, help="both networks' batch (XLA:CPU is fastest near 20)")
+    p.add_argument("--batch", type=int, default=10, help="both networks' batch (XLA:CPU is fastest near 10)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gen_num", type=int, default=2000, help="samples of the generation row (0: skip)")
     p.add_argument("--gen_steps", type=int, default=100)

@@ -113,7 +113,7 @@ def _add_weights_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception_weights", default=None,
                    help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted .npz")
     p.add_argument("--batch_size", type=int, default=None,
-                   help="Inception batch, sharded over all devices (default 200; 20 per device on CPUs)")
+                   help="Inception batch, sharded over all devices (default 200; 10 per device on CPUs)")
 
 
 def cmd_convert(argv: list[str]) -> int:

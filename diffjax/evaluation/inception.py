@@ -91,17 +91,31 @@ class BasicConv2d(nnx.Module):
                              use_bias=False, precision=precision, rngs=rngs)
         self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=1e-3, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # BatchNorm (running statistics) folded into the kernel and a bias: one pass less per layer.
-        bn, conv = self.bn, self.conv
+    def folded(self) -> tuple[jax.Array, jax.Array]:
+        """(kernel, bias) with BatchNorm's running statistics folded in: one pass less per layer."""
+        bn = self.bn
         scale = bn.scale[...] * lax.rsqrt(bn.var[...] + bn.epsilon)
-        shift = bn.bias[...] - bn.mean[...] * scale
-        y = lax.conv_general_dilated(x, conv.kernel[...] * scale, conv.strides, conv.padding,
+        return self.conv.kernel[...] * scale, bn.bias[...] - bn.mean[...] * scale
+
+    def apply(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        conv = self.conv
+        y = lax.conv_general_dilated(x, kernel, conv.strides, conv.padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision)
         ch, cw = self.crop
         if ch or cw:
             y = y[:, ch:y.shape[1] - ch, cw:y.shape[2] - cw]
-        return jax.nn.relu(y + shift)
+        return jax.nn.relu(y + bias)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.apply(x, *self.folded())
+
+
+def _parallel_1x1(x: jax.Array, *convs: BasicConv2d) -> list[jax.Array]:
+    """Several 1x1 BasicConv2d layers reading the same input, run as one convolution (one pass over x,
+    one larger matmul) and split by output channels."""
+    kernels, biases = zip(*(c.folded() for c in convs))
+    y = convs[0].apply(x, jnp.concatenate(kernels, -1), jnp.concatenate(biases))
+    return jnp.split(y, np.cumsum([k.shape[-1] for k in kernels])[:-1].tolist(), axis=-1)
 
 
 class InceptionA(nnx.Module):
@@ -117,10 +131,11 @@ class InceptionA(nnx.Module):
         self.branch_pool = BasicConv2d(cin, pool_features, 1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        b1, b5, b3 = _parallel_1x1(x, self.branch1x1, self.branch5x5_1, self.branch3x3dbl_1)
+        b5 = self.branch5x5_2(b5)
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(b3))
         bp = self.branch_pool(_avg_pool_valid_only(x))
-        return jnp.concatenate([self.branch1x1(x), b5, b3, bp], axis=-1)
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
 class InceptionB(nnx.Module):
@@ -154,13 +169,12 @@ class InceptionC(nnx.Module):
         self.branch_pool = BasicConv2d(cin, 192, 1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        bd = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+        b1, b7, bd = _parallel_1x1(x, self.branch1x1, self.branch7x7_1, self.branch7x7dbl_1)
+        b7 = self.branch7x7_3(self.branch7x7_2(b7))
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             bd = conv(bd)
         bp = self.branch_pool(_avg_pool_valid_only(x))
-        return jnp.concatenate([self.branch1x1(x), b7, bd, bp], axis=-1)
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
 class InceptionD(nnx.Module):
@@ -175,9 +189,9 @@ class InceptionD(nnx.Module):
         self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = x
-        for conv in (self.branch7x7x3_1, self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+        b3, b7 = _parallel_1x1(x, self.branch3x3_1, self.branch7x7x3_1)
+        b3 = self.branch3x3_2(b3)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             b7 = conv(b7)
         return jnp.concatenate([b3, b7, _max_pool(x, 2, 0)], axis=-1)
 
@@ -199,11 +213,11 @@ class InceptionE(nnx.Module):
         self.branch_pool = BasicConv2d(cin, 192, 1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b3 = self.branch3x3_1(x)
-        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        b1, b3, bd = _parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
+        bd = self.branch3x3dbl_2(bd)
         pooled = _max_pool(x, 1, 1) if self.pool == "max" else _avg_pool_valid_only(x)
         return jnp.concatenate([
-            self.branch1x1(x),
+            b1,
             self.branch3x3_2a(b3), self.branch3x3_2b(b3),
             self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
             self.branch_pool(pooled),
