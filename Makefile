@@ -15,13 +15,12 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The digits demo: train configs/digits.py (resumes if workdir/digits has checkpoints), then
-# write samples.png + samples.npz (64 digits), then score 1,000 samples of the config's sampler
-# (digits-FID and classifier score, beside real digits).
+# write samples.png + samples.npz (64 digits), then score 1,024 samples of the config's sampler
+# (digits-FID and classifier score beside real digits; workdir/digits/eval/step_N.json).
 demo: $(VENV)/.installed
 	$(VENV)/bin/diffjax train --config configs/digits.py --workdir workdir/digits
 	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --sampler ancestral --steps 1000 --out samples.png
-	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 1000 --out_dir workdir/digits/eval_samples
-	$(VENV)/bin/diffjax eval digits workdir/digits/eval_samples
+	$(VENV)/bin/diffjax eval --workdir workdir/digits
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

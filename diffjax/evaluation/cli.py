@@ -96,17 +96,23 @@ def cmd_digits(argv: list[str]) -> int:
 
     images = load_images(args.set, tuple(args.data_range))
     try:
-        params = digits.load()
-        rows = [("samples: " + args.set, digits.digits_report(images, params)),
-                ("real digits, train split (1,500)", digits.digits_report(digits.real_digits("train")[0], params)),
-                ("real digits, held-out split (297)", digits.digits_report(digits.real_digits("eval")[0], params))]
+        _print_digits_table("samples: " + args.set, digits.digits_report(images))
     except ValueError as err:
         raise EvalError(str(err)) from err
-    print("digits-FID: 64-d features of diffjax.evaluation.digits' classifier against the held-out split")
-    print(f"\n| set | n | digits-FID | classifier score (max 10) |\n|---|---:|---:|---:|")
-    for name, r in rows:
-        print(f"| {name} | {r['num']} | {max(r['digits_fid'], 0.0):.2f} | {r['classifier_score']:.2f} |")
     return 0
+
+
+def _print_digits_table(name: str, report: dict) -> None:
+    """The samples' digits-FID and classifier score beside the same figures for real digits."""
+    from diffjax.evaluation import digits
+
+    rows = [(name, report),
+            ("real digits, train split (1,500)", digits.digits_report(digits.real_digits("train")[0])),
+            ("real digits, held-out split (297)", digits.digits_report(digits.real_digits("eval")[0]))]
+    print("digits-FID: 64-d features of diffjax.evaluation.digits' classifier against the held-out split")
+    print("\n| set | n | digits-FID | classifier score (max 10) |\n|---|---:|---:|---:|")
+    for label, r in rows:
+        print(f"| {label} | {r['num']} | {max(r['digits_fid'], 0.0):.2f} | {r['classifier_score']:.2f} |")
 
 
 def _add_weights_flag(p: argparse.ArgumentParser) -> None:
@@ -196,7 +202,11 @@ def cmd_workdir(argv: list[str]) -> int:
         record, path = evaluate.evaluate_workdir(args)
     except (OSError, ValueError) as err:
         raise EvalError(str(err)) from err
-    print(evaluate.format_result(record["metrics"]))
+    m, p = record["metrics"], record["protocol"]
+    if "digits_fid" in m:
+        _print_digits_table(f"samples: step {record['step']}, {p['sampler']} {p['steps']} steps", m)
+    else:
+        print(evaluate.format_result(m))
     print(f"wrote {path}")
     return 0
 
