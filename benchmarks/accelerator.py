@@ -10,7 +10,7 @@ One table (printed, and written as JSON with --out) of:
   server   samples/s and p50/p99 latency of `diffjax serve` under 64 concurrent clients (50-step
            DDIM) against max-batch 1, on the digits model and on the 35.7M UNet;
   torch    the peer, where torch and diffusers import: diffusers UNet2DModel in the same DDPM
-           layout, trained by a plain loop (AdamW, clip, EMA) in bf16 autocast, eager and
+           layout, trained by a plain loop (Adam, clip, EMA) in bf16 autocast, eager and
            torch.compile'd, same batch.
   inception  FID Inception-v3 features/s (random weights; 32x32 images resized to 299).
 
@@ -221,34 +221,13 @@ def case_server(model: str, args) -> dict:
 def case_torch(mode: str, args) -> dict:
     import torch
 
-    from train_step import CLIP, EMA, LR, T, alpha_bars, diffusers_ddpm_unet
+    from train_step import diffusers_ddpm_unet, torch_train_step
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     net = diffusers_ddpm_unet(32 if args.quick else 128).to(dev).train()
     n_params = sum(p.numel() for p in net.parameters())
-    params = list(net.parameters())
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, **({"fused": True} if dev == "cuda" else {}))
-    model = torch.compile(net) if mode == "compile" else net
-    abar = torch.from_numpy(alpha_bars()).to(dev)
-    x0 = torch.rand(args.batch, 3, 32, 32, device=dev) * 2 - 1
-
-    def step():
-        t = torch.randint(1, T + 1, (args.batch,), device=dev)
-        eps = torch.randn_like(x0)
-        a = abar[t - 1].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        with torch.autocast(dev, dtype=torch.bfloat16):
-            out = model(x_t, t - 1).sample
-        loss = torch.mean((out.float() - eps) ** 2)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, CLIP, foreach=True)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, params, 1 - EMA)
-        return loss
+    step = torch_train_step(torch.compile(net) if mode == "compile" else net, args.batch, dev, bf16=True)
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t0 = time.perf_counter()

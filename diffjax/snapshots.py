@@ -33,17 +33,24 @@ def data_range(config) -> tuple[float, float]:
     return (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
 
 
+def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -> tuple[str, int, dict]:
+    """(sampler, steps, options): the given ones, else the config's sampling block (PC's predictor,
+    corrector, snr and corrector steps when the sampler is 'pc' and no options are given)."""
+    sampler = sampler or config.sampling.sampler
+    steps = int(steps or config.sampling.num_steps)
+    if sampler == "pc" and not opts:
+        s = config.sampling
+        opts = dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each))
+    return sampler, steps, opts
+
+
 def generate(config, graphdef, rest, process, weights, num: int, *, sampler: str | None = None,
              steps: int | None = None, seed: int = 0, labels=None, guidance_scale=None, **opts) -> np.ndarray:
     """`num` samples from the network with params `weights`, clipped to the data range."""
     from diffjax import trainer
 
     den = trainer.network_denoiser(graphdef, rest, process, config, weights)
-    sampler = sampler or config.sampling.sampler
-    steps = int(steps or config.sampling.num_steps)
-    if sampler == "pc" and not opts:
-        s = config.sampling
-        opts = dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each))
+    sampler, steps, opts = config_sampler(config, sampler, steps, opts)
     shape = (num, *trainer.data_shape(config))
     x, _ = samplers.sample(sampler, den, process, jax.random.PRNGKey(seed), shape, steps, cond=labels,
                            guidance_scale=guidance_scale, **opts)

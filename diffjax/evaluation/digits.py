@@ -99,10 +99,14 @@ def digits_report(images: Any, params: dict | None = None) -> dict[str, float]:
     from diffjax.evaluation import metrics, stats
 
     params = load() if params is None else params
-    ref_feats, _ = features(real_digits("eval")[0], params)
     feats, logits = features(images, params)
-    mu, sigma = stats.feature_statistics(feats)
-    mu_r, sigma_r = stats.feature_statistics(ref_feats)
     score, _ = metrics.inception_score(logits, splits=1)
-    return dict(digits_fid=metrics.frechet_distance(mu, sigma, mu_r, sigma_r), classifier_score=score,
-                num=int(len(feats)))
+    fid = metrics.frechet_distance(*stats.feature_statistics(feats), *held_out_statistics(params))
+    return dict(digits_fid=fid, classifier_score=score, num=int(len(feats)))
+
+
+def held_out_statistics(params: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the classifier's features of the held-out split (digits-FID's reference)."""
+    from diffjax.evaluation import stats
+
+    return stats.feature_statistics(features(real_digits("eval")[0], params)[0])

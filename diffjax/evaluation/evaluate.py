@@ -119,6 +119,7 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
     """Metrics of set `a` (uint8 images) against `b` (uint8 images, or a statistics file: FID only)."""
     from diffjax.evaluation import metrics as m
     from diffjax.evaluation import stats
+    from diffjax.evaluation.inception_weights import file_sha256
 
     result: dict[str, Any] = {"num": int(len(a))}
     if "digits" in metrics:
@@ -136,7 +137,7 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
             raise ValueError(f"{b} holds statistics only: it supports fid (and is of the first set), not "
                              f"{sorted(set(inception) - {'fid', 'is'})}")
         ref = stats.load_stats(b, expect_extractor=extractor.sha256)
-        result["reference"] = {"path": os.path.abspath(b), "sha256": _sha256(b), "num_images": ref.meta.get("num_images")}
+        result["reference"] = {"path": os.path.abspath(b), "sha256": file_sha256(b), "num_images": ref.meta.get("num_images")}
     pool_a, logits_a = extractor.features(a)
     if "is" in metrics:
         result["is"], result["is_std"] = m.inception_score(logits_a)
@@ -158,12 +159,6 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
     return result
 
 
-def _sha256(path: str) -> str:
-    from diffjax.evaluation.inception_weights import file_sha256
-
-    return file_sha256(path)
-
-
 def format_result(result: dict[str, Any]) -> str:
     names = [("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
              ("digits_fid", "digits-FID"), ("classifier_score", "classifier score")]
@@ -174,8 +169,6 @@ def format_result(result: dict[str, Any]) -> str:
 
 def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     """Sample (or reuse) the newest checkpoint's set, compute the metrics, write W/eval/step_N.json."""
-    import jax
-
     from diffjax.evaluation import generate
     from diffjax.snapshots import Workdir
 
@@ -204,13 +197,20 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     images, _ = generate.read_set(out_dir)
     result = compare(images, ref or images, metrics, extractor=extractor)
     protocol.update(samples=out_dir, metrics=list(metrics), wall_s=round(time.perf_counter() - start, 2))
-    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  metrics=result, protocol=protocol)
     default = (sampler, steps, num) == (w.config.sampling.sampler, int(w.config.sampling.num_steps),
                                         int(ev.get("num_samples", 50000)))
     name = f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}.json"  # the config's protocol or not
-    path = os.path.join(args.workdir, "eval", name)
+    return _write_record(os.path.join(args.workdir, "eval", name), step, result, protocol)
+
+
+def _write_record(path: str, step: int, metrics: dict, protocol: dict) -> tuple[dict[str, Any], str]:
+    """{step, date, metrics, protocol} -> `path` (process 0, written to a temporary name and renamed)."""
+    import jax
+
+    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=metrics,
+                  protocol=protocol)
     if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1, default=_jsonable)
         os.replace(path + ".tmp", path)
@@ -270,15 +270,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
                     dequantization="uniform", num_bins=256, trace="hutchinson", probe="rademacher",
                     solver="tsit5 rtol=atol=1e-5", mean_nfe=float(np.mean(nfe)), data_range=[lo, hi],
                     wall_s=round(time.perf_counter() - start, 2))
-    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=result,
-                  protocol=protocol)
-    path = os.path.join(args.workdir, "eval", f"bpd_step_{step}.json")
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1, default=_jsonable)
-        os.replace(path + ".tmp", path)
-    return record, path
+    return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}.json"), step, result, protocol)
 
 
 def _progress(total: int, enabled: bool, desc: str):
@@ -310,7 +302,7 @@ class TrainingFID:
 
             self.name, self.extractor = f"digits_fid@{self.num}", None
             self.params = digits.load()
-            self.ref = stats.feature_statistics(digits.features(digits.real_digits("eval")[0], self.params)[0])
+            self.ref = digits.held_out_statistics(self.params)
             return
         if not config.eval.reference:
             raise ValueError("eval.fid_freq > 0 needs eval.reference (statistics from `diffjax eval stats`)")

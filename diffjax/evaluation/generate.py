@@ -99,11 +99,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
     if quantize_rule not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize_rule!r}")
     config, process = workdir.config, workdir.process
-    sampler = sampler or config.sampling.sampler
-    steps = int(steps or config.sampling.num_steps)
-    if sampler == "pc" and not opts:
-        s = config.sampling
-        opts = dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each))
+    sampler, steps, opts = snapshots.config_sampler(config, sampler, steps, opts)
     num_classes = int(config.model.get("num_classes", 0))
     shape = tuple(trainer.data_shape(config))
     if len(shape) != 3:
