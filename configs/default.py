@@ -77,6 +77,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     model.conditional = True  # noise-conditional (time embedding on)
     model.nonlinearity = "swish"
     model.normalization = "GroupNorm"
+    model.num_groups = 0  # GroupNorm groups (ddpm_unet): 0 = score_sde's min(C // 4, 32); diffusers: fixed 32
     model.fir = False
     model.fir_kernel = (1, 3, 3, 1)
     model.skip_rescale = False

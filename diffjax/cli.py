@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("diffjax.train", "train a config into a workdir (sharded, checkpointed, resumable)"),
     "sample": ("diffjax.snapshots", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
     "eval": ("diffjax.evaluation.cli", "metrics of sample sets: FID / IS / KID / precision-recall, digits-FID"),
+    "import": ("diffjax.interop.cli", "import released weights (diffusers UNet2DModel) as a workdir"),
     "serve": ("diffjax.serving.server", "serve a workdir's checkpoint over gRPC (continuous batching)"),
     "client": ("diffjax.serving.client", "call a sampling server: sample -> PNG grid, info, status, health"),
 }

@@ -29,7 +29,7 @@ import numpy as np
 
 Array = jax.Array
 PREDICTIONS = ("eps", "x0", "v", "score")
-SPACINGS = ("default", "karras", "logsnr")
+SPACINGS = ("default", "karras", "logsnr", "leading")
 
 
 def bcast(coef: Array, x: Array) -> Array:
@@ -109,7 +109,8 @@ class Process:
         to t = 0, where alpha = 1 and sigma = 0 (score_sde's final denoising step).
         spacing: 'default' (the process's own grid: uniform in t; EDM's rho-schedule for edm),
         'karras' (uniform in (sigma/alpha)^(1/rho), Karras et al. 2022, eq. 5) or 'logsnr'
-        (uniform in log(sigma/alpha), Lu et al. 2022).
+        (uniform in log(sigma/alpha), Lu et al. 2022) or, for the discrete ddpm process only,
+        'leading' (DDIM's ``range(0, T, T // N)`` skip: diffusers' timestep_spacing='leading').
         """
         check_steps(num_steps)
         if spacing not in SPACINGS:
@@ -117,6 +118,8 @@ class Process:
         with jax.ensure_compile_time_eval():  # the grid is a constant, also when traced under jit
             if spacing == "default":
                 return jnp.append(self._default_grid(num_steps), 0.0).astype(jnp.float32)
+            if spacing == "leading":
+                return jnp.append(self._leading_grid(num_steps), 0.0).astype(jnp.float32)
             if num_steps == 1:
                 return jnp.asarray([self.t_max, 0.0], jnp.float32)
             ends = jnp.asarray([self.t_max, self.t_min], jnp.float32)
@@ -132,6 +135,10 @@ class Process:
 
     def _default_grid(self, num_steps: int) -> Array:
         return jnp.linspace(self.t_max, self.t_min, num_steps)
+
+    def _leading_grid(self, num_steps: int) -> Array:
+        raise ValueError(f"spacing 'leading' is for the discrete ddpm process, not {self.name!r}; "
+                         f"choose one of {SPACINGS[:3]}")
 
     def sample_train_time(self, key: Array, batch: int) -> Array:
         """t ~ U(t_min, t_max) for the training loss (score_sde)."""
@@ -255,6 +262,12 @@ class DDPM(Process):
         if num_steps > self.num_scales:
             raise ValueError(f"num_steps must be <= num_scales={self.num_scales} for ddpm, got {num_steps}")
         return jnp.asarray(np.round(np.linspace(self.num_scales, 1, num_steps)), jnp.float32)
+
+    def _leading_grid(self, num_steps: int) -> Array:
+        """DDIM's steps i * (T // N) for i = N-1..0, as times t = step + 1."""
+        if num_steps > self.num_scales:
+            raise ValueError(f"num_steps must be <= num_scales={self.num_scales} for ddpm, got {num_steps}")
+        return jnp.asarray(np.arange(num_steps)[::-1] * (self.num_scales // num_steps) + 1.0, jnp.float32)
 
     def sample_train_time(self, key, batch):
         return jax.random.randint(key, (batch,), 1, self.num_scales + 1).astype(jnp.float32)

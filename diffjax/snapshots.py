@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import losses, plotting, samplers
+from diffjax import losses, plotting, processes, samplers
 
 Array = jax.Array
 
@@ -34,13 +34,14 @@ def data_range(config) -> tuple[float, float]:
 
 
 def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -> tuple[str, int, dict]:
-    """(sampler, steps, options): the given ones, else the config's sampling block (PC's predictor,
-    corrector, snr and corrector steps when the sampler is 'pc' and no options are given)."""
+    """(sampler, steps, options): the given ones, else the config's sampling block (for 'pc', the
+    predictor, corrector, snr and corrector steps not given in opts)."""
     sampler = sampler or config.sampling.sampler
     steps = int(steps or config.sampling.num_steps)
-    if sampler == "pc" and not opts:
+    if sampler == "pc":  # options not given explicitly come from the config
         s = config.sampling
-        opts = dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each))
+        opts = {**dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr),
+                       n_steps_each=int(s.n_steps_each)), **opts}
     return sampler, steps, opts
 
 
@@ -168,6 +169,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", default=None, choices=sorted(samplers.SAMPLERS))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spacing", default=None, choices=processes.SPACINGS,
+                        help="time grid of the sampler (default: its own); 'leading' = DDIM's / diffusers' T//N skip (ddpm)")
     parser.add_argument("--label", type=int, default=None, help="class label for every sample (conditional models)")
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--out", default="grid.png")
@@ -189,9 +192,14 @@ def main(argv: list[str]) -> int:
         return _sample_set(args)
     config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",))
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
+    opts = {} if args.spacing is None else {"spacing": args.spacing}
     start = time.perf_counter()
-    x = generate(config, graphdef, rest, process, state["ema"], args.num, sampler=args.sampler, steps=args.steps,
-                 seed=args.seed, labels=labels, guidance_scale=args.guidance_scale)
+    try:
+        x = generate(config, graphdef, rest, process, state["ema"], args.num, sampler=args.sampler, steps=args.steps,
+                     seed=args.seed, labels=labels, guidance_scale=args.guidance_scale, **opts)
+    except ValueError as err:
+        print(f"diffjax sample: {err}", file=sys.stderr)
+        return 2
     png, npz = save_samples(x, args.out, data_range(config))
     print(f"{args.num} samples from step {step} in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
     return 0
@@ -207,7 +215,8 @@ def _sample_set(args) -> int:
         protocol = generate.write_samples(w, state, step, args.out_dir, args.num, sampler=args.sampler,
                                           steps=args.steps, seed=args.seed, shard_size=args.shard_size,
                                           quantize_rule=args.quantize, label=args.label,
-                                          guidance_scale=args.guidance_scale, progress=not args.no_progress)
+                                          guidance_scale=args.guidance_scale, progress=not args.no_progress,
+                                          **({} if args.spacing is None else {"spacing": args.spacing}))
     except ValueError as err:
         print(f"diffjax sample: {err}", file=sys.stderr)
         return 2

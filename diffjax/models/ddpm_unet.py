@@ -2,7 +2,8 @@
 
 CIFAR-10: nf=128, ch_mult (1, 2, 2, 2), 2 residual blocks per resolution, self-attention at
 16x16, dropout 0.1, sinusoidal timestep embedding -> Dense(512) -> swish -> Dense(512),
-GroupNorm(32), swish. 35,746,307 parameters, the same count as diffusers' UNet2DModel with
+GroupNorm(32) (``num_groups``: 0 for score_sde's min(C // 4, 32), or a fixed count as diffusers'
+``norm_num_groups``), swish. 35,746,307 parameters, the same count as diffusers' UNet2DModel with
 block_out_channels (128, 256, 256, 256), attention blocks at 16x16 and layers_per_block 2
 (35.7M in the paper).
 
@@ -44,6 +45,7 @@ class DDPMUNet(nnx.Module):
         self.act = act = L.get_act(g("nonlinearity", "swish"))
         self.centered = bool(g("centered", True))
         self.scale_by_sigma = bool(g("scale_by_sigma", False))
+        groups = int(g("num_groups", 0)) or None  # None: score_sde's min(C // 4, 32); diffusers: a fixed count
         conditional = bool(g("conditional", True))
         num_classes = int(g("num_classes", 0))
         self.embed = L.NoiseClassEmbedding(nf, embedding_type=g("embedding_type", "positional"),
@@ -53,8 +55,8 @@ class DDPMUNet(nnx.Module):
                                            dtype=dtype, rngs=rngs)
         temb_dim = 4 * nf if (conditional or num_classes) else None
         block = lambda i, o: L.ResBlock(i, o, temb_dim=temb_dim, dropout=dropout, kind="ddpm",  # noqa: E731
-                                        init_scale=0.0, act=act, dtype=dtype, rngs=rngs)
-        attn = lambda c: L.AttnBlock(c, init_scale=0.0, dtype=dtype, rngs=rngs)  # noqa: E731
+                                        init_scale=0.0, act=act, groups=groups, dtype=dtype, rngs=rngs)
+        attn = lambda c: L.AttnBlock(c, init_scale=0.0, groups=groups, dtype=dtype, rngs=rngs)  # noqa: E731
 
         self.conv_in = L.conv(channels, nf, dtype=dtype, rngs=rngs)
         skip_ch, ch, res = [nf], nf, image_size
@@ -93,7 +95,7 @@ class DDPMUNet(nnx.Module):
         self.up = nnx.List(up)
         assert not skip_ch
 
-        self.norm_out = L.GroupNorm(ch, dtype=dtype)
+        self.norm_out = L.GroupNorm(ch, groups=groups, dtype=dtype)
         self.conv_out = L.conv(ch, channels, init_scale=0.0, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):

@@ -100,6 +100,9 @@ class GroupNorm(nnx.Module):
     """GroupNorm over (H, W, C/G) with float32 statistics; eps 1e-6 as in DDPM/score_sde."""
 
     def __init__(self, ch: int, *, groups: int | None = None, eps: float = 1e-6, dtype=jnp.float32):
+        """groups: None (or 0) for score_sde's rule ``num_groups(ch)``; else it must divide ch."""
+        if groups and ch % groups:
+            raise ValueError(f"model.num_groups={groups} does not divide a layer's {ch} channels")
         self.groups, self.eps, self.dtype = groups or num_groups(ch), eps, dtype
         self.scale = nnx.Param(jnp.ones((ch,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((ch,), jnp.float32))
@@ -218,8 +221,8 @@ class AttnBlock(nnx.Module):
     q, k, v are one fused (C, 3, C) kernel (same parameter count as three NIN layers, each
     initialised like a separate fan-avg NIN at scale 0.1)."""
 
-    def __init__(self, ch: int, *, skip_rescale=False, init_scale=0.0, dtype=jnp.float32, rngs):
-        self.norm = GroupNorm(ch, dtype=dtype)
+    def __init__(self, ch: int, *, skip_rescale=False, init_scale=0.0, groups=None, dtype=jnp.float32, rngs):
+        self.norm = GroupNorm(ch, groups=groups, dtype=dtype)
         init = jax.nn.initializers.variance_scaling(0.1, "fan_avg", "uniform", in_axis=0, out_axis=2,
                                                     batch_axis=(1,))
         self.qkv = nnx.Param(init(rngs.params(), (ch, 3, ch), jnp.float32),
@@ -381,12 +384,13 @@ class ResBlock(nnx.Module):
       when the channel count changes.
     kind='biggan': NCSN++'s ResnetBlockBigGANpp; optional up/down-sampling of both branches (FIR or
       nearest/avg-pool) after the first norm; 1x1 conv shortcut when channels change or resampling.
-    skip_rescale divides the sum by sqrt(2); init_scale is the init of the second conv (0 -> 1e-10).
+    skip_rescale divides the sum by sqrt(2); init_scale is the init of the second conv (0 -> 1e-10);
+    groups: the GroupNorms' group count (None: score_sde's rule).
     """
 
     def __init__(self, in_ch, out_ch=None, *, temb_dim=None, dropout=0.1, kind="ddpm", up=False, down=False,
                  fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=False, init_scale=0.0, act=swish,
-                 dtype=jnp.float32, rngs):
+                 groups=None, dtype=jnp.float32, rngs):
         if kind not in ("ddpm", "biggan"):
             raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', got {kind!r}")
         if kind == "ddpm" and (up or down):
@@ -394,10 +398,10 @@ class ResBlock(nnx.Module):
         out_ch = out_ch or in_ch
         self.act, self.up, self.down, self.fir = act, up, down, fir
         self.fir_kernel, self.skip_rescale = tuple(fir_kernel), skip_rescale
-        self.norm1 = GroupNorm(in_ch, dtype=dtype)
+        self.norm1 = GroupNorm(in_ch, groups=groups, dtype=dtype)
         self.conv1 = conv(in_ch, out_ch, dtype=dtype, rngs=rngs)
         self.temb_proj = dense(temb_dim, out_ch, dtype=dtype, rngs=rngs) if temb_dim else None
-        self.norm2 = GroupNorm(out_ch, dtype=dtype)
+        self.norm2 = GroupNorm(out_ch, groups=groups, dtype=dtype)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.conv2 = conv(out_ch, out_ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
         shortcut = None

@@ -1,0 +1,258 @@
+"""diffusers UNet2DModel import: the imported network computes diffusers' forward pass.
+
+The oracle is diffusers itself: UNet2DModel instances with random weights in the reference
+layouts (DDPM CIFAR-10 at reduced width, a 256-style DDPM layout at tiny width, the NCSN++ VE
+port at tiny width) are saved with save_pretrained, imported, and evaluated on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import torch_peers  # noqa: E402 (tests/ is on sys.path under pytest)
+
+torch = pytest.importorskip("torch")
+torch_peers.bare_torchvision()  # diffusers imports torchvision whenever it is installed
+diffusers = pytest.importorskip("diffusers")
+
+from diffjax import models  # noqa: E402
+from diffjax.interop import cli as import_cli  # noqa: E402
+from diffjax.interop import load_diffusers, load_params  # noqa: E402
+
+DDPM_RELEASE = dict(act_fn="silu", attention_head_dim=None, center_input_sample=False, downsample_padding=0,
+                    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6,
+                    time_embedding_type="positional")  # google/ddpm-cifar10-32's fixed fields
+CIFAR_LAYOUT = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                    sample_size=32, in_channels=3, out_channels=3)
+DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
+                  "num_train_timesteps": 1000, "clip_sample": True, "variance_type": "fixed_large"}
+
+
+def _unet(seed: int, **kw):
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel(**kw).eval()
+    with torch.no_grad():  # perturb every tensor: zero-initialised ones would hide a wrong mapping
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _save(model, directory, scheduler=None, **save_kw) -> str:
+    model.save_pretrained(directory, **save_kw)
+    if scheduler is not None:
+        with open(os.path.join(directory, "scheduler_config.json"), "w") as f:
+            json.dump(scheduler, f)
+    return str(directory)
+
+
+def _torch_forward(model, x_nhwc: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        out = model(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2)), torch.from_numpy(timesteps)).sample
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
+    """Max abs difference <= 1e-4 of the output scale, per example (the scale differs with sigma)."""
+    for o, r in zip(ours, ref):
+        scale = float(np.abs(r).max())
+        assert np.abs(o - r).max() <= 1e-4 * scale, (np.abs(o - r).max(), scale)
+
+
+@pytest.fixture(scope="module")
+def cifar_ddpm(tmp_path_factory):
+    model = _unet(0, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, dropout=0.1,
+                  **CIFAR_LAYOUT, **DDPM_RELEASE)
+    return model, _save(model, tmp_path_factory.mktemp("ddpm_cifar"), DDPM_SCHEDULER)
+
+
+def test_ddpm_cifar10_layout_matches_diffusers(cifar_ddpm):
+    model, src = cifar_ddpm
+    config, den = load_diffusers(src)
+    assert (config.model.name, config.model.ch_mult, config.model.attn_resolutions) == ("ddpm_unet", (1, 2, 2, 2), (16,))
+    assert (config.process.name, config.process.num_scales, config.model.prediction) == ("ddpm", 1000, "eps")
+    assert config.model.num_groups == 8 and config.model.dropout == pytest.approx(0.1)
+    x = np.random.RandomState(0).randn(4, 32, 32, 3).astype(np.float32)
+    steps = np.array([0, 17, 500, 999])
+    _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(steps + 1.0))), _torch_forward(model, x, steps))
+    n_theirs = sum(p.numel() for p in model.parameters())
+    assert models.param_count(den.params[0]) == n_theirs
+
+
+def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
+    """The 256x256 DDPM releases' layout (6 levels, attention at 16x16 of 256 -> here 4x4 of 64),
+    from a torch .bin whose attention tensors use the old names (query/key/value/proj_attn),
+    with [cos, sin] embedding order and a cosine schedule."""
+    model = _unet(1, sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32, 64, 64),
+                  layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+                  **{**DDPM_RELEASE, "flip_sin_to_cos": True})
+    model.save_config(tmp_path)
+    old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    sd = {}
+    for k, v in model.state_dict().items():
+        for new, was in old.items():
+            k = k.replace(new, was)
+        sd[k] = v
+    assert any(".proj_attn." in k for k in sd)
+    torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
+    with open(tmp_path / "scheduler_config.json", "w") as f:
+        json.dump({**DDPM_SCHEDULER, "_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
+                   "prediction_type": "v_prediction"}, f)
+    config, den = load_diffusers(str(tmp_path))
+    assert config.model.attn_resolutions == (4,) and config.process.schedule == "cosine"
+    assert den.prediction == "v" and config.source.weights == "diffusion_pytorch_model.bin"
+    x = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+    steps = np.array([3, 998])
+    _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(steps + 1.0))), _torch_forward(model, x, steps))
+
+
+def test_ncsnpp_ve_port_matches_diffusers(tmp_path):
+    """diffusers' NCSN++ port (skip blocks, FIR, Fourier features, output / sigma) at tiny width."""
+    model = _unet(2, sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
+                  layers_per_block=2, norm_num_groups=None, norm_eps=1e-6, time_embedding_type="fourier",
+                  mid_block_scale_factor=math.sqrt(2.0), attention_head_dim=None, center_input_sample=False,
+                  down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"),
+                  up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"))
+    src = _save(model, tmp_path, {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 348.0,
+                                  "num_train_timesteps": 2000, "snr": 0.16, "sampling_eps": 1e-5})
+    config, den = load_diffusers(src)
+    m, p = config.model, config.process
+    assert (m.name, m.progressive, m.progressive_input, m.fir, m.scale_by_sigma) == (
+        "ncsnpp", "output_skip", "input_skip", True, True)
+    assert (p.name, p.sigma_max, den.prediction, config.data.centered) == ("ve", 348.0, "score", False)
+    assert (config.sampling.sampler, config.sampling.snr) == ("pc", pytest.approx(0.16))
+    x = np.random.RandomState(2).rand(4, 16, 16, 3).astype(np.float32)
+    t = np.array([1e-5, 0.1, 0.5, 1.0], np.float32)
+    sigma = 0.01 * (348.0 / 0.01) ** t
+    _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(t))), _torch_forward(model, x, sigma.astype(np.float32)))
+
+
+def test_full_size_ddpm_cifar10_has_the_reference_parameter_count(tmp_path):
+    model = diffusers.UNet2DModel(block_out_channels=(128, 256, 256, 256), **CIFAR_LAYOUT, **DDPM_RELEASE)
+    src = _save(model, tmp_path, DDPM_SCHEDULER)
+    config, params = load_params(src)
+    assert models.param_count(params) == sum(p.numel() for p in model.parameters()) == 35_746_307
+    assert models.abstract_param_count(config.model) == 35_746_307
+
+
+def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, capsys):
+    """`diffjax import` + `diffjax sample --sampler ddim --spacing leading` vs diffusers' DDIMPipeline
+    (timestep_spacing 'leading', eta 0, no clipping) from the same initial noise."""
+    from diffjax import samplers, snapshots
+
+    model, src = cifar_ddpm
+    workdir = tmp_path / "imported"
+    assert import_cli.main(["diffusers", src, "--workdir", str(workdir)]) == 0
+    assert "35," not in capsys.readouterr().out  # the reduced-width model's own count is printed
+    num, steps, seed = 3, 10, 7
+    out = tmp_path / "grid.png"
+    assert snapshots.main(["--workdir", str(workdir), "--num", str(num), "--sampler", "ddim", "--steps", str(steps),
+                           "--spacing", "leading", "--seed", str(seed), "--out", str(out)]) == 0
+    ours = np.load(tmp_path / "grid.npz")["samples"]
+
+    keys = samplers.example_keys(jax.random.PRNGKey(seed), num)
+    x_T = np.asarray(samplers.example_noise(keys, (32, 32, 3), samplers.INIT_NOISE)).transpose(0, 3, 1, 2)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                                        beta_end=0.02, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                        timestep_spacing="leading")
+    pipe = diffusers.DDIMPipeline(unet=model, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with mock.patch("diffusers.pipelines.ddim.pipeline_ddim.randn_tensor", return_value=torch.from_numpy(x_T)):
+        theirs = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np").images
+    np.testing.assert_allclose((ours + 1) / 2, theirs, atol=2e-4)
+
+    # The workdir is a whole training workdir: the full state restores (fine-tuning resumes from it).
+    w = snapshots.Workdir(str(workdir))
+    state, step = w.restore()
+    assert step == 0 and set(state) == {"step", "params", "ema", "opt_state", "rng"}
+    jax.tree.map(np.testing.assert_array_equal, state["params"], state["ema"])
+
+
+# ---- bad input: one line, exit 2, nothing written ----------------------------------------------
+def _copy_source(src: str, dst) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def _run_import(src: str, workdir, capsys) -> tuple[int, str]:
+    code = import_cli.main(["diffusers", src, "--workdir", str(workdir)])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _nothing_written(workdir) -> bool:
+    parent = os.path.dirname(str(workdir))
+    return not os.path.exists(workdir) and not [n for n in os.listdir(parent) if ".import-" in n]
+
+
+def test_missing_weights_file(cifar_ddpm, tmp_path, capsys):
+    src = _copy_source(cifar_ddpm[1], tmp_path / "src")
+    os.remove(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    code, err = _run_import(src, tmp_path / "w", capsys)
+    assert code == 2 and "no weights file" in err and len(err.splitlines()) == 1
+    assert _nothing_written(tmp_path / "w")
+
+
+def test_truncated_weights_file(cifar_ddpm, tmp_path, capsys):
+    src = _copy_source(cifar_ddpm[1], tmp_path / "src")
+    path = os.path.join(src, "diffusion_pytorch_model.safetensors")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    code, err = _run_import(src, tmp_path / "w", capsys)
+    assert code == 2 and "cannot read" in err and "truncated" in err and len(err.splitlines()) == 1
+    assert _nothing_written(tmp_path / "w")
+
+
+def test_tensor_of_the_wrong_shape(cifar_ddpm, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    src = _copy_source(cifar_ddpm[1], tmp_path / "src")
+    path = os.path.join(src, "diffusion_pytorch_model.safetensors")
+    sd = load_file(path)
+    name = "down_blocks.1.resnets.0.conv1.weight"
+    sd[name] = sd[name][:, :16]
+    save_file(sd, path)
+    code, err = _run_import(src, tmp_path / "w", capsys)
+    assert code == 2 and name in err and "shape" in err and len(err.splitlines()) == 1
+    assert _nothing_written(tmp_path / "w")
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("down_block_types", ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+     "CrossAttnDownBlock2D"),
+    ("attention_head_dim", 8, "attention_head_dim"),
+    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+    ("downsample_padding", 1, "downsample_padding"),
+])
+def test_unsupported_option(cifar_ddpm, tmp_path, capsys, field, value, named):
+    src = _copy_source(cifar_ddpm[1], tmp_path / "src")
+    cfg_path = os.path.join(src, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg[field] = value
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    code, err = _run_import(src, tmp_path / "w", capsys)
+    assert code == 2 and named in err and "unsupported" in err and len(err.splitlines()) == 1
+    assert _nothing_written(tmp_path / "w")
+
+
+def test_existing_workdir_is_left_alone(cifar_ddpm, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("mine")
+    code, err = _run_import(cifar_ddpm[1], workdir, capsys)
+    assert code == 2 and "not empty" in err
+    assert os.listdir(workdir) == ["keep.txt"]
