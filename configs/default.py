@@ -15,7 +15,7 @@ Schema (the trainer reads these keys):
   data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
-  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, noise_removal,
+  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0, noise_removal,
             probability_flow
   eval:     batch_size, num_samples, metrics, reference, quantize, seed, fid_freq, fid_num,
             bpd_passes, targets
@@ -108,6 +108,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.corrector = "none"
     sampling.snr = 0.16
     sampling.n_steps_each = 1
+    sampling.clip_x0 = False  # ancestral / ddim: clip each step's x0 estimate to the data range (DDPM)
     sampling.noise_removal = True
     sampling.probability_flow = False
 

@@ -86,18 +86,25 @@ def _scan_grid(body: Callable, x: Array, grid: Array, num_steps: int):
 
 
 # ---- samplers: fn(denoiser, process, x, keys, cond, num_steps, **opts) -> (x, nfe) -------------
-def ancestral(denoiser, process, x, keys, cond, num_steps, spacing: str = "default"):
+def ancestral(denoiser, process, x, keys, cond, num_steps, spacing: str = "default",
+              clip_x0: tuple[float, float] | None = None):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) with posterior variance beta-tilde."""
-    return ddim(denoiser, process, x, keys, cond, num_steps, eta=1.0, spacing=spacing)
+    return ddim(denoiser, process, x, keys, cond, num_steps, eta=1.0, spacing=spacing, clip_x0=clip_x0)
 
 
-def ddim(denoiser, process, x, keys, cond, num_steps, eta: float = 0.0, spacing: str = "default"):
-    """DDIM (Song, Meng & Ermon 2021); eta = 0 deterministic, eta = 1 ancestral."""
+def ddim(denoiser, process, x, keys, cond, num_steps, eta: float = 0.0, spacing: str = "default",
+         clip_x0: tuple[float, float] | None = None):
+    """DDIM (Song, Meng & Ermon 2021); eta = 0 deterministic, eta = 1 ancestral.
+
+    clip_x0 = (lo, hi): each step's x0 estimate is clipped to the data range and the step uses the
+    eps implied by it (Ho et al.'s clip_denoised; diffusers' clip_sample with use_clipped_model_output)."""
     grid = process.time_grid(num_steps, spacing)
 
     def body(x, inp):
         i, t, s = inp
         x0 = predict(denoiser, process, x, t, cond, "x0")
+        if clip_x0 is not None:
+            x0 = jnp.clip(x0, *clip_x0)
         noise = example_noise(keys, x.shape[1:], i) if eta != 0 else jnp.zeros_like(x)  # eta is static
         return posterior_step(process, x, x0, t, s, noise, eta)
 

@@ -35,13 +35,16 @@ def data_range(config) -> tuple[float, float]:
 
 def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -> tuple[str, int, dict]:
     """(sampler, steps, options): the given ones, else the config's sampling block (for 'pc', the
-    predictor, corrector, snr and corrector steps not given in opts)."""
+    predictor, corrector, snr and corrector steps not given in opts; for 'ancestral' and 'ddim',
+    sampling.clip_x0 = True clips the x0 estimate to the data range)."""
     sampler = sampler or config.sampling.sampler
     steps = int(steps or config.sampling.num_steps)
+    s = config.sampling
     if sampler == "pc":  # options not given explicitly come from the config
-        s = config.sampling
         opts = {**dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr),
                        n_steps_each=int(s.n_steps_each)), **opts}
+    if sampler in ("ancestral", "ddim") and s.get("clip_x0", False) and "clip_x0" not in opts:
+        opts = {**opts, "clip_x0": data_range(config)}
     return sampler, steps, opts
 
 

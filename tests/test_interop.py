@@ -79,6 +79,7 @@ def test_ddpm_cifar10_layout_matches_diffusers(cifar_ddpm):
     config, den = load_diffusers(src)
     assert (config.model.name, config.model.ch_mult, config.model.attn_resolutions) == ("ddpm_unet", (1, 2, 2, 2), (16,))
     assert (config.process.name, config.process.num_scales, config.model.prediction) == ("ddpm", 1000, "eps")
+    assert (config.sampling.sampler, config.sampling.num_steps, config.sampling.clip_x0) == ("ancestral", 1000, True)
     assert config.model.num_groups == 8 and config.model.dropout == pytest.approx(0.1)
     x = np.random.RandomState(0).randn(4, 32, 32, 3).astype(np.float32)
     steps = np.array([0, 17, 500, 999])
@@ -147,7 +148,7 @@ def test_full_size_ddpm_cifar10_has_the_reference_parameter_count(tmp_path):
 
 def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, capsys):
     """`diffjax import` + `diffjax sample --sampler ddim --spacing leading` vs diffusers' DDIMPipeline
-    (timestep_spacing 'leading', eta 0, no clipping) from the same initial noise."""
+    (timestep_spacing 'leading', eta 0, x0 clipped) from the same initial noise."""
     from diffjax import samplers, snapshots
 
     model, src = cifar_ddpm
@@ -162,13 +163,16 @@ def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, 
 
     keys = samplers.example_keys(jax.random.PRNGKey(seed), num)
     x_T = np.asarray(samplers.example_noise(keys, (32, 32, 3), samplers.INIT_NOISE)).transpose(0, 3, 1, 2)
+    # The scheduler config's clip_sample=True became sampling.clip_x0: DDIM with the clipped x0 and
+    # the eps it implies, diffusers' clip_sample + use_clipped_model_output.
     scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                        beta_end=0.02, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                                        beta_end=0.02, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
                                         timestep_spacing="leading")
     pipe = diffusers.DDIMPipeline(unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     with mock.patch("diffusers.pipelines.ddim.pipeline_ddim.randn_tensor", return_value=torch.from_numpy(x_T)):
-        theirs = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np").images
+        theirs = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np",
+                      use_clipped_model_output=True).images
     np.testing.assert_allclose((ours + 1) / 2, theirs, atol=2e-4)
 
     # The workdir is a whole training workdir: the full state restores (fine-tuning resumes from it).

@@ -126,3 +126,11 @@ def test_bad_input_errors():
         processes.get("vp").convert("noise", "x0", jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.ones(1))
     with pytest.raises(ValueError, match="discrete chain"):
         processes.get("ddpm").sde(0.5)
+
+
+def test_leading_grid_is_ddims_skip_and_only_for_ddpm():
+    """spacing 'leading': DDIM's range(0, T, T // N) as times t = step + 1, then the clean time 0."""
+    grid = np.asarray(processes.get("ddpm", num_scales=1000).time_grid(10, "leading"))
+    np.testing.assert_array_equal(grid, [901, 801, 701, 601, 501, 401, 301, 201, 101, 1, 0])
+    with pytest.raises(ValueError, match="leading.*ddpm"):
+        processes.get("vp").time_grid(10, "leading")

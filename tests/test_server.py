@@ -302,3 +302,36 @@ def test_admission_policy_with_a_huge_request_ahead(admission):
         assert big_done_before_small <= 4  # finished alongside the big request's first wave
     with pytest.raises(ValueError, match="admission must be one of"):
         Scheduler(scheduler.engine, checkpoint_step=0, admission="lifo")
+
+
+def test_engine_clips_x0_as_the_offline_sampler():
+    """sampling.clip_x0 (DDPM's clip_denoised): the engine's DDIM / ancestral slots clip their x0
+    estimate as samplers.ddim(clip_x0=...) does (in-process Scheduler; an x0 denoiser 1.5 tanh(x)
+    whose estimates leave [-1, 1] in part, so clipping changes the samples without saturating them)."""
+    import jax
+
+    from diffjax import denoiser, processes, samplers
+    from diffjax.serving.engine import Engine
+    from diffjax.serving.scheduler import Job, Scheduler, wait_events
+
+    process = processes.get("ddpm", num_scales=100)
+    den = denoiser.from_fn(lambda x, t, cond: 1.5 * jax.numpy.tanh(x), prediction="x0")
+    clip = (-1.0, 1.0)
+    scheduler = Scheduler(Engine(den, process, (4, 4, 1), batch_slots=4, clip_x0=clip, devices=jax.devices()[:1]),
+                          checkpoint_step=0)
+    labels = np.full(3, -1, np.int32)
+    scheduler.start()
+    try:
+        for name in ("ddim", "ancestral"):
+            job = scheduler.submit(Job(3, name, 6, 7, labels, None))
+            got = np.zeros((3, 4, 4, 1), np.float32)
+            for event in wait_events(job, lambda: True):
+                if event[0] == "batch":
+                    got[event[1]] = event[2]
+            want, _ = samplers.sample(name, den, process, jax.random.PRNGKey(7), (3, 4, 4, 1), 6, clip_x0=clip)
+            unclipped, _ = samplers.sample(name, den, process, jax.random.PRNGKey(7), (3, 4, 4, 1), 6)
+            np.testing.assert_allclose(got, want, atol=2e-4, err_msg=name)
+            assert np.abs(np.asarray(want)).max() <= 1.0 < np.abs(np.asarray(unclipped)).max(), name
+            assert 0.1 < np.mean(np.abs(np.asarray(want)) < 0.999), name  # not saturated
+    finally:
+        scheduler.shutdown()

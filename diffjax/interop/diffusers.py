@@ -8,7 +8,8 @@ through diffjax's restricted torch-zip reader), the network config is translated
 
 - DDPM-family schedulers (DDPM, DDIM, PNDM, DPM-Solver, Euler, ...): ``ddpm`` process with the
   same betas ('linear' or 'squaredcos_cap_v2' = our 'cosine') and T = num_train_timesteps; our time
-  t = diffusers' timestep + 1; data in [-1, 1]; prediction from ``prediction_type``.
+  t = diffusers' timestep + 1; data in [-1, 1]; prediction from ``prediction_type``; the
+  scheduler's ``clip_sample`` -> ``sampling.clip_x0``.
 - ``ScoreSdeVeScheduler``: ``ve`` process (sigma_min, sigma_max, sampling_eps); the network
   conditions on sigma and returns the score; data in [0, 1] (ScoreSdeVePipeline clamps to [0, 1]).
 """
@@ -130,7 +131,13 @@ def _process_block(scheduler: dict, embedding: str) -> tuple[dict, dict, bool, s
     process = dict(name="ddpm", num_scales=T, schedule=BETA_SCHEDULES[schedule])
     if schedule == "linear":
         process.update(beta_start=float(scheduler.get("beta_start", 1e-4)), beta_end=float(scheduler.get("beta_end", 0.02)))
-    sampling = dict(sampler="ancestral", num_steps=T)  # DDPM's own sampler: T ancestral steps
+    clip = bool(scheduler.get("clip_sample", name in ("DDPMScheduler", "DDIMScheduler")))  # their defaults
+    if clip and float(scheduler.get("clip_sample_range", 1.0)) != 1.0:
+        raise UnsupportedModel(f"{name}: clip_sample_range={scheduler['clip_sample_range']} is not supported "
+                               "(the data range [-1, 1]: 1.0)")
+    if scheduler.get("thresholding", False):
+        raise UnsupportedModel(f"{name}: thresholding=True (dynamic thresholding) is not supported")
+    sampling = dict(sampler="ancestral", num_steps=T, clip_x0=clip)  # DDPM's own sampler: T ancestral steps
     return process, sampling, True, PREDICTIONS[pred]
 
 

@@ -98,7 +98,7 @@ _INT_COLUMNS = ("mask", "free", "index", "num_steps", "kind", "label", "key0", "
 _FLOAT_COLUMNS = ("scale", "t", "s", "t_prev")
 
 
-def _step(den_leaves, state, ints, floats, *, den_tree, process, num_classes, sample_shape):
+def _step(den_leaves, state, ints, floats, *, den_tree, process, num_classes, sample_shape, clip_x0=None):
     """Admit, free and advance all busy slots by one step (one network evaluation each).
 
     The denoiser arrives as its flat list of leaves (`den_tree` rebuilds it at trace time):
@@ -113,10 +113,10 @@ def _step(den_leaves, state, ints, floats, *, den_tree, process, num_classes, sa
                  key=jax.lax.bitcast_convert_type(ints[:, 6:8], jnp.uint32))
     times = dict(t=col["t"], s=col["s"], t_prev=col["t_prev"])
     with inference_groupnorm():  # forward-only program: the faster GroupNorm reduction order
-        return _advance(den, state, admit, times, process, num_classes, sample_shape)
+        return _advance(den, state, admit, times, process, num_classes, sample_shape, clip_x0)
 
 
-def _advance(den, state, admit, times, process, num_classes, sample_shape):
+def _advance(den, state, admit, times, process, num_classes, sample_shape, clip_x0=None):
     new = admit["mask"]
     keys = jax.vmap(jax.random.fold_in)(admit["key"], admit["index"])
     # Noise is drawn only on steps that need it (threefry is ~20% of a batch-1 step on XLA:CPU).
@@ -143,7 +143,8 @@ def _advance(den, state, admit, times, process, num_classes, sample_shape):
     noise = jax.lax.cond(jnp.any(stochastic), lambda: samplers.example_noise(state["key"], sample_shape, i),
                          lambda: jnp.zeros_like(x))
     eta = bcast(jnp.asarray(_ETA)[state["kind"]], x)
-    x_posterior = samplers.posterior_step(process, x, x0, t, s, noise, eta)
+    x0_posterior = x0 if clip_x0 is None else jnp.clip(x0, *clip_x0)  # as samplers.ddim's clip_x0
+    x_posterior = samplers.posterior_step(process, x, x0_posterior, t, s, noise, eta)
     # DPM-Solver++(2M): second order between the first and the last step, as samplers.dpm_solver_pp.
     ratio_t, ratio_s = s_t / a_t, s_s / a_s
     lam = lambda r: -jnp.log(jnp.where(r > 0, r, 1.0))
@@ -175,7 +176,9 @@ class Engine:
     """Host side of the slot batch: builds admissions, runs the compiled step, returns finished rows."""
 
     def __init__(self, denoiser: Denoiser, process: Process, sample_shape: tuple[int, ...], *,
-                 batch_slots: int, num_classes: int = 0, devices=None):
+                 batch_slots: int, num_classes: int = 0, clip_x0: tuple[float, float] | None = None,
+                 devices=None):
+        """clip_x0: (lo, hi) clips the x0 estimate of DDIM / ancestral slots (config sampling.clip_x0)."""
         if batch_slots <= 0:
             raise ValueError(f"batch_slots must be positive, got {batch_slots}")
         self.process, self.sample_shape = process, tuple(int(d) for d in sample_shape)
@@ -189,7 +192,7 @@ class Engine:
         self._den_leaves, self._den_tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
         self._step = jax.jit(
             partial(_step, den_tree=self._den_tree, process=process, num_classes=self.num_classes,
-                    sample_shape=self.sample_shape),
+                    sample_shape=self.sample_shape, clip_x0=None if clip_x0 is None else tuple(map(float, clip_x0))),
             donate_argnums=(1,), out_shardings=self._rows,
         )
         self.state = self._initial_state()

@@ -247,8 +247,9 @@ class Server:
             max_steps = min(max_steps, int(process.num_scales))
         shape = trainer.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
+        clip_x0 = snapshots.data_range(config) if config.sampling.get("clip_x0", False) else None
         engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
-                        num_classes=self.model.num_classes)
+                        num_classes=self.model.num_classes, clip_x0=clip_x0)
         time_grid(process, self.model.default_steps)
         self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests,
                                    admission=self.options.admission)
