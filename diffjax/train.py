@@ -157,7 +157,11 @@ def main(argv: list[str]) -> int:
 
     from diffjax import data, info, snapshots, trainer
 
-    config = info.load_config(args.config, overrides)
+    try:
+        config = info.load_config(args.config, overrides)
+    except (OSError, ValueError) as err:  # a missing config file, a bad or unknown override
+        print(f"diffjax train: {err}", file=sys.stderr)
+        return 2
     check_workdir(args.workdir)
     is_main = jax.process_index() == 0
     mesh = trainer.make_mesh(config)

@@ -33,3 +33,12 @@ def test_unknown_command_and_bad_flags():
     assert res.returncode == 2 and "--num must be positive" in res.stderr
     res = run("--help")
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_train_config_mistakes_are_one_line(tmp_path):
+    """A missing config file or a bad override: one line naming it, exit 2, no traceback."""
+    res = run("train", "--config", "configs/nope.py", "--workdir", str(tmp_path / "w"))
+    assert res.returncode == 2 and "configs/nope.py" in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = run("train", "--config", "configs/digits.py", "--workdir", str(tmp_path / "w"), "--config.model.nff=3")
+    assert res.returncode == 2 and "nff" in res.stderr and "Traceback" not in res.stderr
