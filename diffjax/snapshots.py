@@ -185,6 +185,9 @@ def main(argv: list[str]) -> int:
                         help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)")
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
+    from diffjax import compile_cache
+
+    compile_cache.enable()
     if args.num <= 0:
         parser.error(f"--num must be positive, got {args.num}")
     if args.steps is not None and args.steps <= 0:

@@ -152,6 +152,9 @@ class Logger:
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
     init_distributed(args)
+    from diffjax import compile_cache
+
+    compile_cache.enable()
     import jax
     import numpy as np
 

@@ -335,3 +335,25 @@ def test_engine_clips_x0_as_the_offline_sampler():
             assert 0.1 < np.mean(np.abs(np.asarray(want)) < 0.999), name  # not saturated
     finally:
         scheduler.shutdown()
+
+
+def test_second_sample_reads_the_compilation_cache(workdir, tmp_path):
+    """diffjax.compile_cache: the first `diffjax sample` writes compiled programs to
+    $DIFFJAX_COMPILATION_CACHE, a second one loads them (JAX logs the cache hits) and draws the same
+    samples; 'off' reads nothing."""
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=4", "--steps=4"]
+
+    def sample(out, cache_value):
+        env = dict(_env(), DIFFJAX_COMPILATION_CACHE=str(cache_value), JAX_DEBUG_LOG_MODULES="jax._src.compiler")
+        res = subprocess.run([*cmd, f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return np.load(str(out).replace(".png", ".npz"))["samples"], res.stderr
+
+    first, _ = sample(tmp_path / "a.png", cache)
+    assert cache.is_dir() and any(n.startswith("jit__run") for n in os.listdir(cache))
+    second, log = sample(tmp_path / "b.png", cache)
+    np.testing.assert_array_equal(first, second)
+    assert "compilation cache hit for 'jit__run'" in log.lower()
+    _, log = sample(tmp_path / "c.png", "off")
+    assert "cache hit" not in log.lower()

@@ -241,6 +241,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    from diffjax import compile_cache
+
+    compile_cache.enable()
     if argv[0].startswith("--workdir"):
         try:
             return cmd_workdir(argv)

@@ -335,6 +335,9 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
 
 def main(argv: list[str]) -> int:
     workdir, options = parse_args(argv)
+    from diffjax import compile_cache
+
+    compile_cache.enable()
     server = Server(workdir, options, log=lambda msg: print(msg, flush=True)).start()
     stopping = threading.Event()
 
