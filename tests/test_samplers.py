@@ -59,7 +59,7 @@ def test_a_wrong_denoiser_fails_the_same_checks(truth_baseline):
     """The checks above have teeth: too few DPM-Solver++ steps on a uniform grid fail them."""
     truth, base = truth_baseline
     p = processes.get("vp")
-    x, _ = samplers.sample("dpm_solver++", MIXTURE.denoiser(p), p, jax.random.key(1), (N, 2), 10)
+    x, _ = samplers.sample("dpm_solver++", MIXTURE.denoiser(p), p, jax.random.key(1), (N, 2), 10, spacing="default")
     assert float(toy.sliced_wasserstein(x, truth, jax.random.key(7))) > 1.25 * base
 
 

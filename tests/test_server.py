@@ -98,6 +98,11 @@ def test_matches_the_offline_sampler(workdir, client):
         got = client.sample_response(6, sampler=sampler, num_steps=12, seed=7, labels=labels.tolist())
         assert got.nfe == (23 if sampler == "heun" else 12)
         np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg=sampler)
+    # a per-request option: DDIM at eta 0.5
+    want = snapshots.generate(config, graphdef, rest, process, state["ema"], 6, sampler="ddim", steps=12, seed=7,
+                              labels=jax.numpy.asarray(labels), eta=0.5)
+    got = client.sample_response(6, sampler="ddim", num_steps=12, seed=7, labels=labels.tolist(), options={"eta": 0.5})
+    np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg="ddim eta 0.5")
 
 
 def test_32_concurrent_clients_and_batch_independence(client):
@@ -150,6 +155,10 @@ BAD = [
     (dict(guidance_scale=2.0), "guidance_scale"), (dict(labels=[10]), "labels"), (dict(labels=[-2]), "labels"),
     (dict(labels=[1, 2]), "labels"), (dict(output=7), "output"),
     (dict(num_samples=300), "SampleStream"),  # 300 float32 samples > the 64 KiB message limit
+    (dict(sampler="ode"), "offline-only"),
+    (dict(sampler="dpm_solver++", options={"eta": 1.0}), "options"),
+    (dict(sampler="heun", options={"s_churn": 10.0}), "s_churn"),  # ddpm: no churn (no inverse noise level)
+    (dict(sampler="ddim", options={"eta": -1.0}), "eta"),
 ]
 
 
@@ -159,6 +168,8 @@ def test_bad_input_is_invalid_argument(client, fields, named):
     for k, v in fields.items():
         if k == "labels":
             req.labels.extend(v)
+        elif k == "options":
+            req.options.update(v)
         else:
             setattr(req, k, v)
     code, details = _code(lambda: client.stub.Sample(req, timeout=30))

@@ -51,13 +51,17 @@ class Client:
     @staticmethod
     def request(num_samples: int, *, sampler: str = "", num_steps: int = 0, seed: int = 0,
                 labels: Sequence[int] | None = None, guidance_scale: float | None = None,
-                output: str = "float32") -> pb.SampleRequest:
+                output: str = "float32", options: dict[str, float] | None = None) -> pb.SampleRequest:
+        """options: the sampler's per-request numeric options (ddim eta, pc snr, heun s_churn, s_tmin,
+        s_tmax, s_noise)."""
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {sorted(_OUTPUTS)}, got {output!r}")
         req = pb.SampleRequest(num_samples=num_samples, sampler=sampler, num_steps=num_steps, seed=seed,
                                labels=list(labels or []), output=_OUTPUTS[output])
         if guidance_scale is not None:
             req.guidance_scale = guidance_scale
+        for name, value in (options or {}).items():
+            req.options[name] = float(value)
         return req
 
     def sample(self, num_samples: int, *, timeout: float | None = None, **kwargs) -> np.ndarray:
@@ -123,8 +127,21 @@ def main(argv: list[str]) -> int:
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--labels", type=int, nargs="*", default=None)
             s.add_argument("--guidance_scale", type=float, default=None)
+            s.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                           help="a sampler option, repeatable: eta (ddim), snr (pc), s_churn / s_tmin / s_tmax / "
+                                "s_noise (heun)")
             s.add_argument("--out", default="grid.png", help="PNG grid (images) or scatter (2-D); .npz beside it")
     args = p.parse_args(argv)
+    options = {}
+    for item in getattr(args, "option", []):
+        name, sep, value = item.partition("=")
+        try:
+            options[name] = float(value) if sep and name else None
+        except ValueError:
+            options[name] = None
+        if options[name] is None:
+            p.error(f"--option must look like NAME=NUMBER, got {item!r}")
+    args.options = options
     root = open(args.tls_ca, "rb").read() if args.tls_ca else None
     with Client(args.addr, timeout=args.timeout, root_certificates=root) as client:
         try:
@@ -153,7 +170,8 @@ def _sample(client: Client, args) -> int:
     info = client.model_info()
     x = np.zeros((max(args.num, 0), *info.sample_shape), np.float32)
     for indices, batch in client.sample_stream(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
-                                               labels=args.labels, guidance_scale=args.guidance_scale):
+                                               labels=args.labels, guidance_scale=args.guidance_scale,
+                                               options=args.options):
         x[indices] = batch
     png, npz = snapshots.save_samples(x, args.out, (info.data_min, info.data_max))
     print(f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "

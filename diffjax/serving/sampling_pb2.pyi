@@ -17,7 +17,14 @@ FLOAT32: OutputFormat
 PNG: OutputFormat
 
 class SampleRequest(_message.Message):
-    __slots__ = ("num_samples", "sampler", "num_steps", "seed", "labels", "guidance_scale", "output")
+    __slots__ = ("num_samples", "sampler", "num_steps", "seed", "labels", "guidance_scale", "output", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +32,7 @@ class SampleRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     num_samples: int
     sampler: str
     num_steps: int
@@ -32,7 +40,8 @@ class SampleRequest(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[int]
     guidance_scale: float
     output: OutputFormat
-    def __init__(self, num_samples: _Optional[int] = ..., sampler: _Optional[str] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., output: _Optional[_Union[OutputFormat, str]] = ...) -> None: ...
+    options: _containers.ScalarMap[str, float]
+    def __init__(self, num_samples: _Optional[int] = ..., sampler: _Optional[str] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., options: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")

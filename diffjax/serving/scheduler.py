@@ -55,6 +55,7 @@ class Job:
     cancelled: bool = False
     checkpoint_step: int | None = None
     key: np.ndarray | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # per-request numeric sampler options
 
 
 class Scheduler:
@@ -170,7 +171,7 @@ class Scheduler:
                     if job.checkpoint_step is None:
                         job.checkpoint_step = self.checkpoint_step
                     admissions.append(Admission(slot, job.key, index, job.num_steps, job.sampler,
-                                                int(job.labels[index]), job.guidance_scale))
+                                                int(job.labels[index]), job.guidance_scale, job.options))
                     self._owner[slot] = (job, index)
                     job.admitted += 1
                     running[id(job)] += 1

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
-from diffjax.serving.engine import SAMPLER_KINDS, evaluations, time_grid
+from diffjax.serving.engine import served_steppers
 from diffjax.serving.scheduler import ADMISSION, Job, NotAccepting, QueueFull, Scheduler, wait_events
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Sampling"].full_name  # "diffjax.v1.Sampling"
@@ -60,8 +60,16 @@ class Model:
         self.num_classes = int(config.model.get("num_classes", 0) or 0)
         self.data_min, self.data_max = snapshots.data_range(config)
         self.max_steps = max_steps
-        self.default_sampler = config.sampling.sampler if config.sampling.sampler in SAMPLER_KINDS else "ddim"
+        clip_x0 = self.data_min, self.data_max
+        self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None,
+                                        process)
+        self.default_sampler = config.sampling.sampler if config.sampling.sampler in self.samplers else "ddim"
         self.default_steps = min(int(config.sampling.num_steps), max_steps)
+
+
+def m_nfe(model: Model, job: Job) -> int:
+    """Network evaluations per sample of a job (as samplers.sample reports its NFE)."""
+    return model.samplers[job.sampler].nfe(job.num_steps)
 
 
 class Servicer(pb_grpc.SamplingServicer):
@@ -80,8 +88,20 @@ class Servicer(pb_grpc.SamplingServicer):
         if not 1 <= n <= o.max_samples_per_request:
             bad(f"num_samples must be in [1, {o.max_samples_per_request}], got {n}")
         sampler = request.sampler or m.default_sampler
-        if sampler not in SAMPLER_KINDS:
-            bad(f"sampler must be one of {sorted(SAMPLER_KINDS)}, got {request.sampler!r}")
+        if sampler == "ode":
+            bad("sampler 'ode' (adaptive steps) is offline-only: use `diffjax sample`; the server serves "
+                f"{sorted(m.samplers)}")
+        if sampler not in m.samplers:
+            bad(f"sampler must be one of {sorted(m.samplers)}, got {request.sampler!r}")
+        options, takes = dict(request.options), self.scheduler.engine.dynamic[sampler]
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            bad(f"options {unknown} are not options of {sampler} on this model; it takes {list(takes) or 'none'}")
+        for name, value in options.items():
+            if not math.isfinite(value) and not (name == "s_tmax" and value == math.inf):
+                bad(f"options[{name!r}] must be finite, got {value}")
+            if name != "s_tmax" and value < 0:
+                bad(f"options[{name!r}] must be >= 0, got {value}")
         steps = request.num_steps or m.default_steps
         low = 2 if sampler == "heun" else 1  # heun: N grid points, 2N - 1 evaluations
         if not low <= steps <= m.max_steps:
@@ -112,8 +132,11 @@ class Servicer(pb_grpc.SamplingServicer):
             if size > o.max_message_bytes:
                 bad(f"num_samples={n} makes a {size}-byte response, over the server's max message size "
                     f"{o.max_message_bytes}; use SampleStream")
-        time_grid(m.process, steps)  # computed here (cached), not in the scheduler thread
-        return Job(n, sampler, steps, int(request.seed), labels, scale)
+        try:
+            self.scheduler.engine.grid(sampler, steps)  # computed here (cached), not in the scheduler thread
+        except ValueError as err:  # e.g. more steps than a discrete process has
+            bad(f"num_steps={steps} for {sampler}: {err}")
+        return Job(n, sampler, steps, int(request.seed), labels, scale, options=options)
 
     def _submit(self, request, context, *, unary: bool) -> Job:
         if not self.serving.is_set():
@@ -146,7 +169,7 @@ class Servicer(pb_grpc.SamplingServicer):
             out[indices] = xs
         if job.finished != job.num_samples:
             context.abort(grpc.StatusCode.CANCELLED, "request cancelled")
-        response = pb.SampleResponse(checkpoint_step=int(step), nfe=evaluations(job.sampler, job.num_steps))
+        response = pb.SampleResponse(checkpoint_step=int(step), nfe=m_nfe(self.model, job))
         self._fill(response, request.output, out)
         return response
 
@@ -160,7 +183,7 @@ class Servicer(pb_grpc.SamplingServicer):
     def GetModelInfo(self, request, context):
         m = self.model
         return pb.ModelInfo(config_json=m.config.to_json(), sample_shape=list(m.sample_shape),
-                            num_classes=m.num_classes, samplers=sorted(SAMPLER_KINDS),
+                            num_classes=m.num_classes, samplers=sorted(m.samplers),
                             default_sampler=m.default_sampler, default_steps=m.default_steps, max_steps=m.max_steps,
                             max_samples_per_request=self.options.max_samples_per_request,
                             checkpoint_step=self.scheduler.checkpoint_step, process=m.process.name,
@@ -247,10 +270,9 @@ class Server:
             max_steps = min(max_steps, int(process.num_scales))
         shape = trainer.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
-        clip_x0 = snapshots.data_range(config) if config.sampling.get("clip_x0", False) else None
         engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
-                        num_classes=self.model.num_classes, clip_x0=clip_x0)
-        time_grid(process, self.model.default_steps)
+                        num_classes=self.model.num_classes, served=self.model.samplers)
+        engine.grid(self.model.default_sampler, self.model.default_steps)
         self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests,
                                    admission=self.options.admission)
         self.servicer = Servicer(self.model, self.scheduler, self.options)
