@@ -51,11 +51,11 @@ def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -
 def generate(config, graphdef, rest, process, weights, num: int, *, sampler: str | None = None,
              steps: int | None = None, seed: int = 0, labels=None, guidance_scale=None, **opts) -> np.ndarray:
     """`num` samples from the network with params `weights`, clipped to the data range."""
-    from diffjax import trainer
+    from diffjax import network
 
-    den = trainer.network_denoiser(graphdef, rest, process, config, weights)
+    den = network.network_denoiser(graphdef, rest, process, config, weights)
     sampler, steps, opts = config_sampler(config, sampler, steps, opts)
-    shape = (num, *trainer.data_shape(config))
+    shape = (num, *network.data_shape(config))
     x, _ = samplers.sample(sampler, den, process, jax.random.PRNGKey(seed), shape, steps, cond=labels,
                            guidance_scale=guidance_scale, **opts)
     lo, hi = data_range(config)
@@ -91,7 +91,7 @@ class EvalLoss:
     """
 
     def __init__(self, config, graphdef, rest, process):
-        from diffjax import data, trainer
+        from diffjax import data, network, trainer
 
         mesh = trainer.make_mesh(config)
         it = data.make_iterator(config, "eval", seed=0)
@@ -102,7 +102,7 @@ class EvalLoss:
         t = config.training
 
         def loss(weights, batch):
-            den = trainer.network_denoiser(graphdef, rest, process, config, weights)
+            den = network.network_denoiser(graphdef, rest, process, config, weights)
             return losses.loss(t.loss, den, process, batch, jax.random.PRNGKey(0),
                                likelihood_weighting=bool(t.likelihood_weighting))
 
@@ -122,7 +122,7 @@ class Workdir:
         import ml_collections
         from etils import epath
 
-        from diffjax import trainer
+        from diffjax import network, trainer
 
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
@@ -132,12 +132,12 @@ class Workdir:
         mesh = trainer.make_mesh(self.config)
         if inference:  # shapes and shardings only: nothing is initialised or compiled
             self.abstract_state, self.shardings, self.graphdef, _ = trainer.state_layout(self.config, mesh)
-            self.rest = trainer.inference_rest(self.config)
+            self.rest = network.inference_rest(self.config)
         else:
             state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, mesh)
             self.abstract_state = jax.eval_shape(lambda s: s, state)
             del state
-        self.process = trainer.build_process(self.config)
+        self.process = network.build_process(self.config)
         self.manager = trainer.checkpoint_manager(workdir, async_save=False)
 
     def latest_step(self) -> int | None:

@@ -1,8 +1,7 @@
 """The pieces of training, as pure functions over a state pytree (big_vision style).
 
-- `build_process`, `network_denoiser`: the config's process and its network as a `Denoiser`
-  (EDM preconditioning included), shared by the train step, snapshots, `diffjax sample` and the
-  server.
+- `build_process`, `network_denoiser`, `abstract_model`, `data_shape`, `inference_rest`: from
+  `diffjax.network` (the config's process and its network as a `Denoiser`), re-exported.
 - `make_mesh`, `state_shardings`: a Mesh ("data", "fsdp") over all devices of all processes;
   the batch is split over both axes, params are replicated or FSDP-sharded by their
   `out_sharding` annotations (`config.training.fsdp`).
@@ -14,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
@@ -27,65 +25,20 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffjax import losses, models, processes
+from diffjax import losses, models
 from diffjax.augment import AUGMENT_DIM
-from diffjax.denoiser import Denoiser
-from diffjax.processes import EDM, Process, bcast
+from diffjax.network import (NetworkApply, abstract_model, build_process, data_shape,  # noqa: F401
+                             inference_rest, network_denoiser)
+from diffjax.processes import Process
 
 Array = jax.Array
+__all__ = ["NetworkApply", "abstract_model", "build_process", "data_shape", "inference_rest", "network_denoiser",
+           "make_mesh", "batch_sharding", "check_batch_size", "check_augmentation", "param_shardings",
+           "make_optimizer", "state_layout", "init_state", "make_train_step", "checkpoint_manager", "save", "restore"]
 BATCH_AXES = ("data", "fsdp")
 
 
-# ---- process and network ----------------------------------------------------------------------
-def build_process(config) -> Process:
-    params = {k: v for k, v in config.process.items() if k != "name"}
-    return processes.get(config.process.name, **params)
-
-
-@dataclasses.dataclass(frozen=True)
-class NetworkApply:
-    """apply(params=(weights, rest, dropout_key, augment_labels), x, t, cond) for a Flax NNX network.
-
-    augment_labels: EDM's augmentation labels of the batch being denoised (training with
-    data.augment_p > 0), or None (no augmentation: sampling, evaluation)."""
-
-    graphdef: Any
-    process: Process
-    train: bool = False
-
-    def __call__(self, params, x, t, cond):
-        weights, rest, dropout_key, augment_labels = params
-        model = nnx.merge(self.graphdef, nnx.State(weights), rest)
-        kw = dict(train=self.train, rngs=nnx.Rngs(dropout=dropout_key) if self.train else None)
-        if augment_labels is not None:
-            kw["augment_labels"] = augment_labels
-        cond_in = self.process.noise_cond(t)
-        if isinstance(self.process, EDM):  # D(x; s) = c_skip x + c_out F(c_in x; c_noise)
-            c_skip, c_out, c_in = (bcast(c, x) for c in self.process.precondition(t))
-            return c_skip * x + c_out * model(c_in * x, cond_in, cond, **kw)
-        return model(x, cond_in, cond, **kw)
-
-
-def network_denoiser(graphdef, rest, process: Process, config, weights, *, train: bool = False,
-                     dropout_key: Array | None = None, augment_labels: Array | None = None) -> Denoiser:
-    prediction = "x0" if isinstance(process, EDM) else config.model.prediction
-    key = jax.random.PRNGKey(0) if dropout_key is None else dropout_key
-    return Denoiser(NetworkApply(graphdef, process, train), (weights, rest, key, augment_labels), prediction)
-
-
-def abstract_model(config):
-    """(graphdef, abstract param State with its sharding annotations, abstract rest): no weights allocated."""
-    shape = data_shape(config)
-    graphdef, params, rest = nnx.split(models.abstract_model(config.model, (1, *shape)), nnx.Param, ...)
-    return graphdef, params, rest
-
-
-def data_shape(config) -> tuple[int, ...]:
-    if config.model.name == "mlp":
-        return (int(config.model.data_dim),)
-    return (int(config.data.image_size), int(config.data.image_size), int(config.data.num_channels))
-
-
+# ---- process and network: diffjax.network (re-exported here for the training code) ---------------
 # ---- sharding ---------------------------------------------------------------------------------
 def make_mesh(config) -> Mesh:
     devices = np.array(jax.devices())
@@ -163,19 +116,6 @@ def init_state(config, mesh: Mesh):
     replicated = NamedSharding(mesh, P())
     state, rest = jax.jit(create, out_shardings=(shardings, replicated))(jax.random.PRNGKey(int(config.seed)))
     return state, shardings, graphdef, rest
-
-
-def inference_rest(config):
-    """The network's non-parameter state (dropout RNG streams) for eval-mode use, without
-    initialising the network: keys are key(0), counters 0. Eval (train=False) never draws from them."""
-    _, _, abstract = abstract_model(config)
-
-    def make(leaf):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            return jnp.broadcast_to(jax.random.key(0), leaf.shape)
-        return jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree.map(make, abstract)
 
 
 def _state_shardings(abstract_state, p_shard, replicated):

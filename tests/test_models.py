@@ -299,3 +299,25 @@ def test_inference_groupnorm_matches_the_grouped_reduction():
     g = np.asarray(grouped).reshape(3, 64, norm.groups, 32 // norm.groups)
     np.testing.assert_allclose(g.mean(axis=(1, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(g.std(axis=(1, 3)), 1.0, atol=1e-3)
+
+
+def test_network_denoiser_wraps_edm_preconditioning():
+    """diffjax.network: on the edm process the Denoiser is EDMPrecond around the network,
+    D(x; s) = c_skip x + c_out F(c_in x; c_noise), of kind x0; elsewhere the network's own output."""
+    from diffjax import network
+
+    config = tiny("configs/edm/cifar10_ddpmpp.py")
+    graphdef, params, rest = nnx.split(models.create(config.model, 0), nnx.Param, ...)
+    process = network.build_process(config)
+    den = network.network_denoiser(graphdef, rest, process, config, params)
+    assert isinstance(den.apply, network.EDMPrecond) and den.prediction == "x0"
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 3))
+    t = jnp.asarray([0.5, 20.0])
+    c_skip, c_out, c_in = (c[:, None, None, None] for c in process.precondition(t))
+    model = nnx.merge(graphdef, params, rest)
+    want = c_skip * x + c_out * model(c_in * x, process.noise_cond(t))
+    np.testing.assert_allclose(np.asarray(den(x, t)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    vp_config = tiny("configs/vp/cifar10_ddpmpp_continuous.py")
+    g2, p2, r2 = nnx.split(models.create(vp_config.model, 0), nnx.Param, ...)
+    assert isinstance(network.network_denoiser(g2, r2, network.build_process(vp_config), vp_config, p2).apply,
+                      network.NetworkApply)

@@ -227,7 +227,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     devices; mean and standard error over examples; writes W/eval/bpd_step_N.json."""
     import jax
 
-    from diffjax import likelihood, snapshots, trainer
+    from diffjax import likelihood, network, snapshots, trainer
     from diffjax.snapshots import Workdir
 
     start = time.perf_counter()
@@ -242,7 +242,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     n_dev = mesh.devices.size
     batch = -(-args.batch_size // n_dev) * n_dev
     lo, hi = snapshots.data_range(w.config)
-    den = trainer.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
+    den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
     sharding = trainer.batch_sharding(mesh)
     per_pass = np.zeros((args.passes, len(images)))
     nfe = []

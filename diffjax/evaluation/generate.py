@@ -92,7 +92,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
     """Draw `num` samples of the EMA weights in `state` into `out_dir` (see the module docstring).
 
     `workdir` is a snapshots.Workdir; returns the protocol dict (also DIR/protocol.json)."""
-    from diffjax import snapshots, trainer
+    from diffjax import network, snapshots, trainer
 
     if num <= 0 or shard_size <= 0:
         raise ValueError(f"num and shard_size must be positive, got num={num}, shard_size={shard_size}")
@@ -101,7 +101,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
     config, process = workdir.config, workdir.process
     sampler, steps, opts = snapshots.config_sampler(config, sampler, steps, opts)
     num_classes = int(config.model.get("num_classes", 0))
-    shape = tuple(trainer.data_shape(config))
+    shape = tuple(network.data_shape(config))
     if len(shape) != 3:
         raise ValueError(f"--out_dir writes uint8 image shards; this workdir's data has shape {shape}")
     mesh = trainer.make_mesh(config)
@@ -115,7 +115,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
                     label=label, guidance_scale=guidance_scale, noise="fold_in(key(seed), global index)")
     _agree_protocol(out_dir, protocol)
 
-    den = trainer.network_denoiser(workdir.graphdef, workdir.rest, process, config, state["ema"])
+    den = network.network_denoiser(workdir.graphdef, workdir.rest, process, config, state["ema"])
     key = jax.random.PRNGKey(seed)
     sharding = trainer.batch_sharding(mesh)
     n_shards = math.ceil(num / shard_size)

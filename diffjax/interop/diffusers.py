@@ -188,11 +188,11 @@ def _weights_sha256(path: str) -> str:
 
 def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params as a nested dict of float32 numpy arrays); nothing is written."""
-    from diffjax import trainer
+    from diffjax import network
 
     source = find_source(src)
     config, notes = translate(source, base)
-    _, abstract, _ = trainer.abstract_model(config)
+    _, abstract, _ = network.abstract_model(config)
     state_dict = read_weights(source.weights_path)
     dtypes = sorted({str(v.dtype) for v in state_dict.values()})
     params = map_weights(state_dict, config.model.to_dict(), notes["family"], notes["flip_sin_to_cos"],
@@ -212,12 +212,12 @@ def load_diffusers(src: str, base: ml_collections.ConfigDict | None = None):
     sigma_min)^t), the prediction kind of ``denoiser.prediction``."""
     import jax
 
-    from diffjax import trainer
+    from diffjax import network
 
     config, params = load_params(src, base)
-    graphdef, _, _ = trainer.abstract_model(config)
+    graphdef, _, _ = network.abstract_model(config)
     weights = jax.tree.map(jax.numpy.asarray, params)
-    den = trainer.network_denoiser(graphdef, trainer.inference_rest(config), trainer.build_process(config), config,
+    den = network.network_denoiser(graphdef, network.inference_rest(config), network.build_process(config), config,
                                    weights)
     return config, den
 

@@ -258,7 +258,7 @@ class Server:
         return self
 
     def _load(self) -> None:
-        from diffjax import snapshots, trainer
+        from diffjax import network, snapshots
         from diffjax.serving.engine import Engine
 
         t0 = time.perf_counter()
@@ -268,7 +268,7 @@ class Server:
         max_steps = self.options.max_steps
         if process.discrete:
             max_steps = min(max_steps, int(process.num_scales))
-        shape = trainer.data_shape(config)
+        shape = network.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
         engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
                         num_classes=self.model.num_classes, served=self.model.samplers)
@@ -295,10 +295,10 @@ class Server:
 
     def _denoiser(self, ema_state):
         """The network with a restored checkpoint's EMA weights, as a diffjax Denoiser."""
-        from diffjax import trainer
+        from diffjax import network
 
         w = self.source
-        return trainer.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
+        return network.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
 
     def _watch_checkpoints(self) -> None:
         while not self._stop.wait(self.options.reload_s):
