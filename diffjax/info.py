@@ -4,23 +4,21 @@ Prints the config's network name, its parameter count (from nnx.eval_shape: no w
 allocated) and the training FLOPs per example: XLA's cost analysis of forward + backward of an
 eps-MSE loss, lowered with jax.ShapeDtypeStruct inputs only.
 
-`load_config(path, overrides)` is the config loader shared by the CLI tools: it uses
-ml_collections.config_flags (DEFINE_config_file, locked config), so overrides are type-checked
-and unknown keys are errors exactly as with `--config.a.b=value` on any absl program.
+The config loader is diffjax.configuration.load_config (re-exported here for older callers).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
+
+from diffjax.configuration import load_config
+
+__all__ = ["load_config", "input_shape", "training_flops", "main"]
 
 USAGE = """usage: diffjax info --config configs/X.py [--config.a.b=value ...] [--batch N]
 
@@ -28,35 +26,6 @@ Print the network of a config, its parameter count (abstract, no weights allocat
 training FLOPs per example (XLA cost analysis of forward + backward of an eps-MSE loss)."""
 
 
-def _add_config_root(path: str) -> None:
-    """Put the directory that holds the `configs` package on sys.path (configs import each other)."""
-    d = os.path.dirname(os.path.abspath(path))
-    while os.path.exists(os.path.join(d, "__init__.py")):
-        d = os.path.dirname(d)
-    if d not in sys.path:
-        sys.path.insert(0, d)
-
-
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load `path`'s get_config() and apply `--config.a.b=value` overrides (type-checked).
-
-    Raises FileNotFoundError for a missing file and ValueError (with absl's message) for an
-    unknown key, a wrong type or an argument that is not a `--config.` override."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        raise ValueError(f"overrides must look like --config.a.b=value, got {bad}")
-    _add_config_root(path)
-    argv = ["diffjax", f"--config={path}", *overrides]
-    fv = flags.FlagValues()
-    # sys_argv: config_flags defines the override flags from this list (default: sys.argv).
-    config_flags.DEFINE_config_file("config", default=path, flag_values=fv, lock_config=True, sys_argv=argv)
-    try:
-        fv(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        raise ValueError(f"bad config override in {list(overrides)}: {e}") from e
-    return fv.config
 
 
 def _split_args(argv: Sequence[str]) -> tuple[str | None, list[str], int]:

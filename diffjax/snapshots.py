@@ -1,4 +1,5 @@
-"""What the trainer does at snapshots and evals, and `diffjax sample` from a workdir.
+"""What the trainer does at snapshots and evals, and `diffjax sample` from a workdir
+(the workdir reader itself is diffjax.workdir; `Workdir` and `load_workdir` are re-exported).
 
 All functions run on every process (the arrays span all devices); only process 0 writes files.
 """
@@ -6,7 +7,6 @@ All functions run on every process (the arrays span all devices); only process 0
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,6 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import losses, plotting, processes, samplers
+from diffjax.workdir import Workdir, load_workdir
+
+__all__ = ["Workdir", "load_workdir", "data_range", "config_sampler", "generate", "save_samples", "sample_grid",
+           "EvalLoss", "main"]
 
 Array = jax.Array
 
@@ -113,58 +117,6 @@ class EvalLoss:
 
 
 # ---- `diffjax sample` -----------------------------------------------------------------------------
-class Workdir:
-    """A training workdir opened for reading: config, network definition, process and its checkpoints."""
-
-    def __init__(self, workdir: str, *, command: str = "diffjax sample", inference: bool = False):
-        """inference=True: for eval-mode use of restore(only=("ema",)) (sample, serve); the
-        network's dropout RNG state is a placeholder instead of the trained run's."""
-        import ml_collections
-        from etils import epath
-
-        from diffjax import network, trainer
-
-        path = epath.Path(workdir) / "config.json"  # local or gs://
-        if not path.exists():
-            raise SystemExit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
-        self.config = ml_collections.ConfigDict(json.loads(path.read_text()))
-        self.path, self.command = workdir, command
-        mesh = trainer.make_mesh(self.config)
-        if inference:  # shapes and shardings only: nothing is initialised or compiled
-            self.abstract_state, self.shardings, self.graphdef, _ = trainer.state_layout(self.config, mesh)
-            self.rest = network.inference_rest(self.config)
-        else:
-            state, self.shardings, self.graphdef, self.rest = trainer.init_state(self.config, mesh)
-            self.abstract_state = jax.eval_shape(lambda s: s, state)
-            del state
-        self.process = network.build_process(self.config)
-        self.manager = trainer.checkpoint_manager(workdir, async_save=False)
-
-    def latest_step(self) -> int | None:
-        """The newest finished checkpoint step on disk now (re-reads the directory)."""
-        self.manager.reload()
-        return self.manager.latest_step()
-
-    def restore(self, only: tuple[str, ...] | None = None):
-        """(state, step) of the newest readable checkpoint (just the `only` entries if given);
-        exits with a message if there is none."""
-        from diffjax import trainer
-
-        self.manager.reload()
-        restored, step = trainer.restore(self.manager, self.shardings, self.abstract_state, only=only)
-        if restored is None:
-            raise SystemExit(f"{self.command}: no readable checkpoint in {self.path}/checkpoints")
-        return restored, step
-
-
-def load_workdir(workdir: str, only: tuple[str, ...] | None = None):
-    """(config, graphdef, rest, process, state, step) from the latest readable checkpoint
-    (just the `only` entries of the state if given, e.g. ("ema",))."""
-    w = Workdir(workdir, inference=only == ("ema",))
-    state, step = w.restore(only=only)
-    return w.config, w.graphdef, w.rest, w.process, state, step
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffjax sample", description="Sample from the latest checkpoint (EMA).")
     parser.add_argument("--workdir", required=True)

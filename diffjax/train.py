@@ -158,10 +158,10 @@ def main(argv: list[str]) -> int:
     import jax
     import numpy as np
 
-    from diffjax import data, info, snapshots, trainer
+    from diffjax import configuration, data, snapshots, trainer
 
     try:
-        config = info.load_config(args.config, overrides)
+        config = configuration.load_config(args.config, overrides)
     except (OSError, ValueError) as err:  # a missing config file, a bad or unknown override
         print(f"diffjax train: {err}", file=sys.stderr)
         return 2

@@ -65,7 +65,7 @@ class Extractor:
 def reference_images(config_path: str | None, data: str | None, split: str, image_size: int | None,
                      data_dir: str | None) -> tuple[np.ndarray, str]:
     """Every image of a split the trainer reads, as uint8 (N, H, W, C), and its name."""
-    from diffjax.info import load_config
+    from diffjax.configuration import load_config
 
     if not config_path and not data:
         raise ValueError("give --config (a config's data block) or --data (a dataset name)")
@@ -170,7 +170,7 @@ def format_result(result: dict[str, Any]) -> str:
 def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     """Sample (or reuse) the newest checkpoint's set, compute the metrics, write W/eval/step_N.json."""
     from diffjax.evaluation import generate
-    from diffjax.snapshots import Workdir
+    from diffjax.workdir import Workdir
 
     start = time.perf_counter()
     w = Workdir(args.workdir, command="diffjax eval", inference=True)
@@ -228,7 +228,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     import jax
 
     from diffjax import likelihood, network, snapshots, trainer
-    from diffjax.snapshots import Workdir
+    from diffjax.workdir import Workdir
 
     start = time.perf_counter()
     w = Workdir(args.workdir, command="diffjax eval bpd", inference=True)

@@ -91,7 +91,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
                   **opts: Any) -> dict:
     """Draw `num` samples of the EMA weights in `state` into `out_dir` (see the module docstring).
 
-    `workdir` is a snapshots.Workdir; returns the protocol dict (also DIR/protocol.json)."""
+    `workdir` is a diffjax.workdir.Workdir; returns the protocol dict (also DIR/protocol.json)."""
     from diffjax import network, snapshots, trainer
 
     if num <= 0 or shard_size <= 0:

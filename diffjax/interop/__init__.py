@@ -19,10 +19,10 @@ __all__ = ["load_diffusers", "load_params", "import_diffusers", "default_config"
 
 def default_config() -> ml_collections.ConfigDict:
     """configs/default.py of the source tree: the base of an import without --config."""
-    from diffjax import info
+    from diffjax import configuration
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "configs", "default.py")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (diffjax installed without its configs): pass --config")
-    return info.load_config(path)
+    return configuration.load_config(path)

@@ -29,11 +29,11 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     if overrides and args.config is None:
         parser.error("--config.a.b=value overrides need --config BASE.py")
-    from diffjax import info
+    from diffjax import configuration
     from diffjax.interop import diffusers
 
     try:
-        base = info.load_config(args.config, overrides) if args.config else None
+        base = configuration.load_config(args.config, overrides) if args.config else None
         summary = diffusers.import_diffusers(args.src, args.workdir, base)
     except (OSError, ValueError) as err:  # missing files, unsupported model, bad weights, bad overrides
         print(f"diffjax import: {err}", file=sys.stderr)

@@ -258,11 +258,12 @@ class Server:
         return self
 
     def _load(self) -> None:
-        from diffjax import network, snapshots
+        from diffjax import network
         from diffjax.serving.engine import Engine
+        from diffjax.workdir import Workdir
 
         t0 = time.perf_counter()
-        self.source = snapshots.Workdir(self.workdir, command="diffjax serve", inference=True)
+        self.source = Workdir(self.workdir, command="diffjax serve", inference=True)
         state, step = self.source.restore(only=("ema",))
         config, process = self.source.config, self.source.process
         max_steps = self.options.max_steps

@@ -1,0 +1,48 @@
+"""Config files: `load_config(path, overrides)`, the one loader every CLI command uses.
+
+A config file is a Python module with `get_config()` returning an ml_collections.ConfigDict
+(configs/*.py, one per reproduction). Overrides are `--config.a.b=value` strings, parsed by
+ml_collections.config_flags on a locked config: types are checked and unknown keys are errors
+naming the key, exactly as with `--config.a.b=value` on any absl program.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+
+def _add_config_root(path: str) -> None:
+    """Put the directory that holds the `configs` package on sys.path (configs import each other)."""
+    d = os.path.dirname(os.path.abspath(path))
+    while os.path.exists(os.path.join(d, "__init__.py")):
+        d = os.path.dirname(d)
+    if d not in sys.path:
+        sys.path.insert(0, d)
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load `path`'s get_config() and apply `--config.a.b=value` overrides (type-checked).
+
+    Raises FileNotFoundError for a missing file and ValueError (with absl's message) for an
+    unknown key, a wrong type or an argument that is not a `--config.` override."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        raise ValueError(f"overrides must look like --config.a.b=value, got {bad}")
+    _add_config_root(path)
+    argv = ["diffjax", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    # sys_argv: config_flags defines the override flags from this list (default: sys.argv).
+    config_flags.DEFINE_config_file("config", default=path, flag_values=fv, lock_config=True, sys_argv=argv)
+    try:
+        fv(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        raise ValueError(f"bad config override in {list(overrides)}: {e}") from e
+    return fv.config
