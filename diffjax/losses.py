@@ -2,7 +2,8 @@
 
 Every loss draws t from the process (`sample_train_time`), forms x_t = alpha x0 + sigma eps,
 converts the denoiser's output (whatever its parametrisation) to the loss's target space and
-returns mean_batch[ w(t) * mean_dims (prediction - target)^2 ]:
+returns mean_batch[ w(t) * mean_dims (prediction - target)^2 ] (reduce_mean=False: score_sde's
+0.5 * sum_dims instead of mean_dims, as its VE configs train):
 
 - 'eps': DDPM's L_simple, target eps, w = 1 (Ho et al. 2020, eq. 14).
 - 'dsm': denoising score matching, target -eps / sigma, w = sigma^2 (score_sde), or g(t)^2 with
@@ -35,7 +36,7 @@ def drop_labels(key: Array, labels: Array, rate: float) -> Array:
 
 
 def loss(name: str, denoiser: Denoiser, process: Process, batch: dict, key: Array, *,
-         likelihood_weighting: bool = False, label_dropout: float = 0.0) -> Array:
+         likelihood_weighting: bool = False, label_dropout: float = 0.0, reduce_mean: bool = True) -> Array:
     """The scalar training loss `name` of `denoiser` on batch {"x": (B, ...), "label": (B,) optional}."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
@@ -63,5 +64,6 @@ def loss(name: str, denoiser: Denoiser, process: Process, batch: dict, key: Arra
         target, weight = bcast(alpha, eps) * eps - bcast(sigma, x0) * x0, jnp.ones_like(t)
     else:
         target, weight = x0, process.loss_weight(sigma)
-    per_example = jnp.mean(((out - target) ** 2).reshape(x0.shape[0], -1), axis=-1)
+    squared = ((out - target) ** 2).reshape(x0.shape[0], -1)
+    per_example = jnp.mean(squared, axis=-1) if reduce_mean else 0.5 * jnp.sum(squared, axis=-1)
     return jnp.mean(weight * per_example)

@@ -108,7 +108,8 @@ class EvalLoss:
         def loss(weights, batch):
             den = network.network_denoiser(graphdef, rest, process, config, weights)
             return losses.loss(t.loss, den, process, batch, jax.random.PRNGKey(0),
-                               likelihood_weighting=bool(t.likelihood_weighting))
+                               likelihood_weighting=bool(t.likelihood_weighting),
+                               reduce_mean=bool(t.get("reduce_mean", True)))
 
         self.loss = jax.jit(loss)
 

@@ -147,7 +147,7 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
                                    augment_labels=batch.get("augment"))
             return losses.loss(t.loss, den, process, batch, k_loss,
                                likelihood_weighting=bool(t.likelihood_weighting),
-                               label_dropout=float(t.label_dropout))
+                               label_dropout=float(t.label_dropout), reduce_mean=bool(t.get("reduce_mean", True)))
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -58,3 +58,15 @@ def test_bad_input_errors():
         losses.loss("edm", d, processes.get("vp"), batch, jax.random.key(0))
     with pytest.raises(ValueError, match="likelihood_weighting applies to the 'dsm' loss only"):
         losses.loss("eps", d, processes.get("vp"), batch, jax.random.key(0), likelihood_weighting=True)
+
+
+def test_reduce_mean_false_is_half_the_sum_over_dimensions():
+    """training.reduce_mean=False (score_sde's VE configs): 0.5 * sum over dimensions per example,
+    i.e. 0.5 D times the mean; the same draws otherwise."""
+    p = processes.get("ve")
+    den = MIXTURE.denoiser(p, "score")
+    family = _scaled(den)(1.2)
+    batch = {"x": MIXTURE.sample(jax.random.key(0), 256)}
+    mean = losses.loss("dsm", family, p, batch, jax.random.key(3))
+    summed = losses.loss("dsm", family, p, batch, jax.random.key(3), reduce_mean=False)
+    np.testing.assert_allclose(float(summed), 0.5 * MIXTURE.dim * float(mean), rtol=1e-5)
