@@ -45,4 +45,25 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         fv(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"bad config override in {list(overrides)}: {e}") from e
+    validate(fv.config)
     return fv.config
+
+
+# score_sde's keys whose only value diffjax implements: a config may carry them (score_sde users'
+# configs do), but another value is an error naming the key, never silently ignored.
+FIXED_VALUES = {
+    ("model", "normalization"): ("GroupNorm",),
+    ("model", "attention_type"): ("ddpm",),
+    ("model", "conv_size"): (3,),
+    ("sampling", "noise_removal"): (True,),  # every sampler ends with the denoising step to t = 0
+    ("sampling", "probability_flow"): (False,),  # the probability-flow ODE is the sampler 'ode'
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Refuse values of score_sde keys that diffjax does not implement (FIXED_VALUES)."""
+    for (section, key), allowed in FIXED_VALUES.items():
+        if section in config and key in config[section] and config[section][key] not in allowed:
+            hint = " (use the sampler 'ode' for the probability-flow ODE)" if key == "probability_flow" else ""
+            raise ValueError(f"config.{section}.{key}={config[section][key]!r} is not implemented; diffjax "
+                             f"supports {', '.join(map(repr, allowed))}{hint}")
