@@ -6,8 +6,15 @@ workdirs through diffjax.trainer's checkpoint functions.
 from __future__ import annotations
 
 import json
+import sys
 
 import jax
+
+
+def _exit(message: str):
+    """A CLI mistake: one line on stderr, exit status 2 (as every diffjax command's usage errors)."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 class Workdir:
@@ -23,7 +30,7 @@ class Workdir:
 
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
-            raise SystemExit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
+            _exit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
         self.config = ml_collections.ConfigDict(json.loads(path.read_text()))
         self.path, self.command = workdir, command
         mesh = trainer.make_mesh(self.config)
@@ -50,7 +57,7 @@ class Workdir:
         self.manager.reload()
         restored, step = trainer.restore(self.manager, self.shardings, self.abstract_state, only=only)
         if restored is None:
-            raise SystemExit(f"{self.command}: no readable checkpoint in {self.path}/checkpoints")
+            _exit(f"{self.command}: no readable checkpoint in {self.path}/checkpoints")
         return restored, step
 
 

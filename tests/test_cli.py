@@ -42,3 +42,11 @@ def test_train_config_mistakes_are_one_line(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1
     res = run("train", "--config", "configs/digits.py", "--workdir", str(tmp_path / "w"), "--config.model.nff=3")
     assert res.returncode == 2 and "nff" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_workdir_mistakes_are_one_line(tmp_path):
+    """sample / serve / eval on a directory that is not a workdir: one line naming it, exit 2."""
+    for command in ("sample", "serve", "eval"):
+        res = run(command, "--workdir", str(tmp_path / "none"))
+        assert res.returncode == 2 and "config.json not found" in res.stderr and "Traceback" not in res.stderr, command
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
