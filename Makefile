@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench bench-accel accel-wheels install clean bazel-test bazel-test-all
+.PHONY: demo test lint bench bench-accel accel-wheels install clean bazel-test bazel-test-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --sampler ancestral --steps 1000 --out samples.png
 	$(VENV)/bin/diffjax eval --workdir workdir/digits
 
-test: $(VENV)/.installed
+# make test: lint (ruff: pyflakes, pycodestyle, import order; pyproject [tool.ruff]), then the suite.
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check diffjax tests benchmarks tools launch configs
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'

@@ -193,8 +193,9 @@ def case_workdir(name: str, directory: str, quick: bool) -> dict:
 
 
 def case_server(model: str, args) -> dict:
-    from diffjax.serving.subprocess_server import ServerProcess
     from server import ensure_workdir, load
+
+    from diffjax.serving.subprocess_server import ServerProcess
 
     tmp = tempfile.mkdtemp(prefix="diffjax-accel-")
     if model == "digits":
@@ -220,7 +221,6 @@ def case_server(model: str, args) -> dict:
 
 def case_torch(mode: str, args) -> dict:
     import torch
-
     from train_step import diffusers_ddpm_unet, torch_train_step
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

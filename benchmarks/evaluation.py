@@ -39,9 +39,9 @@ def _best(fn, repeats):
 
 def inception_rows(num: int, batch: int, repeats: int, skip_torch: bool):
     import torch
+    from torch_peers import fid_inception_peer
 
     from diffjax.evaluation import inception, inception_weights
-    from torch_peers import fid_inception_peer
 
     torch.set_num_threads(os.cpu_count())
     net, inner = fid_inception_peer(seed=0)
@@ -78,10 +78,10 @@ def inception_rows(num: int, batch: int, repeats: int, skip_torch: bool):
 
 def generation_row(num: int, shard_size: int, steps: int):
     import jax
+    from server import ensure_workdir
 
     from diffjax.evaluation import generate
     from diffjax.snapshots import Workdir
-    from server import ensure_workdir
 
     workdir = ensure_workdir(None)
     w = Workdir(workdir, inference=True)

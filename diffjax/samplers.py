@@ -21,8 +21,8 @@ import numpy as np
 
 from diffjax import steppers
 from diffjax.denoiser import Denoiser, guided
-from diffjax.processes import Process, check_steps
 from diffjax.models.layers import inference_groupnorm
+from diffjax.processes import Process, check_steps
 
 posterior_step = steppers.posterior_step  # the DDPM posterior / DDIM step (re-exported)
 

@@ -220,7 +220,7 @@ def main(argv: list[str]) -> int:
         """Fetch pending losses; stop with the step number at the first non-finite one."""
         if not pending:
             return None
-        values = [(s0, np.asarray(jax.device_get(l))) for s0, l in pending]
+        values = [(s0, np.asarray(jax.device_get(loss))) for s0, loss in pending]
         pending.clear()
         for s0, arr in values:
             bad = np.flatnonzero(~np.isfinite(arr))

@@ -23,12 +23,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffjax import losses, models
 from diffjax.augment import AUGMENT_DIM
-from diffjax.network import (NetworkApply, abstract_model, build_process, data_shape,  # noqa: F401
-                             inference_rest, network_denoiser)
+from diffjax.network import NetworkApply, abstract_model, build_process, data_shape, inference_rest, network_denoiser  # noqa: F401
 from diffjax.processes import Process
 
 Array = jax.Array

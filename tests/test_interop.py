@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import torch_peers  # noqa: E402 (tests/ is on sys.path under pytest)
 
 torch = pytest.importorskip("torch")

@@ -38,7 +38,8 @@ def test_label_dropout_rate():
     dropped = losses.drop_labels(jax.random.key(0), labels, 0.2)
     rate = float(jnp.mean(dropped == dn.NULL_LABEL))
     assert rate == pytest.approx(0.2, abs=0.01)
-    np.testing.assert_array_equal(np.asarray(dropped)[np.asarray(dropped) != -1], np.asarray(labels)[np.asarray(dropped) != -1])
+    kept = np.asarray(dropped) != -1
+    np.testing.assert_array_equal(np.asarray(dropped)[kept], np.asarray(labels)[kept])
 
 
 def test_labels_reach_the_denoiser():

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from diffjax.serving import Client, protos, subprocess_server
 from diffjax.serving import sampling_pb2 as pb
-from diffjax.serving.client import png_to_numpy, tensor_to_numpy
+from diffjax.serving.client import tensor_to_numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOTS = 8
@@ -22,7 +22,8 @@ SLOTS = 8
 TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
         "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
         "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.model.num_classes=10", "--config.training.label_dropout=0.2",
+        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.model.num_classes=10",
+        "--config.training.label_dropout=0.2",
         "--config.sampling.num_steps=4", "--no_progress"]
 
 

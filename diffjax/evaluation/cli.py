@@ -234,7 +234,8 @@ def cmd_bpd(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"stats": cmd_stats, "bpd": cmd_bpd, "compare": cmd_compare, "convert-inception": cmd_convert, "digits": cmd_digits}
+COMMANDS = {"stats": cmd_stats, "bpd": cmd_bpd, "compare": cmd_compare, "convert-inception": cmd_convert,
+            "digits": cmd_digits}
 
 
 def main(argv: list[str]) -> int:

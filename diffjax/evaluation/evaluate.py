@@ -137,7 +137,8 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
             raise ValueError(f"{b} holds statistics only: it supports fid (and is of the first set), not "
                              f"{sorted(set(inception) - {'fid', 'is'})}")
         ref = stats.load_stats(b, expect_extractor=extractor.sha256)
-        result["reference"] = {"path": os.path.abspath(b), "sha256": file_sha256(b), "num_images": ref.meta.get("num_images")}
+        result["reference"] = {"path": os.path.abspath(b), "sha256": file_sha256(b),
+                               "num_images": ref.meta.get("num_images")}
     pool_a, logits_a = extractor.features(a)
     if "is" in metrics:
         result["is"], result["is_std"] = m.inception_score(logits_a)

@@ -240,8 +240,9 @@ def _leaves(ours: tuple, prefix: str, kind: str, flip_sin_cos: bool, has) -> lis
                    *_leaves(ours + ("proj",), f"{prefix}.to_out.0", "dense", False, has)])
     assert kind == "resblock", kind
     out = []
-    for name, theirs, k in (("norm1", "norm1", "norm"), ("conv1", "conv1", "conv"), ("temb_proj", "time_emb_proj", "dense"),
-                            ("norm2", "norm2", "norm"), ("conv2", "conv2", "conv"), ("shortcut", "conv_shortcut", "conv1x1")):
+    parts = (("norm1", "norm1", "norm"), ("conv1", "conv1", "conv"), ("temb_proj", "time_emb_proj", "dense"),
+             ("norm2", "norm2", "norm"), ("conv2", "conv2", "conv"), ("shortcut", "conv_shortcut", "conv1x1"))
+    for name, theirs, k in parts:
         if has(ours + (name, "bias")):
             out += _leaves(ours + (name,), f"{prefix}.{theirs}", k, False, has)
     return out

@@ -27,7 +27,6 @@ import numpy as np
 
 from diffjax.serving.engine import Admission, Engine, request_key
 
-
 ADMISSION = ("fifo", "fair")
 
 
