@@ -153,6 +153,9 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state["ema"], params)
+        if isinstance(tx, optax.MultiSteps):  # grad accumulation: the EMA moves only when params do
+            applied = tx.has_updated(opt_state)
+            ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state["ema"])
         new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state, "rng": rng}
         return new, loss
 

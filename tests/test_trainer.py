@@ -223,3 +223,30 @@ def test_data_workers_train_and_resume(tmp_path):
     assert max(steps_in(workdir)) == 8
     bad = run(train_cmd(tmp_path / "b", "--data_workers=-1"))
     assert bad.returncode == 2 and "--data_workers must be >= 0" in bad.stderr
+
+
+def test_ema_moves_only_when_grad_accumulation_applies_an_update():
+    """grad_accum_steps=4: params change at micro-steps 4 and 8 only, and the EMA equals the one
+    computed from those two applied updates (it used to move at every micro-step)."""
+    from diffjax import trainer
+    from diffjax.configuration import load_config
+
+    config = load_config(f"{ROOT}/configs/toy/eight_gaussians.py",
+                         ["--config.training.batch_size=32", "--config.training.grad_accum_steps=4",
+                          "--config.training.ema_rate=0.9", "--config.optim.warmup=0"])
+    mesh = trainer.make_mesh(config)
+    state, shardings, graphdef, rest = trainer.init_state(config, mesh)
+    step = trainer.make_train_step(config, graphdef, rest, trainer.build_process(config), shardings, mesh)
+    ema = jax.tree.map(np.asarray, state["ema"])
+    params = [jax.tree.map(np.asarray, state["params"])]
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        batch = {"x": rng.normal(size=(1, 32, 2)).astype(np.float32)}
+        state, _ = step(state, batch)
+        params.append(jax.tree.map(np.asarray, state["params"]))
+    moved = [i for i in range(1, 9) if not all(np.array_equal(a, b) for a, b in
+                                                zip(jax.tree.leaves(params[i]), jax.tree.leaves(params[i - 1])))]
+    assert moved == [4, 8]
+    for i in moved:
+        ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params[i])
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7), state["ema"], ema)
