@@ -61,7 +61,13 @@ FIXED_VALUES = {
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Refuse values of score_sde keys that diffjax does not implement (FIXED_VALUES)."""
+    """Refuse values diffjax cannot run: an EMA rate outside [0, 1), grad_accum_steps < 1, and
+    score_sde keys with a value diffjax does not implement (FIXED_VALUES)."""
+    training = config.get("training", {})
+    if "ema_rate" in training and not 0.0 <= float(training.ema_rate) < 1.0:
+        raise ValueError(f"training.ema_rate={training.ema_rate} must be in [0, 1) (0: the EMA is the raw params)")
+    if int(training.get("grad_accum_steps", 1)) < 1:
+        raise ValueError(f"training.grad_accum_steps={training.grad_accum_steps} must be >= 1")
     for (section, key), allowed in FIXED_VALUES.items():
         if section in config and key in config[section] and config[section][key] not in allowed:
             hint = " (use the sampler 'ode' for the probability-flow ODE)" if key == "probability_flow" else ""

@@ -125,6 +125,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
     (["--config.training.bogus=1"], 1, "bogus"),
     (["--config.data.augment_p=0.12"], 1, "data.augment_p=0.12 needs model.augment_dim=9"),
     (["--config.data.augment_p=2", "--config.model.augment_dim=9"], 1, "data.augment_p must be in [0, 1]"),
+    (["--config.training.ema_rate=1.5"], 1, "training.ema_rate=1.5 must be in [0, 1)"),
+    (["--config.training.grad_accum_steps=0"], 1, "training.grad_accum_steps=0 must be >= 1"),
 ])
 def test_bad_input_errors(tmp_path, extra, devices, message):
     res = run(train_cmd(tmp_path / "w", "--config.training.n_iters=2", *extra), devices=devices)
