@@ -108,6 +108,10 @@ class Stepper:
     def nfe(self, num_steps: int) -> int:
         return (num_steps - 1) * self.evals + self.evals_last
 
+    def draws_noise(self, options: dict) -> bool:
+        """Whether a run with these options (overriding the stepper's own) ever draws noise."""
+        return False
+
     def init(self, process: Process, x_T: Array, t0) -> dict:
         return {"x": x_T}
 
@@ -128,6 +132,9 @@ class DDIM(Stepper):
     dynamic: ClassVar[tuple[str, ...]] = ("eta",)
     eta: float = 0.0
     clip_x0: tuple[float, float] | None = None
+
+    def draws_noise(self, options: dict) -> bool:
+        return float(options.get("eta", self.eta)) != 0
 
     def update(self, process, state, out, sub, step, noise):
         x0 = out if self.clip_x0 is None else jnp.clip(out, *self.clip_x0)
@@ -171,6 +178,9 @@ class PC(Stepper):
         if int(self.n_steps_each) < 0:
             raise ValueError(f"pc n_steps_each must be >= 0, got {self.n_steps_each}")
 
+    def draws_noise(self, options: dict) -> bool:
+        return True
+
     @property
     def n_corr(self) -> int:
         return int(self.n_steps_each) if self.corrector == "langevin" else 0
@@ -190,7 +200,7 @@ class PC(Stepper):
 
         def corrector():  # Langevin at time t: evaluations sub < n_corr, noise code sub + 1
             z = noise(jnp.asarray(sub) + 1)
-            ratio = bcast(jnp.asarray(self.snr, x.dtype), self._norm(z)) * self._norm(z) / self._norm(score)
+            ratio = jnp.asarray(self.snr, x.dtype) * self._norm(z) / self._norm(score)
             size = bcast(2.0 * ratio**2, x) * (a_t / a_s) ** 2
             return x + size * score + jnp.sqrt(2.0 * size) * z
 
@@ -262,6 +272,9 @@ class Heun(Stepper):
     @property
     def evals_last(self) -> int:
         return 1
+
+    def draws_noise(self, options: dict) -> bool:
+        return float(options.get("s_churn", self.s_churn)) > 0
 
     def init(self, process, x_T, t0):
         a, _ = _coefs(process, t0, x_T)

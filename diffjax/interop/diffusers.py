@@ -17,7 +17,6 @@ through diffjax's restricted torch-zip reader), the network config is translated
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -178,17 +177,10 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
     return config, notes
 
 
-def _weights_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, dict]:
     """(config, params as a nested dict of float32 numpy arrays); nothing is written."""
     from diffjax import network
+    from diffjax.evaluation.inception_weights import file_sha256
 
     source = find_source(src)
     config, notes = translate(source, base)
@@ -199,7 +191,7 @@ def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tupl
                          abstract.to_pure_dict())
     config.source = ml_collections.ConfigDict(dict(
         format="diffusers", path=os.path.abspath(src), weights=os.path.basename(source.weights_path),
-        weights_sha256=_weights_sha256(source.weights_path), weights_dtypes=",".join(dtypes),
+        weights_sha256=file_sha256(source.weights_path), weights_dtypes=",".join(dtypes),
         scheduler=notes["scheduler"], family=notes["family"]))
     return config, params
 

@@ -233,14 +233,6 @@ class Engine:
     def free_slots(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.busy)]
 
-    def _noisy(self, stepper: steppers.Stepper, options: dict) -> int:
-        """Whether a slot of this stepper with these options ever draws noise."""
-        if isinstance(stepper, steppers.DDIM):
-            return int(float(options.get("eta", stepper.eta)) != 0)
-        if isinstance(stepper, steppers.Heun):
-            return int(float(options.get("s_churn", stepper.s_churn)) > 0)
-        return int(not isinstance(stepper, steppers.DPMSolverPP))
-
     def step(self, admissions: list[Admission] = (), free: list[int] = ()) -> list[tuple[int, np.ndarray]]:
         """Admit, free, advance one evaluation; returns (slot, sample) for every slot that finished."""
         b = self.batch_slots
@@ -261,7 +253,7 @@ class Engine:
             self.floats[a.slot, 4:] = 0.0
             for j, name in enumerate(self.dynamic[a.sampler]):
                 self.floats[a.slot, 4 + j] = float(a.options.get(name, getattr(stepper, name)))
-            self.noisy[a.slot] = self._noisy(stepper, a.options)
+            self.noisy[a.slot] = int(stepper.draws_noise(a.options))
             self.busy[a.slot], self.calls_done[a.slot] = True, 0
             self.num_calls[a.slot] = stepper.nfe(a.num_steps)
             self.slot_sampler[a.slot], self.slot_steps[a.slot] = a.sampler, a.num_steps
