@@ -3,8 +3,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LINT_PATHS := diffjax tests benchmarks tools launch configs
 
-.PHONY: demo test lint bench bench-accel accel-wheels install clean bazel-test bazel-test-all
+.PHONY: demo test lint format bench bench-accel accel-wheels install clean bazel-test bazel-test-all
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +23,18 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/diffjax sample --workdir workdir/digits --num 64 --sampler ancestral --steps 1000 --out samples.png
 	$(VENV)/bin/diffjax eval --workdir workdir/digits
 
-# make test: lint (ruff: pyflakes, pycodestyle, import order; pyproject [tool.ruff]), then the suite.
+# make test: lint (ruff check: pyflakes, pycodestyle, import order; ruff format --check; pyproject
+# [tool.ruff]), then the suite. `make format` rewrites the files ruff format would change.
 test: lint
 	$(PY) -m pytest -q tests
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check diffjax tests benchmarks tools launch configs
+	$(PY) -m ruff check $(LINT_PATHS)
+	$(PY) -m ruff format --check $(LINT_PATHS)
+
+format: $(VENV)/.installed
+	$(PY) -m ruff format $(LINT_PATHS)
+	$(PY) -m ruff check --fix $(LINT_PATHS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]'

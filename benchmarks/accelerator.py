@@ -41,8 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 CONFIGS = {"ddpm_cifar10": "configs/ddpm_cifar10.py", "ddpmpp_vp": "configs/vp/cifar10_ddpmpp_continuous.py"}
 # --quick: the same code paths on networks small enough for a CPU
-QUICK_MODEL = {"ddpm_cifar10": ["--config.model.nf=32"],
-               "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"]}
+QUICK_MODEL = {
+    "ddpm_cifar10": ["--config.model.nf=32"],
+    "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"],
+}
 # Datasheet dense peaks in FLOP/s: (bfloat16, float32 as the device runs it by default).
 PEAKS = {
     "H100": (989.4e12, 494.7e12),  # SXM; f32 matmuls run as TF32 by default on NVIDIA
@@ -104,8 +106,9 @@ def case_train(name: str, dtype: str, args) -> dict:
     from diffjax.info import training_flops
 
     n_dev = jax.device_count()
-    config = _config(name, args.quick, [f"--config.model.dtype={dtype}",
-                                        f"--config.training.batch_size={args.batch * n_dev}"])
+    config = _config(
+        name, args.quick, [f"--config.model.dtype={dtype}", f"--config.training.batch_size={args.batch * n_dev}"]
+    )
     mesh = trainer.make_mesh(config)
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
     process = trainer.build_process(config)
@@ -131,12 +134,26 @@ def case_train(name: str, dtype: str, args) -> dict:
         peak, peak_src = _matmul_rate("float32", 2048 if args.quick else 4096) * n_dev, "measured f32 jnp.dot"
     params = models.param_count(state["params"])
     peak_total = peak * n_dev if "datasheet" in peak_src else peak
-    floats = [a for k in ("params", "ema", "opt_state") for a in jax.tree.leaves(state[k])
-              if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)]
-    return dict(params=params, batch=args.batch * n_dev, ms_per_step=sec * 1e3, img_s=args.batch * n_dev / sec,
-                tflops=flops / sec / 1e12, mfu=flops / sec / peak_total, peak_src=peak_src, peak_flops=peak_total,
-                flops_per_img=flops / (args.batch * n_dev), peak_mem_gib=_gib(_peak_memory()),
-                compile_s=compile_s, state_dtypes=sorted({str(a.dtype) for a in floats}))
+    floats = [
+        a
+        for k in ("params", "ema", "opt_state")
+        for a in jax.tree.leaves(state[k])
+        if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)
+    ]
+    return dict(
+        params=params,
+        batch=args.batch * n_dev,
+        ms_per_step=sec * 1e3,
+        img_s=args.batch * n_dev / sec,
+        tflops=flops / sec / 1e12,
+        mfu=flops / sec / peak_total,
+        peak_src=peak_src,
+        peak_flops=peak_total,
+        flops_per_img=flops / (args.batch * n_dev),
+        peak_mem_gib=_gib(_peak_memory()),
+        compile_s=compile_s,
+        state_dtypes=sorted({str(a.dtype) for a in floats}),
+    )
 
 
 def case_sample(sampler: str, dtype: str, args) -> dict:
@@ -168,8 +185,15 @@ def case_sample(sampler: str, dtype: str, args) -> dict:
         times.append(time.perf_counter() - t0)
     assert np.isfinite(np.asarray(x)).all()
     sec = statistics.median(times)
-    return dict(batch=args.sample_batch, steps=steps, nfe=info["nfe"], samples_s=args.sample_batch / sec,
-                s_per_batch=sec, first_call_s=first_s, peak_mem_gib=_gib(_peak_memory()))
+    return dict(
+        batch=args.sample_batch,
+        steps=steps,
+        nfe=info["nfe"],
+        samples_s=args.sample_batch / sec,
+        s_per_batch=sec,
+        first_call_s=first_s,
+        peak_mem_gib=_gib(_peak_memory()),
+    )
 
 
 def case_workdir(name: str, directory: str, quick: bool) -> dict:
@@ -185,8 +209,7 @@ def case_workdir(name: str, directory: str, quick: bool) -> dict:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    with ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")),
-                               item_names=("state",)) as manager:
+    with ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")), item_names=("state",)) as manager:
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         manager.wait_until_finished()
     return dict(params=int(sum(a.size for a in jax.tree.leaves(state["params"]))))
@@ -211,12 +234,18 @@ def case_server(model: str, args) -> dict:
         with ServerProcess(workdir, *flags, cwd=ROOT, timeout=600) as server:
             start_s = time.perf_counter() - t0
             r = load(server.addr, args.clients, samples, args.server_steps, deadline_s=600)
-        rows[str(slots)] = dict(samples_s=r["samples_per_s"], p50_s=r["p50"], p99_s=r["p99"],
-                                step_calls=r["steps_run"], start_s=start_s)
+        rows[str(slots)] = dict(
+            samples_s=r["samples_per_s"], p50_s=r["p50"], p99_s=r["p99"], step_calls=r["steps_run"], start_s=start_s
+        )
         print(f"  {model} batch_slots={slots}: {r['samples_per_s']:.1f} samples/s", file=sys.stderr, flush=True)
     base = rows[str(args.slots[0])]["samples_s"]
-    return dict(clients=args.clients, samples_per_client=samples, steps=args.server_steps, slots=rows,
-                best_ratio=max(r["samples_s"] for r in rows.values()) / base)
+    return dict(
+        clients=args.clients,
+        samples_per_client=samples,
+        steps=args.server_steps,
+        slots=rows,
+        best_ratio=max(r["samples_s"] for r in rows.values()) / base,
+    )
 
 
 def case_torch(mode: str, args) -> dict:
@@ -244,8 +273,15 @@ def case_torch(mode: str, args) -> dict:
     sec = (time.perf_counter() - t0) / args.steps
     assert torch.isfinite(loss).item()
     mem = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    return dict(params=n_params, batch=args.batch, ms_per_step=sec * 1e3, img_s=args.batch / sec,
-                peak_mem_gib=_gib(mem), warmup_s=compile_s, version=f"torch {torch.__version__}")
+    return dict(
+        params=n_params,
+        batch=args.batch,
+        ms_per_step=sec * 1e3,
+        img_s=args.batch / sec,
+        peak_mem_gib=_gib(mem),
+        warmup_s=compile_s,
+        version=f"torch {torch.__version__}",
+    )
 
 
 def case_inception(args) -> dict:
@@ -255,8 +291,12 @@ def case_inception(args) -> dict:
     from diffjax.evaluation import inception
 
     rng = np.random.default_rng(0)
-    weights = {k: (rng.uniform(0.5, 1.5, s) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, s))
-               .astype(np.float32) for k, s in inception.state_dict_shapes().items()}
+    weights = {
+        k: (rng.uniform(0.5, 1.5, s) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, s)).astype(
+            np.float32
+        )
+        for k, s in inception.state_dict_shapes().items()
+    }
     model = inception.create(weights)
     batch = 8 if args.quick else args.inception_batch
     images = rng.integers(0, 256, (batch * (1 if args.quick else 4), 32, 32, 3), dtype=np.uint8)
@@ -269,15 +309,27 @@ def case_inception(args) -> dict:
         pool, _ = inception.features(model, images, batch)
         times.append(time.perf_counter() - t0)
     assert np.isfinite(pool).all()
-    return dict(batch=batch, num=len(images),
-                features_s=len(images) / min(times), first_call_s=first_s, peak_mem_gib=_gib(_peak_memory()))
+    return dict(
+        batch=batch,
+        num=len(images),
+        features_s=len(images) / min(times),
+        first_call_s=first_s,
+        peak_mem_gib=_gib(_peak_memory()),
+    )
 
 
 def case_info(args) -> dict:
     import jax
 
-    return dict(backend=jax.default_backend(), devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
-                jax=jax.__version__, cpus=os.cpu_count(), quick=args.quick, date=time.strftime("%Y-%m-%d"))
+    return dict(
+        backend=jax.default_backend(),
+        devices=jax.device_count(),
+        device_kind=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        cpus=os.cpu_count(),
+        quick=args.quick,
+        date=time.strftime("%Y-%m-%d"),
+    )
 
 
 def _gib(n):
@@ -298,11 +350,19 @@ def _plan(args) -> list[list[str]]:
 
 
 def _forward(args) -> list[str]:
-    out = [f"--batch={args.batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-           f"--sample_batch={args.sample_batch}", f"--ddim_steps={args.ddim_steps}",
-           f"--heun_steps={args.heun_steps}", f"--clients={args.clients}", f"--server_steps={args.server_steps}",
-           f"--inception_batch={args.inception_batch}",
-           "--slots", *map(str, args.slots)]
+    out = [
+        f"--batch={args.batch}",
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--sample_batch={args.sample_batch}",
+        f"--ddim_steps={args.ddim_steps}",
+        f"--heun_steps={args.heun_steps}",
+        f"--clients={args.clients}",
+        f"--server_steps={args.server_steps}",
+        f"--inception_batch={args.inception_batch}",
+        "--slots",
+        *map(str, args.slots),
+    ]
     if args.server_samples_per_client:
         out.append(f"--server_samples_per_client={args.server_samples_per_client}")
     return out + (["--quick"] if args.quick else [])
@@ -315,22 +375,28 @@ def _run_case(case: list[str], args, env=None) -> dict:
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.case_timeout)
     except subprocess.TimeoutExpired as err:
-        tail = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-6:] if isinstance(
-            err.stderr, bytes) else (err.stderr or "").strip().splitlines()[-6:]
+        tail = (
+            (err.stderr or b"").decode(errors="replace").strip().splitlines()[-6:]
+            if isinstance(err.stderr, bytes)
+            else (err.stderr or "").strip().splitlines()[-6:]
+        )
         return dict(error=f"timed out after {args.case_timeout} s: " + " | ".join(tail))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
         return dict(error=f"exit {proc.returncode}: " + " | ".join(tail))
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     result["wall_s"] = time.perf_counter() - t0
     return result
 
 
 def _peer_mfu(res: dict, results: list[dict]) -> None:
     """The peer's TFLOP/s and MFU from the same network's FLOPs and bf16 peak (the JAX train rows)."""
-    ref = [r["result"] for r in results if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"]
-           and "flops_per_img" in r["result"]]
+    ref = [
+        r["result"]
+        for r in results
+        if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"] and "flops_per_img" in r["result"]
+    ]
     if ref:
         res["tflops"] = res["img_s"] * ref[0]["flops_per_img"] / 1e12
         res["mfu"] = res["tflops"] * 1e12 / ref[0]["peak_flops"]
@@ -348,29 +414,42 @@ def print_table(results: list[dict]) -> None:
         if "error" in res or "skipped" in res:
             print(f"| {name} | | | | | | | {res.get('error') or res.get('skipped')} |")
         elif r["case"][0] == "train":
-            print(f"| {name} | {res['params'] / 1e6:.1f}M, batch {res['batch']} | {res['img_s']:,.0f} | "
-                  f"{res['ms_per_step']:.1f} | {res['mfu']:.1%} | {_fmt(res['peak_mem_gib'], '.2f')} | "
-                  f"{res['compile_s']:.1f} | {res['tflops']:.1f} TFLOP/s vs {res['peak_src']} |")
+            print(
+                f"| {name} | {res['params'] / 1e6:.1f}M, batch {res['batch']} | {res['img_s']:,.0f} | "
+                f"{res['ms_per_step']:.1f} | {res['mfu']:.1%} | {_fmt(res['peak_mem_gib'], '.2f')} | "
+                f"{res['compile_s']:.1f} | {res['tflops']:.1f} TFLOP/s vs {res['peak_src']} |"
+            )
         elif r["case"][0] == "sample":
-            print(f"| {name} | batch {res['batch']}, nfe {res['nfe']} | {res['samples_s']:,.1f} | | | "
-                  f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | {res['s_per_batch']:.2f} s/batch |")
+            print(
+                f"| {name} | batch {res['batch']}, nfe {res['nfe']} | {res['samples_s']:,.1f} | | | "
+                f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | {res['s_per_batch']:.2f} s/batch |"
+            )
         elif r["case"][0] == "inception":
-            print(f"| {name} (FID Inception-v3, 32->299) | batch {res['batch']} | {res['features_s']:,.1f} | | | "
-                  f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | features/s |")
+            print(
+                f"| {name} (FID Inception-v3, 32->299) | batch {res['batch']} | {res['features_s']:,.1f} | | | "
+                f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['first_call_s']:.1f} | features/s |"
+            )
         elif r["case"][0] == "torch":
-            print(f"| {name} (diffusers, bf16 autocast) | {res['params'] / 1e6:.1f}M, batch {res['batch']} | "
-                  f"{res['img_s']:,.0f} | {res['ms_per_step']:.1f} | {_fmt(res.get('mfu'), '.1%')} | "
-                  f"{_fmt(res['peak_mem_gib'], '.2f')} | "
-                  f"{res['warmup_s']:.1f} | {res['version']} |")
+            print(
+                f"| {name} (diffusers, bf16 autocast) | {res['params'] / 1e6:.1f}M, batch {res['batch']} | "
+                f"{res['img_s']:,.0f} | {res['ms_per_step']:.1f} | {_fmt(res.get('mfu'), '.1%')} | "
+                f"{_fmt(res['peak_mem_gib'], '.2f')} | "
+                f"{res['warmup_s']:.1f} | {res['version']} |"
+            )
         elif r["case"][0] == "server":
             for slots, s in res["slots"].items():
                 label = "max-batch 1" if slots == "1" else f"{slots} slots"
-                print(f"| server {r['case'][1]} {label} | {res['clients']} clients x {res['samples_per_client']}, "
-                      f"{res['steps']}-step DDIM | {s['samples_s']:,.1f} | | | | {s['start_s']:.1f} | "
-                      f"p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s |")
+                print(
+                    f"| server {r['case'][1]} {label} | {res['clients']} clients x {res['samples_per_client']}, "
+                    f"{res['steps']}-step DDIM | {s['samples_s']:,.1f} | | | | {s['start_s']:.1f} | "
+                    f"p50 {s['p50_s']:.2f} s, p99 {s['p99_s']:.2f} s |"
+                )
             print(f"| server {r['case'][1]} best / max-batch 1 | | {res['best_ratio']:.1f}x | | | | | |")
-    jax_bf16 = [r["result"].get("img_s") for r in results
-                if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"] and "img_s" in r["result"]]
+    jax_bf16 = [
+        r["result"].get("img_s")
+        for r in results
+        if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"] and "img_s" in r["result"]
+    ]
     peer = [r["result"]["img_s"] for r in results if r["case"][0] == "torch" and "img_s" in r["result"]]
     if jax_bf16 and peer:
         print(f"\nddpm_cifar10 bf16 train: diffjax / best PyTorch peer = {jax_bf16[0] / max(peer):.2f}x")
@@ -378,8 +457,11 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="train,sample,inception,server,torch",
-                   help="comma-separated subset of train,sample,inception,server,torch")
+    p.add_argument(
+        "--only",
+        default="train,sample,inception,server,torch",
+        help="comma-separated subset of train,sample,inception,server,torch",
+    )
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--train_configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--samplers", default="ddim,heun", help="comma-separated subset of ddim,heun")
@@ -401,9 +483,18 @@ def main(argv=None) -> int:
     p.add_argument("--case", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
-    defaults = dict(batch=(4, 128), steps=(2, 50), warmup=(1, 5), sample_batch=(4, 1024), ddim_steps=(4, 100),
-                    heun_steps=(3, 18), clients=(4, 64), server_steps=(5, 50), slots=([1, 4], [1, 128]),
-                    server_models=("digits", "digits,ddpm_cifar10"))
+    defaults = dict(
+        batch=(4, 128),
+        steps=(2, 50),
+        warmup=(1, 5),
+        sample_batch=(4, 1024),
+        ddim_steps=(4, 100),
+        heun_steps=(3, 18),
+        clients=(4, 64),
+        server_steps=(5, 50),
+        slots=([1, 4], [1, 128]),
+        server_models=("digits", "digits,ddpm_cifar10"),
+    )
     for k, (quick, full) in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
@@ -415,10 +506,16 @@ def main(argv=None) -> int:
     if set(args.dtypes) - {"float32", "bfloat16"}:
         p.error(f"--dtypes: each must be float32 or bfloat16, got {args.dtypes}")
     args.server_models = [s.strip() for s in args.server_models.split(",")]
-    for name, allowed in (("train_configs", tuple(CONFIGS)), ("samplers", ("ddim", "heun")),
-                          ("server_models", ("digits", "ddpm_cifar10"))):
-        value = [v.strip() for v in getattr(args, name).split(",")] if isinstance(getattr(args, name), str) \
+    for name, allowed in (
+        ("train_configs", tuple(CONFIGS)),
+        ("samplers", ("ddim", "heun")),
+        ("server_models", ("digits", "ddpm_cifar10")),
+    ):
+        value = (
+            [v.strip() for v in getattr(args, name).split(",")]
+            if isinstance(getattr(args, name), str)
             else getattr(args, name)
+        )
         if not value or set(value) - set(allowed):
             p.error(f"--{name}: each must be one of {','.join(allowed)}, got {','.join(value)}")
         setattr(args, name, value)
@@ -427,10 +524,15 @@ def main(argv=None) -> int:
 
     if args.case:
         kind, *rest = args.case
-        fn = {"train": lambda: case_train(*rest, args), "sample": lambda: case_sample(*rest, args),
-              "workdir": lambda: case_workdir(*rest, q), "server": lambda: case_server(*rest, args),
-              "torch": lambda: case_torch(*rest, args), "inception": lambda: case_inception(args),
-              "info": lambda: case_info(args)}[kind]
+        fn = {
+            "train": lambda: case_train(*rest, args),
+            "sample": lambda: case_sample(*rest, args),
+            "workdir": lambda: case_workdir(*rest, q),
+            "server": lambda: case_server(*rest, args),
+            "torch": lambda: case_torch(*rest, args),
+            "inception": lambda: case_inception(args),
+            "info": lambda: case_info(args),
+        }[kind]
         try:
             result = fn()
         except ImportError as err:
@@ -439,8 +541,11 @@ def main(argv=None) -> int:
         return 0
 
     info = _run_case(["info"], args)  # the driver itself never touches the device (no memory held)
-    print(f"{info['device_kind']} x{info['devices']} ({info['backend']}), jax {info['jax']}, {info['cpus']} cpus"
-          + (", --quick" if q else ""), flush=True)
+    print(
+        f"{info['device_kind']} x{info['devices']} ({info['backend']}), jax {info['jax']}, {info['cpus']} cpus"
+        + (", --quick" if q else ""),
+        flush=True,
+    )
     results = []
     for case in _plan(args):
         print(f"-- {' '.join(case)}", flush=True)

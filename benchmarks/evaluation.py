@@ -63,7 +63,7 @@ def inception_rows(num: int, batch: int, repeats: int, skip_torch: bool):
         out = []
         with torch.no_grad():
             for i in range(0, num, batch):
-                x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 255
+                x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255
                 out.append(net(x)[0].flatten(1))
         return torch.cat(out).numpy()
 
@@ -88,8 +88,9 @@ def generation_row(num: int, shard_size: int, steps: int):
     state, step = w.restore(only=("ema",))
     out = tempfile.mkdtemp(prefix="diffjax-gen-")
     t0 = time.perf_counter()
-    protocol = generate.write_samples(w, state, step, out, num, sampler="ddim", steps=steps,
-                                      shard_size=shard_size, progress=False)
+    protocol = generate.write_samples(
+        w, state, step, out, num, sampler="ddim", steps=steps, shard_size=shard_size, progress=False
+    )
     wall = time.perf_counter() - t0
     return dict(num=num, wall=wall, samples_s=num / wall, nfe=protocol["nfe"], devices=jax.device_count())
 
@@ -113,13 +114,17 @@ def main() -> None:
     for name, med, best, first in rows:
         print(f"| {name} | {med:.1f} | {best:.1f} | {first:.1f} |")
     if diff is not None:
-        print(f"\nratio diffjax / pytorch-fid (median): {rows[0][1] / rows[1][1]:.2f}; "
-              f"max |pool3 difference| / max |pool3| = {diff:.1e}")
+        print(
+            f"\nratio diffjax / pytorch-fid (median): {rows[0][1] / rows[1][1]:.2f}; "
+            f"max |pool3 difference| / max |pool3| = {diff:.1e}"
+        )
     if args.gen_num:
         g = generation_row(args.gen_num, min(1000, args.gen_num), args.gen_steps)
-        print(f"\n`diffjax sample --out_dir` on the digits model (ddim, {args.gen_steps} steps, NFE {g['nfe']}, "
-              f"{g['devices']} device(s)): {g['num']} samples in {g['wall']:.1f} s = {g['samples_s']:.0f} samples/s "
-              "(compile included)")
+        print(
+            f"\n`diffjax sample --out_dir` on the digits model (ddim, {args.gen_steps} steps, NFE {g['nfe']}, "
+            f"{g['devices']} device(s)): {g['num']} samples in {g['wall']:.1f} s = {g['samples_s']:.0f} samples/s "
+            "(compile included)"
+        )
 
 
 if __name__ == "__main__":

@@ -32,11 +32,19 @@ def _time(fn, repeats):
 def ours(mixture, truth, num, repeats):
     rows = []
     cases = [
-        ("ancestral", "ddpm", 1000, {}), ("ancestral", "ddpm", 100, {}), ("ddim", "ddpm", 50, {}),
-        ("ddim", "vp", 50, {"spacing": "logsnr"}), ("pc", "ve", 500, {}), ("pc", "ve", 1000, {}),
-        ("ode", "vp", 10, {}), ("dpm_solver++", "vp", 10, {}), ("dpm_solver++", "vp", 10, {"spacing": "logsnr"}),
-        ("dpm_solver++", "vp", 20, {"spacing": "logsnr"}), ("dpm_solver++", "edm", 20, {"spacing": "logsnr"}),
-        ("heun", "edm", 18, {}), ("heun", "vp", 18, {"spacing": "karras"}),
+        ("ancestral", "ddpm", 1000, {}),
+        ("ancestral", "ddpm", 100, {}),
+        ("ddim", "ddpm", 50, {}),
+        ("ddim", "vp", 50, {"spacing": "logsnr"}),
+        ("pc", "ve", 500, {}),
+        ("pc", "ve", 1000, {}),
+        ("ode", "vp", 10, {}),
+        ("dpm_solver++", "vp", 10, {}),
+        ("dpm_solver++", "vp", 10, {"spacing": "logsnr"}),
+        ("dpm_solver++", "vp", 20, {"spacing": "logsnr"}),
+        ("dpm_solver++", "edm", 20, {"spacing": "logsnr"}),
+        ("heun", "edm", 18, {}),
+        ("heun", "vp", 18, {"spacing": "karras"}),
     ]
     for name, pname, steps, opts in cases:
         p = processes.get(pname)
@@ -60,8 +68,14 @@ def diffusers_ancestral(mixture, truth, num, repeats):
     means = torch.tensor(np.asarray(mixture.means))
     stds = torch.tensor(np.asarray(mixture.stds))
     logw = torch.log(torch.tensor(np.asarray(mixture.weights)))
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                          clip_sample=False, variance_type="fixed_small")
+    sched = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        variance_type="fixed_small",
+    )
 
     def exact_eps(x, t):  # the same closed form as diffjax.toy, diffusers' step t is our step t + 1
         abar = sched.alphas_cumprod[t]
@@ -97,8 +111,12 @@ def main():
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}, jax {jax.__version__}")
     for num in args.num:
         truth = mixture.sample(jax.random.key(100), num)
-        floor = np.mean([float(toy.sliced_wasserstein(mixture.sample(jax.random.key(200 + i), num), truth,
-                                                      jax.random.key(7))) for i in range(10)])
+        floor = np.mean(
+            [
+                float(toy.sliced_wasserstein(mixture.sample(jax.random.key(200 + i), num), truth, jax.random.key(7)))
+                for i in range(10)
+            ]
+        )
         rows = ours(mixture, truth, num, args.repeats)
         try:
             rows.append(diffusers_ancestral(mixture, truth, num, args.repeats))
@@ -112,8 +130,10 @@ def main():
         ours_1000 = next(r for r in rows if r[0] == "diffjax ancestral" and r[2] == 1000)
         peer = [r for r in rows if r[0].startswith("diffusers")]
         if peer:
-            print(f"1000-step ancestral speed-up over diffusers' loop: {peer[0][5] / ours_1000[5]:.1f}x "
-                  f"(steady state), {peer[0][5] / ours_1000[4]:.1f}x (including our compile)")
+            print(
+                f"1000-step ancestral speed-up over diffusers' loop: {peer[0][5] / ours_1000[5]:.1f}x "
+                f"(steady state), {peer[0][5] / ours_1000[4]:.1f}x (including our compile)"
+            )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,23 @@ def ensure_workdir(workdir: str | None) -> str:
         return workdir
     workdir = workdir or os.path.join(tempfile.mkdtemp(prefix="diffjax-bench-"), "digits")
     print(f"training configs/digits.py for 20 steps into {workdir} ...", flush=True)
-    subprocess.run([sys.executable, "-m", "diffjax", "train", "--config", os.path.join(ROOT, "configs/digits.py"),
-                    f"--workdir={workdir}", "--config.training.n_iters=20", "--config.training.snapshot_freq=20",
-                    "--config.training.eval_freq=0", "--no_progress"], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffjax",
+            "train",
+            "--config",
+            os.path.join(ROOT, "configs/digits.py"),
+            f"--workdir={workdir}",
+            "--config.training.n_iters=20",
+            "--config.training.snapshot_freq=20",
+            "--config.training.eval_freq=0",
+            "--no_progress",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return workdir
 
 
@@ -61,8 +75,13 @@ def load(addr: str, clients: int, samples: int, steps: int, deadline_s: float) -
             latencies = np.array(list(pool.map(one, range(clients))))
         wall = time.perf_counter() - start
         status = client.status()
-    return dict(wall=wall, samples_per_s=clients * samples / wall, p50=np.percentile(latencies, 50),
-                p99=np.percentile(latencies, 99), steps_run=status.steps_run)
+    return dict(
+        wall=wall,
+        samples_per_s=clients * samples / wall,
+        p50=np.percentile(latencies, 50),
+        p99=np.percentile(latencies, 99),
+        steps_run=status.steps_run,
+    )
 
 
 def offline(workdir: str, batch: int, steps: int, total: int) -> float:
@@ -109,12 +128,18 @@ def mixed(addr: str, big: int, small: int, steps: int, deadline_s: float) -> dic
 def main_mixed(args, workdir, env) -> None:
     rows = []
     for admission in ("fifo", "fair"):
-        flags = [f"--batch_slots={args.slots[0]}", "--reload_s=0", f"--admission={admission}",
-                 f"--max_samples_per_request={max(1024, args.big)}"]
+        flags = [
+            f"--batch_slots={args.slots[0]}",
+            "--reload_s=0",
+            f"--admission={admission}",
+            f"--max_samples_per_request={max(1024, args.big)}",
+        ]
         with ServerProcess(workdir, *flags, env=env, cwd=ROOT) as server:
             rows.append((admission, mixed(server.addr, args.big, args.clients, args.steps, args.deadline_s)))
-    print(f"\none {args.big}-sample request, then {args.clients} 1-sample requests (one every 0.2 s), "
-          f"{args.steps}-step DDIM, {args.slots[0]} slots, digits model ({os.cpu_count()} CPU cores)\n")
+    print(
+        f"\none {args.big}-sample request, then {args.clients} 1-sample requests (one every 0.2 s), "
+        f"{args.steps}-step DDIM, {args.slots[0]} slots, digits model ({os.cpu_count()} CPU cores)\n"
+    )
     print("| admission | small requests p50 (s) | small requests max (s) | big request (s) |")
     print("|---|---:|---:|---:|")
     for admission, r in rows:
@@ -130,8 +155,11 @@ def main() -> None:
     p.add_argument("--slots", type=int, nargs="+", default=[64, 128])
     p.add_argument("--deadline_s", type=float, default=600.0)
     p.add_argument("--admission", choices=("fifo", "fair"), default="fifo", help="the batched servers' slot order")
-    p.add_argument("--mixed", action="store_true",
-                   help="instead: one --big request then --clients 1-sample requests, fifo vs fair admission")
+    p.add_argument(
+        "--mixed",
+        action="store_true",
+        help="instead: one --big request then --clients 1-sample requests, fifo vs fair admission",
+    )
     p.add_argument("--big", type=int, default=1024)
     args = p.parse_args()
     workdir = ensure_workdir(args.workdir)
@@ -144,20 +172,29 @@ def main() -> None:
         with ServerProcess(workdir, *flags, env=env, cwd=ROOT) as server:
             r = load(server.addr, args.clients, args.samples, args.steps, args.deadline_s)
         rows.append((slots, r))
-        print(f"  batch_slots={slots}: {r['samples_per_s']:.1f} samples/s, p50 {r['p50']:.2f}s, p99 {r['p99']:.2f}s, "
-              f"{r['steps_run']} step calls, {r['wall']:.1f}s", flush=True)
+        print(
+            f"  batch_slots={slots}: {r['samples_per_s']:.1f} samples/s, p50 {r['p50']:.2f}s, p99 {r['p99']:.2f}s, "
+            f"{r['steps_run']} step calls, {r['wall']:.1f}s",
+            flush=True,
+        )
     ceiling = {slots: offline(workdir, slots, args.steps, args.clients * args.samples) for slots in args.slots}
     base = rows[0][1]["samples_per_s"]
-    print(f"\n{args.clients} clients x {args.samples} samples, {args.steps}-step DDIM, digits model "
-          f"({os.cpu_count()} CPU cores)\n")
-    print("| server | samples/s | p50 latency (s) | p99 latency (s) | step calls | throughput vs max-batch 1 "
-          "| vs offline sampler at the same batch |")
+    print(
+        f"\n{args.clients} clients x {args.samples} samples, {args.steps}-step DDIM, digits model "
+        f"({os.cpu_count()} CPU cores)\n"
+    )
+    print(
+        "| server | samples/s | p50 latency (s) | p99 latency (s) | step calls | throughput vs max-batch 1 "
+        "| vs offline sampler at the same batch |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for slots, r in rows:
         name = "max-batch 1" if slots == 1 else f"continuous batching, {slots} slots ({args.admission})"
         vs = f"{r['samples_per_s'] / ceiling[slots]:.2f}x" if slots in ceiling else ""
-        print(f"| {name} | {r['samples_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['steps_run']} | "
-              f"{r['samples_per_s'] / base:.1f}x | {vs} |")
+        print(
+            f"| {name} | {r['samples_per_s']:.1f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['steps_run']} | "
+            f"{r['samples_per_s'] / base:.1f}x | {vs} |"
+        )
     for slots, v in ceiling.items():
         print(f"| offline `samplers.sample`, batch {slots} | {v:.1f} | | | | {v / base:.1f}x | 1.00x |")
 

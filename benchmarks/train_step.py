@@ -60,6 +60,7 @@ def alpha_bars() -> np.ndarray:
 # JAX
 # ------------------------------------------------------------------------------------------------
 
+
 def make_jax_step(overrides=()):
     config = load_config(os.path.join(ROOT, "configs", "ddpm_cifar10.py"), list(overrides))
     model = models.create(config.model, nnx.Rngs(0))
@@ -157,6 +158,7 @@ def _timeit(fn):
 # PyTorch + diffusers
 # ------------------------------------------------------------------------------------------------
 
+
 def diffusers_ddpm_unet(nf: int = 128):
     """diffusers' UNet2DModel in the DDPM CIFAR-10 layout (google/ddpm-cifar10-32): 35,746,307
     parameters at nf=128."""
@@ -166,11 +168,16 @@ def diffusers_ddpm_unet(nf: int = 128):
     bare_torchvision()  # diffusers imports torchvision when installed; the PyPI wheel fails under CPU torch
     from diffusers import UNet2DModel
 
-    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=(nf, 2 * nf, 2 * nf, 2 * nf),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-                       dropout=0.1)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        block_out_channels=(nf, 2 * nf, 2 * nf, 2 * nf),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        dropout=0.1,
+    )
 
 
 def torch_train_step(model, batch: int, device: str = "cpu", bf16: bool = False):
@@ -238,37 +245,49 @@ def main(argv=None):
     p.add_argument("--rng-impl", default="threefry2x32", help="JAX PRNG for t, eps and dropout (e.g. rbg)")
     args = p.parse_args(argv)
 
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}, {os.cpu_count()} cpus), batch {args.batch}, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    )
     peak = matmul_peak()
     rows = []
     for r in range(args.repeat):
         j = bench_jax(args.batch, args.steps, args.warmup, args.override, args.rng_impl)
         j_med = statistics.median(j["times"])
         rows.append(("diffjax (JAX, jit)", j["n_params"], j_med, j["flops"] / j_med))
-        print(f"  run {r}: JAX   median {j_med * 1e3:8.1f} ms/step  (compile {j['compile_s']:.1f}s, "
-              f"min {min(j['times']) * 1e3:.1f} ms, foreign load {j['load']:.2f} cpus)", flush=True)
+        print(
+            f"  run {r}: JAX   median {j_med * 1e3:8.1f} ms/step  (compile {j['compile_s']:.1f}s, "
+            f"min {min(j['times']) * 1e3:.1f} ms, foreign load {j['load']:.2f} cpus)",
+            flush=True,
+        )
         if not args.skip_torch:
             t = bench_torch(args.batch, args.steps, args.warmup, args.threads)
             t_med = statistics.median(t["times"])
             rows.append((f"diffusers ({t['version']})", t["n_params"], t_med, j["flops"] / t_med))
-            print(f"  run {r}: torch median {t_med * 1e3:8.1f} ms/step  (min {min(t['times']) * 1e3:.1f} ms, "
-                  f"foreign load {t['load']:.2f} cpus)",
-                  flush=True)
+            print(
+                f"  run {r}: torch median {t_med * 1e3:8.1f} ms/step  (min {min(t['times']) * 1e3:.1f} ms, "
+                f"foreign load {t['load']:.2f} cpus)",
+                flush=True,
+            )
 
-    print(f"\nXLA cost analysis: {j['flops'] / 1e9:.1f} GFLOP per step ({j['flops'] / args.batch / 1e9:.2f} "
-          f"per example); f32 matmul peak (jnp.dot 4096^2): {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"| {'implementation':<28} | {'params':>11} | {'ms/step':>8} | {'img/s':>6} | {'GFLOP/s':>7} | "
-          f"{'of peak':>7} |")
+    print(
+        f"\nXLA cost analysis: {j['flops'] / 1e9:.1f} GFLOP per step ({j['flops'] / args.batch / 1e9:.2f} "
+        f"per example); f32 matmul peak (jnp.dot 4096^2): {peak / 1e9:.1f} GFLOP/s\n"
+    )
+    print(f"| {'implementation':<28} | {'params':>11} | {'ms/step':>8} | {'img/s':>6} | {'GFLOP/s':>7} | {'of peak':>7} |")
     print(f"|{'-' * 30}|{'-' * 13}|{'-' * 10}|{'-' * 8}|{'-' * 9}|{'-' * 9}|")
     for name, n, med, fps in rows:
-        print(f"| {name:<28} | {n:>11,} | {med * 1e3:>8.1f} | {args.batch / med:>6.2f} | {fps / 1e9:>7.1f} | "
-              f"{fps / peak:>6.0%} |")
+        print(
+            f"| {name:<28} | {n:>11,} | {med * 1e3:>8.1f} | {args.batch / med:>6.2f} | {fps / 1e9:>7.1f} | "
+            f"{fps / peak:>6.0%} |"
+        )
     if not args.skip_torch:
         jax_ips = [args.batch / r[2] for r in rows if r[0].startswith("diffjax")]
         torch_ips = [args.batch / r[2] for r in rows if r[0].startswith("diffusers")]
-        print(f"\nratio JAX / torch img/s: {statistics.median(jax_ips) / statistics.median(torch_ips):.2f} "
-              f"(median over {args.repeat} run(s); torch GFLOP/s uses the same XLA FLOP count)")
+        print(
+            f"\nratio JAX / torch img/s: {statistics.median(jax_ips) / statistics.median(torch_ips):.2f} "
+            f"(median over {args.repeat} run(s); torch GFLOP/s uses the same XLA FLOP count)"
+        )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,18 @@ def bare_rate(config, steps: int) -> float:
 
 def loop_rate(config_path: str, overrides: list[str], steps: int, log_freq: int) -> float:
     with tempfile.TemporaryDirectory() as workdir:
-        args = ["--config", config_path, "--workdir", workdir, f"--config.training.n_iters={steps + log_freq}",
-                f"--config.training.log_freq={log_freq}", "--config.training.snapshot_freq=0",
-                "--config.training.eval_freq=0", "--no_progress", *overrides]
+        args = [
+            "--config",
+            config_path,
+            "--workdir",
+            workdir,
+            f"--config.training.n_iters={steps + log_freq}",
+            f"--config.training.log_freq={log_freq}",
+            "--config.training.snapshot_freq=0",
+            "--config.training.eval_freq=0",
+            "--no_progress",
+            *overrides,
+        ]
         train.main(args)
         logs = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     rates = [m["steps_per_sec"] for m in logs if "steps_per_sec" in m][1:]  # the first window holds the compile

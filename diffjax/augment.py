@@ -38,9 +38,20 @@ class Geometric:
 
     def labels(self) -> np.ndarray:
         tx, ty = self.translate
-        return np.array([self.xflip, self.yflip, self.scale, np.cos(self.rotate) - 1, np.sin(self.rotate),
-                         self.aniso * np.cos(self.aniso_angle), self.aniso * np.sin(self.aniso_angle), tx, ty],
-                        np.float32)
+        return np.array(
+            [
+                self.xflip,
+                self.yflip,
+                self.scale,
+                np.cos(self.rotate) - 1,
+                np.sin(self.rotate),
+                self.aniso * np.cos(self.aniso_angle),
+                self.aniso * np.sin(self.aniso_angle),
+                tx,
+                ty,
+            ],
+            np.float32,
+        )
 
 
 def draw(rng: np.random.Generator, p: float) -> Geometric:
@@ -55,8 +66,9 @@ def draw(rng: np.random.Generator, p: float) -> Geometric:
     rotated_frame = rng.random() < 0.5  # scaled along a rotated frame half of the time
     angle = angle if rotated_frame and aniso != 0 else 0.0
     translate = tuple(rng.standard_normal(2)) if on() else (0.0, 0.0)
-    return Geometric(xflip, yflip, float(scale), float(rotate), float(aniso), float(angle),
-                     (float(translate[0]), float(translate[1])))
+    return Geometric(
+        xflip, yflip, float(scale), float(rotate), float(aniso), float(angle), (float(translate[0]), float(translate[1]))
+    )
 
 
 def _rotation(theta: float) -> np.ndarray:
@@ -89,8 +101,10 @@ def apply(x: np.ndarray, g: Geometric) -> np.ndarray:
     q = np.stack([cols.ravel() - cx, rows.ravel() - cy])  # centred (x, y) of every output pixel
     src = linear @ q + offset[:, None]
     coords = np.stack([src[1] + cy, src[0] + cx])  # (row, col) in the input
-    out = np.stack([ndimage.map_coordinates(x[..., c], coords, order=3, mode="mirror").reshape(h, w)
-                    for c in range(x.shape[-1])], axis=-1)
+    out = np.stack(
+        [ndimage.map_coordinates(x[..., c], coords, order=3, mode="mirror").reshape(h, w) for c in range(x.shape[-1])],
+        axis=-1,
+    )
     return out.astype(x.dtype)
 
 

@@ -71,5 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for (section, key), allowed in FIXED_VALUES.items():
         if section in config and key in config[section] and config[section][key] not in allowed:
             hint = " (use the sampler 'ode' for the probability-flow ODE)" if key == "probability_flow" else ""
-            raise ValueError(f"config.{section}.{key}={config[section][key]!r} is not implemented; diffjax "
-                             f"supports {', '.join(map(repr, allowed))}{hint}")
+            raise ValueError(
+                f"config.{section}.{key}={config[section][key]!r} is not implemented; diffjax "
+                f"supports {', '.join(map(repr, allowed))}{hint}"
+            )

@@ -72,8 +72,11 @@ TOY_SIZES = {"train": 65536, "eval": 4096, "test": 4096}
 DIGITS_TRAIN = 1500
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-KNOWN_DATASETS = ("digits",) + TOY_DATASETS + ("folder:<dir>", "cifar10", "mnist", "fashion_mnist",
-                                               "celeb_a", "lsun/<category>", "<any TFDS name>")
+KNOWN_DATASETS = (
+    ("digits",)
+    + TOY_DATASETS
+    + ("folder:<dir>", "cifar10", "mnist", "fashion_mnist", "celeb_a", "lsun/<category>", "<any TFDS name>")
+)
 SPLITS = ("train", "eval", "test")
 
 
@@ -168,7 +171,7 @@ def _toy(name: str, split: str) -> np.ndarray:
 
 
 def _folder_files(name: str) -> list[str]:
-    root = Path(name[len(FOLDER_PREFIX):]).expanduser()
+    root = Path(name[len(FOLDER_PREFIX) :]).expanduser()
     if not root.is_dir():
         raise ValueError(f"data.dataset={name!r}: {str(root)!r} is not a directory")
     files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -185,8 +188,7 @@ def _tfds_builder(name: str, data_dir):
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"unknown data.dataset {name!r} ({first}); choose one of "
-                         f"{', '.join(KNOWN_DATASETS)}") from None
+        raise ValueError(f"unknown data.dataset {name!r} ({first}); choose one of {', '.join(KNOWN_DATASETS)}") from None
 
 
 def _tfds_split(builder, split: str) -> str:
@@ -229,8 +231,9 @@ def _source(config, split: str):
     image, has_label = _tfds_image_feature(builder)
     channels = image.shape[-1] if image.shape and image.shape[-1] is not None else None
     if channels is not None and channels != _num_channels(config):
-        raise ValueError(f"TFDS dataset {name!r} has {channels}-channel images but data.num_channels is "
-                         f"{config.data.num_channels}")
+        raise ValueError(
+            f"TFDS dataset {name!r} has {channels}-channel images but data.num_channels is {config.data.num_channels}"
+        )
     source = tfds.data_source(name, split=_tfds_split(builder, split), data_dir=data_dir)
     return TfdsSource(source, has_label), kind
 
@@ -253,7 +256,7 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
         return image
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
-    image = image[top:top + s, left:left + s]
+    image = image[top : top + s, left : left + s]
     if s == size:
         return image
     resample = Image.Resampling.BICUBIC
@@ -262,8 +265,10 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
         out = np.asarray(img.resize((size, size), resample))
         return out[..., None] if out.ndim == 2 else out
     # float images (digits): resize each channel in Pillow's 32-bit float mode 'F'
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), mode="F")
-                        .resize((size, size), resample)) for c in range(image.shape[-1])]
+    chans = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), mode="F").resize((size, size), resample))
+        for c in range(image.shape[-1])
+    ]
     return np.clip(np.stack(chans, -1), 0.0, 1.0)
 
 
@@ -273,8 +278,7 @@ def _image_to_unit(image: np.ndarray, size: int, channels: int, name: str) -> np
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] != channels:
-        raise ValueError(f"data.dataset={name!r} gives images of shape {image.shape} but data.num_channels "
-                         f"is {channels}")
+        raise ValueError(f"data.dataset={name!r} gives images of shape {image.shape} but data.num_channels is {channels}")
     image = center_crop_resize(image, size)
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0
@@ -323,9 +327,16 @@ def _derived_seed(seed: int, stream: int) -> int:
 
 
 # ---- pipeline ---------------------------------------------------------------------------------------
-def make_dataset(config, split: str = "train", *, seed: int | None = None, shard_index: int | None = None,
-                 shard_count: int | None = None, shuffle: bool | None = None,
-                 repeat: bool | None = None) -> grain.MapDataset:
+def make_dataset(
+    config,
+    split: str = "train",
+    *,
+    seed: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+) -> grain.MapDataset:
     """The batched per-process grain MapDataset behind `make_iterator` (same arguments)."""
     _check_split(split)
     batch_field = "training.batch_size" if split == "train" else "eval.batch_size"
@@ -337,8 +348,10 @@ def make_dataset(config, split: str = "train", *, seed: int | None = None, shard
     if shard_count < 1 or not 0 <= shard_index < shard_count:
         raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} and {shard_count}")
     if global_batch < 1 or global_batch % shard_count:
-        raise ValueError(f"{batch_field} ({global_batch}) must be a positive multiple of the process count "
-                         f"({shard_count}); it is the global batch, split evenly over processes")
+        raise ValueError(
+            f"{batch_field} ({global_batch}) must be a positive multiple of the process count "
+            f"({shard_count}); it is the global batch, split evenly over processes"
+        )
     local_batch = global_batch // shard_count
     seed = int(config.seed if seed is None else seed)
     shuffle = (split == "train") if shuffle is None else bool(shuffle)
@@ -351,8 +364,10 @@ def make_dataset(config, split: str = "train", *, seed: int | None = None, shard
         raise ValueError(f"data.dataset='digits' has 1-channel images but data.num_channels is {channels}")
     n = len(source)
     if not repeat and n < global_batch:
-        raise ValueError(f"{batch_field} ({global_batch}) exceeds the {n} examples of data.dataset={name!r} "
-                         f"split {split!r}; no full batch could be formed")
+        raise ValueError(
+            f"{batch_field} ({global_batch}) exceeds the {n} examples of data.dataset={name!r} "
+            f"split {split!r}; no full batch could be formed"
+        )
 
     ds = grain.MapDataset.source(source)
     if shuffle:
@@ -368,18 +383,32 @@ def make_dataset(config, split: str = "train", *, seed: int | None = None, shard
         raise ValueError(f"data.augment_p must be in [0, 1] (EDM's augmentation probability), got {edm_p}")
     if edm_p > 0 and kind == "toy":
         raise ValueError(f"data.augment_p > 0 needs image data; data.dataset={name!r} is a 2-D toy set")
-    randomise = _Augment(kind != "toy", bool(data.random_flip), bool(data.uniform_dequantization),
-                         bool(data.centered), edm_p if split == "train" else 0.0)
+    randomise = _Augment(
+        kind != "toy",
+        bool(data.random_flip),
+        bool(data.uniform_dequantization),
+        bool(data.centered),
+        edm_p if split == "train" else 0.0,
+    )
     ds = ds.random_map(randomise, seed=_derived_seed(seed, 1))
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     return ds.batch(local_batch, drop_remainder=True)
 
 
-def make_iterator(config, split: str = "train", *, seed: int | None = None, shard_index: int | None = None,
-                  shard_count: int | None = None, worker_count: int = 0, shuffle: bool | None = None,
-                  repeat: bool | None = None, num_threads: int | None = None,
-                  prefetch_batches: int | None = None) -> grain.DatasetIterator:
+def make_iterator(
+    config,
+    split: str = "train",
+    *,
+    seed: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    worker_count: int = 0,
+    shuffle: bool | None = None,
+    repeat: bool | None = None,
+    num_threads: int | None = None,
+    prefetch_batches: int | None = None,
+) -> grain.DatasetIterator:
     """Iterator over this process's batches {"x": float32 (B, H, W, C) or (B, 2), "label": int32 (B,)},
     plus "augment": float32 (B, 9), EDM's augmentation labels, for 'train' when data.augment_p > 0.
 
@@ -389,8 +418,9 @@ def make_iterator(config, split: str = "train", *, seed: int | None = None, shar
     `worker_count > 0` reads in that many worker processes (same batches, same order).
     The iterator supports exact `get_state()` / `set_state()`.
     """
-    ds = make_dataset(config, split, seed=seed, shard_index=shard_index, shard_count=shard_count,
-                      shuffle=shuffle, repeat=repeat)
+    ds = make_dataset(
+        config, split, seed=seed, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, repeat=repeat
+    )
     if num_threads is None:
         num_threads = max(1, min(8, os.cpu_count() or 1))
     if prefetch_batches is None:
@@ -450,8 +480,11 @@ def dataset_info(config) -> dict:
     shape = (size, size, channels)
     if kind == "digits":
         n = len(_digits()[0])
-        return dict(shape=shape, num_classes=10,
-                    num_examples={"train": DIGITS_TRAIN, "eval": n - DIGITS_TRAIN, "test": n - DIGITS_TRAIN})
+        return dict(
+            shape=shape,
+            num_classes=10,
+            num_examples={"train": DIGITS_TRAIN, "eval": n - DIGITS_TRAIN, "test": n - DIGITS_TRAIN},
+        )
     if kind == "folder":
         n = len(_folder_files(name))
         return dict(shape=shape, num_classes=0, num_examples={s: n for s in SPLITS})

@@ -32,8 +32,9 @@ def main(argv: list[str]) -> int:
     mixture = toy.eight_gaussians()
     opts = {} if args.sampler == "ode" else {"spacing": args.spacing}
     start = time.perf_counter()
-    x, info = samplers.sample(args.sampler, mixture.denoiser(process), process, jax.random.key(args.seed),
-                              (args.num, 2), args.steps, **opts)
+    x, info = samplers.sample(
+        args.sampler, mixture.denoiser(process), process, jax.random.key(args.seed), (args.num, 2), args.steps, **opts
+    )
     x = np.asarray(x)
     elapsed = time.perf_counter() - start
     truth = mixture.sample(jax.random.key(args.seed + 1), args.num)
@@ -42,7 +43,9 @@ def main(argv: list[str]) -> int:
     title = f"{args.sampler} on {args.process}, {info['nfe']} NFE"
     plotting.scatter_png([("8 Gaussians: true samples", np.asarray(truth)), (title, x)], args.out)
     print(f"{title}: {args.num} samples in {elapsed:.2f}s (compile included)")
-    print(f"sliced W2 to fresh true samples: {sw:.4f}; mode weights {np.round(stats['weights'], 3).tolist()}; "
-          f"mean per-mode std {np.nanmean(stats['stds']):.4f} (true 0.1)")
+    print(
+        f"sliced W2 to fresh true samples: {sw:.4f}; mode weights {np.round(stats['weights'], 3).tolist()}; "
+        f"mean per-mode std {np.nanmean(stats['stds']):.4f} (true 0.1)"
+    )
     print(f"wrote {args.out}")
     return 0

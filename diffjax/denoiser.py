@@ -55,8 +55,12 @@ class _GuidedApply:
         scale, params = scale_and_params
         if cond is None:
             raise ValueError("classifier-free guidance needs class labels (cond)")
-        both = self.inner(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                          jnp.concatenate([cond, jnp.full_like(cond, NULL_LABEL)]))
+        both = self.inner(
+            params,
+            jnp.concatenate([x, x]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([cond, jnp.full_like(cond, NULL_LABEL)]),
+        )
         conditional, unconditional = jnp.split(both, 2)
         return unconditional + bcast(scale, x) * (conditional - unconditional)
 
@@ -67,5 +71,4 @@ def guided(denoiser: Denoiser, scale: float | Array) -> Denoiser:
 
     Both branches run as one batch of 2B. `scale` is traced, so changing it never recompiles.
     """
-    return Denoiser(_GuidedApply(denoiser.apply), (jnp.asarray(scale, jnp.float32), denoiser.params),
-                    denoiser.prediction)
+    return Denoiser(_GuidedApply(denoiser.apply), (jnp.asarray(scale, jnp.float32), denoiser.params), denoiser.prediction)

@@ -26,8 +26,6 @@ Print the network of a config, its parameter count (abstract, no weights allocat
 training FLOPs per example (XLA cost analysis of forward + backward of an eps-MSE loss)."""
 
 
-
-
 def _split_args(argv: Sequence[str]) -> tuple[str | None, list[str], int]:
     path, overrides, batch, it = None, [], 1, iter(argv)
     for arg in it:

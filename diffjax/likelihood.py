@@ -56,17 +56,31 @@ def _log_likelihood(denoiser, key, x, cond, *, process, trace, probe, rtol, atol
 
     with jax.default_matmul_precision(ODE_PRECISION):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vector_field), diffrax.Tsit5(), t0=process.t_min, t1=process.t_max,
-            dt0=(process.t_max - process.t_min) / 64, y0=(x, jnp.zeros(x.shape[0], x.dtype)),
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol), max_steps=8192,
+            diffrax.ODETerm(vector_field),
+            diffrax.Tsit5(),
+            t0=process.t_min,
+            t1=process.t_max,
+            dt0=(process.t_max - process.t_min) / 64,
+            y0=(x, jnp.zeros(x.shape[0], x.dtype)),
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            max_steps=8192,
         )
     x_T, delta = sol.ys[0][-1], sol.ys[1][-1]
     return process.prior_logp(x_T) + delta, 6 * sol.stats["num_steps"] + 1
 
 
-def log_likelihood(denoiser: Denoiser, process: Process, key: Array, x: Array, *, cond: Array | None = None,
-                   trace: str = "hutchinson", probe: str = "rademacher", rtol: float = 1e-5,
-                   atol: float = 1e-5) -> tuple[Array, dict]:
+def log_likelihood(
+    denoiser: Denoiser,
+    process: Process,
+    key: Array,
+    x: Array,
+    *,
+    cond: Array | None = None,
+    trace: str = "hutchinson",
+    probe: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> tuple[Array, dict]:
     """log p(x) in nats per example (B,), and {"nfe": ...}."""
     process._require_continuous("probability-flow ODE likelihood")
     if trace not in TRACES:
@@ -76,13 +90,23 @@ def log_likelihood(denoiser: Denoiser, process: Process, key: Array, x: Array, *
     x = jnp.asarray(x, jnp.float32)
     if x.ndim < 2:
         raise ValueError(f"x must be a batch (B, ...) with at least 2 dims, got shape {x.shape}")
-    logp, nfe = _log_likelihood(denoiser, key, x, cond, process=process, trace=trace, probe=probe,
-                                rtol=float(rtol), atol=float(atol))
+    logp, nfe = _log_likelihood(
+        denoiser, key, x, cond, process=process, trace=trace, probe=probe, rtol=float(rtol), atol=float(atol)
+    )
     return logp, {"nfe": int(nfe)}
 
 
-def bits_per_dim(denoiser: Denoiser, process: Process, key: Array, x: Array, *, data_range=(-1.0, 1.0),
-                 num_bins: int = 256, dequantize: bool = True, **kwargs) -> tuple[Array, dict]:
+def bits_per_dim(
+    denoiser: Denoiser,
+    process: Process,
+    key: Array,
+    x: Array,
+    *,
+    data_range=(-1.0, 1.0),
+    num_bins: int = 256,
+    dequantize: bool = True,
+    **kwargs,
+) -> tuple[Array, dict]:
     """Bits per dimension of quantised data as in score_sde (per example, (B,)).
 
     x holds values on the grid lo + (hi - lo) u / (num_bins - 1), u in {0..num_bins-1} (e.g. uint8

@@ -35,8 +35,17 @@ def drop_labels(key: Array, labels: Array, rate: float) -> Array:
     return jnp.where(jax.random.bernoulli(key, rate, labels.shape), NULL_LABEL, labels)
 
 
-def loss(name: str, denoiser: Denoiser, process: Process, batch: dict, key: Array, *,
-         likelihood_weighting: bool = False, label_dropout: float = 0.0, reduce_mean: bool = True) -> Array:
+def loss(
+    name: str,
+    denoiser: Denoiser,
+    process: Process,
+    batch: dict,
+    key: Array,
+    *,
+    likelihood_weighting: bool = False,
+    label_dropout: float = 0.0,
+    reduce_mean: bool = True,
+) -> Array:
     """The scalar training loss `name` of `denoiser` on batch {"x": (B, ...), "label": (B,) optional}."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")

@@ -62,8 +62,17 @@ class EDMPrecond:
         return c_skip * x + c_out * self.inner(params, c_in * x, t, cond)
 
 
-def network_denoiser(graphdef, rest, process: Process, config, weights, *, train: bool = False,
-                     dropout_key: Array | None = None, augment_labels: Array | None = None) -> Denoiser:
+def network_denoiser(
+    graphdef,
+    rest,
+    process: Process,
+    config,
+    weights,
+    *,
+    train: bool = False,
+    dropout_key: Array | None = None,
+    augment_labels: Array | None = None,
+) -> Denoiser:
     """The network with `weights` as a Denoiser of the config's prediction kind (EDM: x0)."""
     apply: Any = NetworkApply(graphdef, process, train)
     prediction = config.model.prediction

@@ -11,8 +11,7 @@ from PIL import Image, ImageDraw
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
-def scatter_png(panels: list[tuple[str, np.ndarray]], path: str | Path, size: int = 360,
-                lim: float | None = None) -> Path:
+def scatter_png(panels: list[tuple[str, np.ndarray]], path: str | Path, size: int = 360, lim: float | None = None) -> Path:
     """Side-by-side scatter plots of 2-D point sets [(title, (N, 2)), ...] on shared axes."""
     arrays = [np.asarray(p, np.float64) for _, p in panels]
     lim = lim or 1.1 * max(float(np.abs(a).max()) for a in arrays)
@@ -52,6 +51,6 @@ def image_grid(images: np.ndarray, data_range=(-1.0, 1.0), pad: int = 2, scale: 
     grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
     for i in range(n):
         r, q = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img

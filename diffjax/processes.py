@@ -64,8 +64,7 @@ class Process:
 
     def time_at_ratio(self, ratio: Array) -> Array:
         """The time t where sigma(t) / alpha(t) == ratio (EDM's sigma of the scaled ODE)."""
-        raise ValueError(f"process {self.name!r} has no closed-form inverse noise level; "
-                         "use 'vp', 'subvp', 've' or 'edm'")
+        raise ValueError(f"process {self.name!r} has no closed-form inverse noise level; use 'vp', 'subvp', 've' or 'edm'")
 
     # ---- SDE ------------------------------------------------------------------------------
     def sde(self, t: Array) -> tuple[Array, Array]:
@@ -137,8 +136,9 @@ class Process:
         return jnp.linspace(self.t_max, self.t_min, num_steps)
 
     def _leading_grid(self, num_steps: int) -> Array:
-        raise ValueError(f"spacing 'leading' is for the discrete ddpm process, not {self.name!r}; "
-                         f"choose one of {SPACINGS[:3]}")
+        raise ValueError(
+            f"spacing 'leading' is for the discrete ddpm process, not {self.name!r}; choose one of {SPACINGS[:3]}"
+        )
 
     def sample_train_time(self, key: Array, batch: int) -> Array:
         """t ~ U(t_min, t_max) for the training loss (score_sde)."""

@@ -73,8 +73,9 @@ def example_noise_coded(keys: Array, shape: tuple[int, ...], step: Array | int, 
     return jax.vmap(draw)(keys, step, code)
 
 
-def run_stepper(stepper: steppers.Stepper, denoiser: Denoiser, process: Process, x: Array, keys: Array, cond,
-                num_steps: int) -> tuple[Array, int]:
+def run_stepper(
+    stepper: steppers.Stepper, denoiser: Denoiser, process: Process, x: Array, keys: Array, cond, num_steps: int
+) -> tuple[Array, int]:
     """Drive a stepper over its time grid: one lax.scan over the first N - 1 steps, then the last."""
     grid = process.time_grid(num_steps, stepper.grid_spacing(process))
     batch, shape = x.shape[0], x.shape[1:]
@@ -95,7 +96,7 @@ def run_stepper(stepper: steppers.Stepper, denoiser: Denoiser, process: Process,
     scanned = num_steps if stepper.evals_last == stepper.evals else num_steps - 1
     if scanned:
         i = jnp.arange(scanned)
-        xs = (i, grid[jnp.maximum(i - 1, 0)], grid[:scanned], grid[1:scanned + 1])
+        xs = (i, grid[jnp.maximum(i - 1, 0)], grid[:scanned], grid[1 : scanned + 1])
         body = lambda st, inp: (one_step(st, *inp, per_example(inp[0] == num_steps - 1), stepper.evals), None)  # noqa: E731
         state, _ = jax.lax.scan(body, state, xs)
     if scanned < num_steps:
@@ -115,8 +116,18 @@ def probability_flow_drift(denoiser: Denoiser, process: Process, cond) -> Callab
     return drift
 
 
-def ode(denoiser, process, x, keys, cond, num_steps, rtol: float = 1e-5, atol: float = 1e-5,
-        solver: str = "tsit5", denoise: bool = True):
+def ode(
+    denoiser,
+    process,
+    x,
+    keys,
+    cond,
+    num_steps,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    solver: str = "tsit5",
+    denoise: bool = True,
+):
     """Probability-flow ODE with an adaptive diffrax solver from t_max to t_min, then (denoise)
     one x0 estimate at t_min. `num_steps` is the initial step count dt0 = (t_max - t_min) / N.
     NFE: 6 per attempted Tsit5/Dopri5 step (first-same-as-last) + 1, + 1 for denoise.
@@ -130,8 +141,13 @@ def ode(denoiser, process, x, keys, cond, num_steps, rtol: float = 1e-5, atol: f
     t0, t1 = process.t_max, process.t_min
     with jax.default_matmul_precision(ODE_PRECISION):
         sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(lambda t, y, _: drift(t, y)), solvers[solver](), t0=t0, t1=t1,
-            dt0=(t1 - t0) / num_steps, y0=x, stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+            diffrax.ODETerm(lambda t, y, _: drift(t, y)),
+            solvers[solver](),
+            t0=t0,
+            t1=t1,
+            dt0=(t1 - t0) / num_steps,
+            y0=x,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
             max_steps=4096,
         )
         x = sol.ys[-1]
@@ -175,9 +191,20 @@ def _solve(denoiser, process, x_T, keys, cond, name, num_steps, opts):
     return x, jnp.asarray(nfe)
 
 
-def sample(name: str, denoiser: Denoiser, process: Process, key: Array, shape: tuple[int, ...],
-           num_steps: int = 100, *, x_T: Array | None = None, cond: Array | None = None,
-           guidance_scale: float | None = None, indices: Array | None = None, **opts) -> tuple[Array, dict]:
+def sample(
+    name: str,
+    denoiser: Denoiser,
+    process: Process,
+    key: Array,
+    shape: tuple[int, ...],
+    num_steps: int = 100,
+    *,
+    x_T: Array | None = None,
+    cond: Array | None = None,
+    guidance_scale: float | None = None,
+    indices: Array | None = None,
+    **opts,
+) -> tuple[Array, dict]:
     """Draw samples of `shape` (batch first) with sampler `name`; returns (x, {"nfe": int, ...}).
 
     indices: the examples' global indices (B,) int32 (default 0..B-1): example i's noise comes from
@@ -209,6 +236,16 @@ def sample(name: str, denoiser: Denoiser, process: Process, key: Array, shape: t
         denoiser = guided(denoiser, guidance_scale)
     if indices is not None and (tuple(indices.shape) != shape[:1] or not jnp.issubdtype(indices.dtype, jnp.integer)):
         raise ValueError(f"indices must be integers of shape {shape[:1]}, got {indices.dtype}{tuple(indices.shape)}")
-    x, nfe = _run(denoiser, key, x_T, cond, indices, name=name, process=process, num_steps=int(num_steps),
-                  shape=shape, opts=tuple(sorted(opts.items())))
+    x, nfe = _run(
+        denoiser,
+        key,
+        x_T,
+        cond,
+        indices,
+        name=name,
+        process=process,
+        num_steps=int(num_steps),
+        shape=shape,
+        opts=tuple(sorted(opts.items())),
+    )
     return x, {"nfe": int(nfe), "sampler": name, "num_steps": int(num_steps)}

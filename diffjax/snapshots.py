@@ -18,8 +18,17 @@ import numpy as np
 from diffjax import losses, plotting, processes, samplers
 from diffjax.workdir import Workdir, load_workdir
 
-__all__ = ["Workdir", "load_workdir", "data_range", "config_sampler", "generate", "save_samples", "sample_grid",
-           "EvalLoss", "main"]
+__all__ = [
+    "Workdir",
+    "load_workdir",
+    "data_range",
+    "config_sampler",
+    "generate",
+    "save_samples",
+    "sample_grid",
+    "EvalLoss",
+    "main",
+]
 
 Array = jax.Array
 
@@ -45,23 +54,39 @@ def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -
     steps = int(steps or config.sampling.num_steps)
     s = config.sampling
     if sampler == "pc":  # options not given explicitly come from the config
-        opts = {**dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr),
-                       n_steps_each=int(s.n_steps_each)), **opts}
+        opts = {
+            **dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each)),
+            **opts,
+        }
     if sampler in ("ancestral", "ddim") and s.get("clip_x0", False) and "clip_x0" not in opts:
         opts = {**opts, "clip_x0": data_range(config)}
     return sampler, steps, opts
 
 
-def generate(config, graphdef, rest, process, weights, num: int, *, sampler: str | None = None,
-             steps: int | None = None, seed: int = 0, labels=None, guidance_scale=None, **opts) -> np.ndarray:
+def generate(
+    config,
+    graphdef,
+    rest,
+    process,
+    weights,
+    num: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    labels=None,
+    guidance_scale=None,
+    **opts,
+) -> np.ndarray:
     """`num` samples from the network with params `weights`, clipped to the data range."""
     from diffjax import network
 
     den = network.network_denoiser(graphdef, rest, process, config, weights)
     sampler, steps, opts = config_sampler(config, sampler, steps, opts)
     shape = (num, *network.data_shape(config))
-    x, _ = samplers.sample(sampler, den, process, jax.random.PRNGKey(seed), shape, steps, cond=labels,
-                           guidance_scale=guidance_scale, **opts)
+    x, _ = samplers.sample(
+        sampler, den, process, jax.random.PRNGKey(seed), shape, steps, cond=labels, guidance_scale=guidance_scale, **opts
+    )
     lo, hi = data_range(config)
     return np.clip(_host(x), lo, hi)
 
@@ -107,9 +132,15 @@ class EvalLoss:
 
         def loss(weights, batch):
             den = network.network_denoiser(graphdef, rest, process, config, weights)
-            return losses.loss(t.loss, den, process, batch, jax.random.PRNGKey(0),
-                               likelihood_weighting=bool(t.likelihood_weighting),
-                               reduce_mean=bool(t.get("reduce_mean", True)))
+            return losses.loss(
+                t.loss,
+                den,
+                process,
+                batch,
+                jax.random.PRNGKey(0),
+                likelihood_weighting=bool(t.likelihood_weighting),
+                reduce_mean=bool(t.get("reduce_mean", True)),
+            )
 
         self.loss = jax.jit(loss)
 
@@ -125,17 +156,28 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--sampler", default=None, choices=sorted(samplers.SAMPLERS))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spacing", default=None, choices=processes.SPACINGS,
-                        help="time grid of the sampler (default: its own); 'leading' = DDIM's / diffusers' T//N skip (ddpm)")
+    parser.add_argument(
+        "--spacing",
+        default=None,
+        choices=processes.SPACINGS,
+        help="time grid of the sampler (default: its own); 'leading' = DDIM's / diffusers' T//N skip (ddpm)",
+    )
     parser.add_argument("--label", type=int, default=None, help="class label for every sample (conditional models)")
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--out", default="grid.png")
-    parser.add_argument("--out_dir", default=None,
-                        help="instead of one grid: a uint8 .npz shard set for evaluation (sharded over all devices, "
-                             "resumable; see diffjax.evaluation.generate)")
+    parser.add_argument(
+        "--out_dir",
+        default=None,
+        help="instead of one grid: a uint8 .npz shard set for evaluation (sharded over all devices, "
+        "resumable; see diffjax.evaluation.generate)",
+    )
     parser.add_argument("--shard_size", type=int, default=1000, help="samples per shard with --out_dir")
-    parser.add_argument("--quantize", default="round", choices=("round", "floor"),
-                        help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)")
+    parser.add_argument(
+        "--quantize",
+        default="round",
+        choices=("round", "floor"),
+        help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)",
+    )
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     from diffjax import compile_cache
@@ -154,8 +196,20 @@ def main(argv: list[str]) -> int:
     opts = {} if args.spacing is None else {"spacing": args.spacing}
     start = time.perf_counter()
     try:
-        x = generate(config, graphdef, rest, process, state["ema"], args.num, sampler=args.sampler, steps=args.steps,
-                     seed=args.seed, labels=labels, guidance_scale=args.guidance_scale, **opts)
+        x = generate(
+            config,
+            graphdef,
+            rest,
+            process,
+            state["ema"],
+            args.num,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            labels=labels,
+            guidance_scale=args.guidance_scale,
+            **opts,
+        )
     except ValueError as err:
         print(f"diffjax sample: {err}", file=sys.stderr)
         return 2
@@ -171,14 +225,27 @@ def _sample_set(args) -> int:
     w = Workdir(args.workdir, inference=True)
     state, step = w.restore(only=("ema",))
     try:
-        protocol = generate.write_samples(w, state, step, args.out_dir, args.num, sampler=args.sampler,
-                                          steps=args.steps, seed=args.seed, shard_size=args.shard_size,
-                                          quantize_rule=args.quantize, label=args.label,
-                                          guidance_scale=args.guidance_scale, progress=not args.no_progress,
-                                          **({} if args.spacing is None else {"spacing": args.spacing}))
+        protocol = generate.write_samples(
+            w,
+            state,
+            step,
+            args.out_dir,
+            args.num,
+            sampler=args.sampler,
+            steps=args.steps,
+            seed=args.seed,
+            shard_size=args.shard_size,
+            quantize_rule=args.quantize,
+            label=args.label,
+            guidance_scale=args.guidance_scale,
+            progress=not args.no_progress,
+            **({} if args.spacing is None else {"spacing": args.spacing}),
+        )
     except ValueError as err:
         print(f"diffjax sample: {err}", file=sys.stderr)
         return 2
-    print(f"{args.num} samples of step {step} ({protocol['sampler']}, {protocol['steps']} steps) in "
-          f"{args.out_dir} ({protocol['seconds_this_run']:.1f}s this run)")
+    print(
+        f"{args.num} samples of step {step} ({protocol['sampler']}, {protocol['steps']} steps) in "
+        f"{args.out_dir} ({protocol['seconds_this_run']:.1f}s this run)"
+    )
     return 0

@@ -65,8 +65,9 @@ def _coefs(process: Process, t, x):
     return bcast(a, x), bcast(s, x)
 
 
-def posterior_step(process: Process, x: Array, x0: Array, t: Array, s: Array, noise: Array,
-                   eta: float | Array = 1.0) -> Array:
+def posterior_step(
+    process: Process, x: Array, x0: Array, t: Array, s: Array, noise: Array, eta: float | Array = 1.0
+) -> Array:
     """Move x_t to time s < t given an x0 estimate (DDPM posterior / DDIM, any process).
 
     With alpha_ts = a_t / a_s and s_ts^2 = s_t^2 - alpha_ts^2 s_s^2 (the forward s -> t step),
@@ -315,16 +316,24 @@ class Heun(Stepper):
         h = bcast(sig_next - sig_hat, x)
         euler = select(step.last, x0, x + h * d)  # the Euler step to sigma = 0 lands on x0
         corrected = state["base"] + h * 0.5 * (state["d"] + d)
-        return {"x": select(first, euler, corrected), "d": select(first, d, state["d"]),
-                "base": select(first, x, state["base"])}
+        return {
+            "x": select(first, euler, corrected),
+            "d": select(first, d, state["d"]),
+            "base": select(first, x, state["base"]),
+        }
 
 
 def _is_first(sub):
     return sub == 0 if isinstance(sub, int) else jnp.asarray(sub) == 0
 
 
-STEPPERS: dict[str, type[Stepper]] = {"ancestral": Ancestral, "ddim": DDIM, "pc": PC, "dpm_solver++": DPMSolverPP,
-                                      "heun": Heun}
+STEPPERS: dict[str, type[Stepper]] = {
+    "ancestral": Ancestral,
+    "ddim": DDIM,
+    "pc": PC,
+    "dpm_solver++": DPMSolverPP,
+    "heun": Heun,
+}
 
 
 def options(name: str) -> dict[str, object]:

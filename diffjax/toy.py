@@ -58,8 +58,11 @@ class GaussianMixture:
         arrays and one matmul appear (no (B, K, D) intermediate).
         """
         var = scale[:, None] ** 2 * self.stds[None] ** 2 + noise_var[:, None]
-        sq = (jnp.sum(x**2, -1, keepdims=True) - 2 * scale[:, None] * (x @ self.means.T)
-              + scale[:, None] ** 2 * jnp.sum(self.means**2, -1)[None])
+        sq = (
+            jnp.sum(x**2, -1, keepdims=True)
+            - 2 * scale[:, None] * (x @ self.means.T)
+            + scale[:, None] ** 2 * jnp.sum(self.means**2, -1)[None]
+        )
         log_w = jnp.log(self.weights / jnp.sum(self.weights))
         return log_w - 0.5 * (sq / var + self.dim * jnp.log(2 * math.pi * var)), var
 
@@ -97,8 +100,9 @@ def eight_gaussians(radius: float = 2.0, std: float = 0.1) -> GaussianMixture:
     """Eight equal modes on a circle of `radius`, each N(mu_k, std^2 I)."""
     angles = np.arange(8) * (2 * np.pi / 8)
     means = radius * np.stack([np.cos(angles), np.sin(angles)], axis=-1)
-    return GaussianMixture(jnp.asarray(means, jnp.float32), jnp.full((8,), std, jnp.float32),
-                           jnp.full((8,), 1 / 8, jnp.float32))
+    return GaussianMixture(
+        jnp.asarray(means, jnp.float32), jnp.full((8,), std, jnp.float32), jnp.full((8,), 1 / 8, jnp.float32)
+    )
 
 
 def swiss_roll(key: Array, n: int, noise: float = 0.05) -> Array:
@@ -114,13 +118,15 @@ def two_moons(key: Array, n: int, noise: float = 0.05) -> Array:
     k1, k2, k3 = jax.random.split(key, 3)
     u = jnp.pi * jax.random.uniform(k1, (n,))
     upper = jax.random.bernoulli(k2, 0.5, (n,))
-    x = jnp.where(upper[:, None], jnp.stack([jnp.cos(u), jnp.sin(u)], -1),
-                  jnp.stack([1 - jnp.cos(u), 0.5 - jnp.sin(u)], -1))
+    x = jnp.where(upper[:, None], jnp.stack([jnp.cos(u), jnp.sin(u)], -1), jnp.stack([1 - jnp.cos(u), 0.5 - jnp.sin(u)], -1))
     return (x - jnp.array([0.5, 0.25])) + noise * jax.random.normal(k3, x.shape)
 
 
-DATASETS = {"eight_gaussians": lambda key, n: eight_gaussians().sample(key, n),
-            "swiss_roll": swiss_roll, "two_moons": two_moons}
+DATASETS = {
+    "eight_gaussians": lambda key, n: eight_gaussians().sample(key, n),
+    "swiss_roll": swiss_roll,
+    "two_moons": two_moons,
+}
 
 
 def sample_dataset(name: str, key: Array, n: int) -> Array:
@@ -147,8 +153,8 @@ def mode_statistics(mixture: GaussianMixture, x: Array) -> dict[str, np.ndarray]
     assign = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
     k = means.shape[0]
     weights = np.bincount(assign, minlength=k) / len(x)
-    mode_means = np.stack([x[assign == i].mean(0) if (assign == i).any() else np.full(x.shape[1], np.nan)
-                           for i in range(k)])
-    mode_stds = np.array([np.sqrt(((x[assign == i] - mode_means[i]) ** 2).mean()) if (assign == i).sum() > 1
-                          else np.nan for i in range(k)])  # isotropic: RMS over points and axes
+    mode_means = np.stack([x[assign == i].mean(0) if (assign == i).any() else np.full(x.shape[1], np.nan) for i in range(k)])
+    mode_stds = np.array(
+        [np.sqrt(((x[assign == i] - mode_means[i]) ** 2).mean()) if (assign == i).sum() > 1 else np.nan for i in range(k)]
+    )  # isotropic: RMS over points and axes
     return {"weights": weights, "means": mode_means, "stds": mode_stds}

@@ -32,9 +32,13 @@ def parse_args(argv: list[str]):
     parser.add_argument("--process_id", type=int, default=_env_int("DIFFJAX_PROCESS_ID"))
     parser.add_argument("--tpu", action="store_true", help="call jax.distributed.initialize() with no arguments")
     parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    parser.add_argument("--data_workers", type=int, default=0,
-                        help="input worker processes per host (grain); 0 = threads in the training process. "
-                             "Use some when per-example work (decoding, data.augment_p) limits img/s")
+    parser.add_argument(
+        "--data_workers",
+        type=int,
+        default=0,
+        help="input worker processes per host (grain); 0 = threads in the training process. "
+        "Use some when per-example work (decoding, data.augment_p) limits img/s",
+    )
     parser.add_argument("--no_progress", action="store_true")
     overrides = [a for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
@@ -58,8 +62,7 @@ def init_distributed(args) -> None:
             raise SystemExit("diffjax train: --coordinator_address needs --num_processes and --process_id")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
 
 
 def check_workdir(workdir: str) -> None:
@@ -210,8 +213,7 @@ def main(argv: list[str]) -> int:
     if is_main and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=n_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout,
-                        mininterval=1.0)
+        progress = tqdm(total=n_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     pending: list[tuple[int, object]] = []  # (first step, device losses) not yet checked
     last_log_time, last_log_step = time.perf_counter(), step
     batch_size = int(t.batch_size)
@@ -225,8 +227,10 @@ def main(argv: list[str]) -> int:
         for s0, arr in values:
             bad = np.flatnonzero(~np.isfinite(arr))
             if bad.size:
-                raise FloatingPointError(f"non-finite loss {arr[bad[0]]} at step {s0 + int(bad[0]) + 1}; "
-                                         f"training stopped, no checkpoint written after step {manager.latest_step()}")
+                raise FloatingPointError(
+                    f"non-finite loss {arr[bad[0]]} at step {s0 + int(bad[0]) + 1}; "
+                    f"training stopped, no checkpoint written after step {manager.latest_step()}"
+                )
         return float(np.mean(np.concatenate([a for _, a in values])))
 
     def crossed(freq, before, after):

@@ -32,9 +32,26 @@ from diffjax.network import NetworkApply, abstract_model, build_process, data_sh
 from diffjax.processes import Process
 
 Array = jax.Array
-__all__ = ["NetworkApply", "abstract_model", "build_process", "data_shape", "inference_rest", "network_denoiser",
-           "make_mesh", "batch_sharding", "check_batch_size", "check_augmentation", "param_shardings",
-           "make_optimizer", "state_layout", "init_state", "make_train_step", "checkpoint_manager", "save", "restore"]
+__all__ = [
+    "NetworkApply",
+    "abstract_model",
+    "build_process",
+    "data_shape",
+    "inference_rest",
+    "network_denoiser",
+    "make_mesh",
+    "batch_sharding",
+    "check_batch_size",
+    "check_augmentation",
+    "param_shardings",
+    "make_optimizer",
+    "state_layout",
+    "init_state",
+    "make_train_step",
+    "checkpoint_manager",
+    "save",
+    "restore",
+]
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -54,16 +71,20 @@ def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
 def check_batch_size(config, mesh: Mesh) -> None:
     b, n = int(config.training.batch_size), mesh.devices.size
     if b % n or b % jax.process_count():
-        raise ValueError(f"training.batch_size={b} must be divisible by the device count {n} "
-                         f"(and the process count {jax.process_count()}); e.g. {max(n, b - b % n)}")
+        raise ValueError(
+            f"training.batch_size={b} must be divisible by the device count {n} "
+            f"(and the process count {jax.process_count()}); e.g. {max(n, b - b % n)}"
+        )
 
 
 def check_augmentation(config) -> None:
     """EDM's augmentation (data.augment_p > 0) needs a network conditioned on its labels."""
     p, dim = float(config.data.get("augment_p", 0.0)), int(config.model.get("augment_dim", 0))
     if p > 0 and dim != AUGMENT_DIM:
-        raise ValueError(f"data.augment_p={p} needs model.augment_dim={AUGMENT_DIM} (the network is told "
-                         f"which augmentation was applied), got model.augment_dim={dim}")
+        raise ValueError(
+            f"data.augment_p={p} needs model.augment_dim={AUGMENT_DIM} (the network is told "
+            f"which augmentation was applied), got model.augment_dim={dim}"
+        )
 
 
 def param_shardings(config, mesh: Mesh, params_state) -> Any:
@@ -72,8 +93,9 @@ def param_shardings(config, mesh: Mesh, params_state) -> Any:
         return jax.tree.map(lambda _: NamedSharding(mesh, P()), params_state.to_pure_dict())
     specs = models.fsdp_partition_specs(params_state, mesh.shape["fsdp"])
     specs = nnx.State(specs).to_pure_dict() if not isinstance(specs, dict) else specs
-    return jax.tree.map(lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs,
-                        is_leaf=lambda s: isinstance(s, P) or s is None)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs, is_leaf=lambda s: isinstance(s, P) or s is None
+    )
 
 
 # ---- optimiser and state ------------------------------------------------------------------------
@@ -102,8 +124,13 @@ def state_layout(config, mesh: Mesh):
         model = models.create(config.model, nnx.Rngs(seed_key))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         pure = params.to_pure_dict()
-        state = {"step": jnp.zeros((), jnp.int32), "params": pure, "ema": jax.tree.map(jnp.copy, pure),
-                 "opt_state": tx.init(pure), "rng": jax.random.fold_in(seed_key, 1)}
+        state = {
+            "step": jnp.zeros((), jnp.int32),
+            "params": pure,
+            "ema": jax.tree.map(jnp.copy, pure),
+            "opt_state": tx.init(pure),
+            "rng": jax.random.fold_in(seed_key, 1),
+        }
         return state, rest
 
     abstract_state, _ = jax.eval_shape(create, jax.random.PRNGKey(0))
@@ -125,7 +152,7 @@ def _state_shardings(abstract_state, p_shard, replicated):
 
     def match(path, leaf):
         for keys, sharding in flat_p:
-            if leaf.ndim > 0 and tuple(path[-len(keys):]) == keys:
+            if leaf.ndim > 0 and tuple(path[-len(keys) :]) == keys:
                 return sharding
         return replicated
 
@@ -143,11 +170,19 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         rng, k_loss, k_drop = jax.random.split(state["rng"], 3)
 
         def loss_fn(weights):
-            den = network_denoiser(graphdef, rest, process, config, weights, train=True, dropout_key=k_drop,
-                                   augment_labels=batch.get("augment"))
-            return losses.loss(t.loss, den, process, batch, k_loss,
-                               likelihood_weighting=bool(t.likelihood_weighting),
-                               label_dropout=float(t.label_dropout), reduce_mean=bool(t.get("reduce_mean", True)))
+            den = network_denoiser(
+                graphdef, rest, process, config, weights, train=True, dropout_key=k_drop, augment_labels=batch.get("augment")
+            )
+            return losses.loss(
+                t.loss,
+                den,
+                process,
+                batch,
+                k_loss,
+                likelihood_weighting=bool(t.likelihood_weighting),
+                label_dropout=float(t.label_dropout),
+                reduce_mean=bool(t.get("reduce_mean", True)),
+            )
 
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -167,8 +202,7 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         return jax.lax.scan(one_step, state, batches, unroll=unroll)
 
     replicated = NamedSharding(mesh, P())
-    return jax.jit(steps, in_shardings=(shardings, None), out_shardings=(shardings, replicated),
-                   donate_argnums=(0,))
+    return jax.jit(steps, in_shardings=(shardings, None), out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -178,7 +212,9 @@ def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     directory = f"{workdir}/checkpoints" if "://" in workdir else os.path.abspath(os.path.join(workdir, "checkpoints"))
     return ocp.CheckpointManager(
-        directory, options=options, item_names=("state", "data"),
+        directory,
+        options=options,
+        item_names=("state", "data"),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
     )
 
@@ -186,12 +222,16 @@ def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter, *, force: bool = False) -> bool:
     import grain
 
-    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
+    return manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+        force=force,
+    )
 
 
-def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None, *,
-            only: tuple[str, ...] | None = None):
+def restore(
+    manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None, *, only: tuple[str, ...] | None = None
+):
     """Restore the newest readable step onto `shardings`; (state, step) or (None, None).
 
     A step that fails to restore (truncated or corrupted files) is reported and skipped, and the
@@ -203,10 +243,15 @@ def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     if only is not None:  # read just these entries, through the PyTree handler's partial restore
         target = {k: target[k] for k in only}
-        manager = ocp.CheckpointManager(manager.directory, options=ocp.CheckpointManagerOptions(create=False),
-                                        item_names=("state",), item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-        args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                                      partial_restore=True)
+        manager = ocp.CheckpointManager(
+            manager.directory,
+            options=ocp.CheckpointManagerOptions(create=False),
+            item_names=("state",),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        args = ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+        )
     else:
         args = ocp.args.StandardRestore(target)
     for step in sorted(manager.all_steps(), reverse=True):
@@ -214,15 +259,21 @@ def restore(manager: ocp.CheckpointManager, shardings, abstract_state, data_iter
             state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
         except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
             logging.error("checkpoint step %d in %s is unreadable: %s", step, manager.directory, err)
-            print(f"warning: checkpoint step {step} in {manager.directory} is unreadable "
-                  f"({type(err).__name__}: {str(err)[:200]}); trying the previous step", flush=True)
+            print(
+                f"warning: checkpoint step {step} in {manager.directory} is unreadable "
+                f"({type(err).__name__}: {str(err)[:200]}); trying the previous step",
+                flush=True,
+            )
             continue
         if data_iter is not None:
             try:
                 manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
             except Exception as err:  # noqa: BLE001
-                print(f"warning: the input iterator state of step {step} was not restored ({type(err).__name__}: "
-                      f"{str(err)[:200]}; e.g. a different process count); the input order restarts from its "
-                      "seed", flush=True)
+                print(
+                    f"warning: the input iterator state of step {step} was not restored ({type(err).__name__}: "
+                    f"{str(err)[:200]}; e.g. a different process count); the input order restarts from its "
+                    "seed",
+                    flush=True,
+                )
         return state, step
     return None, None

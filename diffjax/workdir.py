@@ -67,5 +67,3 @@ def load_workdir(workdir: str, only: tuple[str, ...] | None = None):
     w = Workdir(workdir, inference=only == ("ema",))
     state, step = w.restore(only=only)
     return w.config, w.graphdef, w.rest, w.process, state, step
-
-

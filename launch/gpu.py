@@ -58,8 +58,13 @@ def slurm_port(job_id: str | None, base: int = 20000, span: int = 20000) -> int:
     return base + (int(job_id) % span if job_id and job_id.isdigit() else 0)
 
 
-def resolve(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-            port: int | None, environ: dict[str, str]) -> dict[str, str]:
+def resolve(
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    port: int | None,
+    environ: dict[str, str],
+) -> dict[str, str]:
     """The DIFFJAX_* variables for this process (LaunchError when they cannot be found)."""
     source = "flags"
     if num_processes is None or process_id is None:
@@ -82,22 +87,32 @@ def resolve(coordinator_address: str | None, num_processes: int | None, process_
             if coordinator_address is None and environ.get("MASTER_ADDR"):
                 coordinator_address = f"{environ['MASTER_ADDR']}:{port or environ.get('MASTER_PORT', '12355')}"
     if num_processes is None or process_id is None:
-        raise LaunchError("no process count / id: pass --num-processes and --process-id, or run under srun "
-                          "(SLURM_NTASKS, SLURM_PROCID), mpirun or torchrun-style RANK/WORLD_SIZE")
+        raise LaunchError(
+            "no process count / id: pass --num-processes and --process-id, or run under srun "
+            "(SLURM_NTASKS, SLURM_PROCID), mpirun or torchrun-style RANK/WORLD_SIZE"
+        )
     if coordinator_address is None:
-        raise LaunchError(f"no coordinator address ({source} gave the process count): pass "
-                          "--coordinator-address HOST:PORT (the host of process 0)")
+        raise LaunchError(
+            f"no coordinator address ({source} gave the process count): pass "
+            "--coordinator-address HOST:PORT (the host of process 0)"
+        )
     if not re.fullmatch(r"\[?[^\s\[\]]+\]?:\d{1,5}", coordinator_address):
         raise LaunchError(f"--coordinator-address {coordinator_address!r} is not HOST:PORT")
     if num_processes < 1 or not 0 <= process_id < num_processes:
         raise LaunchError(f"process id {process_id} is not in [0, {num_processes})")
-    return {"DIFFJAX_COORDINATOR_ADDRESS": coordinator_address, "DIFFJAX_NUM_PROCESSES": str(num_processes),
-            "DIFFJAX_PROCESS_ID": str(process_id)}
+    return {
+        "DIFFJAX_COORDINATOR_ADDRESS": coordinator_address,
+        "DIFFJAX_NUM_PROCESSES": str(num_processes),
+        "DIFFJAX_PROCESS_ID": str(process_id),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.gpu", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.gpu",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--coordinator-address", help="HOST:PORT of process 0")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)

@@ -33,8 +33,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env(base: dict[str, str], index: int, num: int, devices: int, port: int,
-                platform: str | None = "cpu") -> dict[str, str]:
+def process_env(
+    base: dict[str, str], index: int, num: int, devices: int, port: int, platform: str | None = "cpu"
+) -> dict[str, str]:
     env = dict(base)
     if platform:
         env["JAX_PLATFORMS"] = platform
@@ -66,8 +67,16 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode  # killed by signal s -> 128 + s
 
 
-def launch(command: list[str], num_processes: int, devices_per_process: int, *, platform: str | None = "cpu",
-           port: int | None = None, out=None, cwd: str | None = None) -> int:
+def launch(
+    command: list[str],
+    num_processes: int,
+    devices_per_process: int,
+    *,
+    platform: str | None = "cpu",
+    port: int | None = None,
+    out=None,
+    cwd: str | None = None,
+) -> int:
     out = sys.stdout if out is None else out
     port = port or free_port()
     command = resolve_command(command)
@@ -90,8 +99,17 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
         for i in range(num_processes):
             env = process_env(os.environ, i, num_processes, devices_per_process, port, platform)
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it once.
-            p = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
+            p = subprocess.Popen(
+                command,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
             procs.append(p)
             t = threading.Thread(target=_pump, args=(i, p.stdout, lock, out), daemon=True)
             t.start()
@@ -104,8 +122,7 @@ def launch(command: list[str], num_processes: int, devices_per_process: int, *, 
                 failed = bad[0]
                 if signals["count"] == 0:
                     with lock:
-                        out.write(f"[launch] process {failed[0]} exited with {_exit_code(failed[1])}; "
-                                  f"stopping the others\n")
+                        out.write(f"[launch] process {failed[0]} exited with {_exit_code(failed[1])}; stopping the others\n")
                         out.flush()
                 _stop(procs)
             if all(c is not None for c in codes):
@@ -139,8 +156,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python launch/local.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python launch/local.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--num-processes", "-n", type=int, default=2)
     parser.add_argument("--devices-per-process", "-d", type=int, default=1)
     parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for the processes ('' keeps it)")
@@ -152,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give the command after --, e.g. -- diffjax train --config configs/digits.py --workdir DIR")
     if args.num_processes < 1 or args.devices_per_process < 1:
         parser.error("--num-processes and --devices-per-process must be >= 1")
-    return launch(command, args.num_processes, args.devices_per_process, platform=args.platform or None,
-                  port=args.port)
+    return launch(command, args.num_processes, args.devices_per_process, platform=args.platform or None, port=args.port)
 
 
 if __name__ == "__main__":

@@ -102,16 +102,18 @@ def parse_accelerator(text: str | None) -> Accelerator:
         raise LaunchError(f"--accelerator-type is required; allowed: {allowed_accelerator_types()}")
     match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", text.strip().lower())
     if match is None:
-        raise LaunchError(f"--accelerator-type {text!r} is not GENERATION-SIZE; allowed: "
-                          f"{allowed_accelerator_types()}")
+        raise LaunchError(f"--accelerator-type {text!r} is not GENERATION-SIZE; allowed: {allowed_accelerator_types()}")
     prefix, size = ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
     generation = GENERATIONS.get(prefix)
     if generation is None:
-        raise LaunchError(f"--accelerator-type {text!r}: unknown TPU generation {match.group(1)!r}; "
-                          f"allowed: {allowed_accelerator_types()}")
+        raise LaunchError(
+            f"--accelerator-type {text!r}: unknown TPU generation {match.group(1)!r}; allowed: {allowed_accelerator_types()}"
+        )
     if size not in generation.sizes:
-        raise LaunchError(f"--accelerator-type {text!r}: {prefix} has no size {size}; allowed: "
-                          f"{prefix}-{{{','.join(map(str, sorted(generation.sizes)))}}}")
+        raise LaunchError(
+            f"--accelerator-type {text!r}: {prefix} has no size {size}; allowed: "
+            f"{prefix}-{{{','.join(map(str, sorted(generation.sizes)))}}}"
+        )
     return Accelerator(f"{prefix}-{size}", generation, size)
 
 
@@ -132,8 +134,7 @@ class Target:
         return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
 
 
-def resolve_target(name: str | None, zone: str | None, project: str | None,
-                   environ: dict[str, str] | None = None) -> Target:
+def resolve_target(name: str | None, zone: str | None, project: str | None, environ: dict[str, str] | None = None) -> Target:
     environ = os.environ if environ is None else environ
     name = name or environ.get(NAME_ENV)
     if not name:
@@ -142,8 +143,9 @@ def resolve_target(name: str | None, zone: str | None, project: str | None,
         raise LaunchError(f"--name {name!r}: lowercase letters, digits and '-', starting with a letter")
     zone = zone or next((environ[k] for k in ZONE_ENV if environ.get(k)), None)
     if not zone:
-        raise LaunchError(f"--zone is required (or set {' or '.join(ZONE_ENV)}), e.g. us-central2-b "
-                          "for v4, us-west4-a for v5e")
+        raise LaunchError(
+            f"--zone is required (or set {' or '.join(ZONE_ENV)}), e.g. us-central2-b for v4, us-west4-a for v5e"
+        )
     if not re.fullmatch(r"[a-z]+(-[a-z]+)*\d+-[a-z]", zone):
         raise LaunchError(f"--zone {zone!r} is not a zone name like us-central2-b")
     return Target(name, zone, project or environ.get("CLOUDSDK_CORE_PROJECT") or None)
@@ -153,20 +155,46 @@ def resolve_target(name: str | None, zone: str | None, project: str | None,
 # Command builders: each returns a list of argv lists, run in order.
 
 
-def create_commands(target: Target, accelerator: Accelerator, *, runtime_version: str | None = None,
-                    spot: bool = False, preemptible: bool = False, queued: bool = False,
-                    extra: list[str] = ()) -> list[list[str]]:
+def create_commands(
+    target: Target,
+    accelerator: Accelerator,
+    *,
+    runtime_version: str | None = None,
+    spot: bool = False,
+    preemptible: bool = False,
+    queued: bool = False,
+    extra: list[str] = (),
+) -> list[list[str]]:
     if spot and preemptible:
         raise LaunchError("--spot and --preemptible exclude each other (spot is the newer kind)")
     if queued and preemptible:
         raise LaunchError("--preemptible is not available for queued resources; use --spot")
     runtime = runtime_version or accelerator.generation.runtime
     if queued:
-        cmd = [GCLOUD, "compute", "tpus", "queued-resources", "create", target.name, f"--node-id={target.name}",
-               *target.flags(), f"--accelerator-type={accelerator.type}", f"--runtime-version={runtime}"]
+        cmd = [
+            GCLOUD,
+            "compute",
+            "tpus",
+            "queued-resources",
+            "create",
+            target.name,
+            f"--node-id={target.name}",
+            *target.flags(),
+            f"--accelerator-type={accelerator.type}",
+            f"--runtime-version={runtime}",
+        ]
     else:
-        cmd = [GCLOUD, "compute", "tpus", "tpu-vm", "create", target.name, *target.flags(),
-               f"--accelerator-type={accelerator.type}", f"--version={runtime}"]
+        cmd = [
+            GCLOUD,
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            target.name,
+            *target.flags(),
+            f"--accelerator-type={accelerator.type}",
+            f"--version={runtime}",
+        ]
     cmd += ["--spot"] * spot + ["--preemptible"] * preemptible + list(extra)
     return [cmd]
 
@@ -181,41 +209,64 @@ def ssh_command(target: Target, remote: str | None, worker: str = "all") -> list
 
 
 def scp_command(target: Target, local: str, remote: str, worker: str = "all") -> list[str]:
-    return [GCLOUD, "compute", "tpus", "tpu-vm", "scp", local, f"{target.name}:{remote}", *target.flags(),
-            f"--worker={worker}"]
+    return [
+        GCLOUD,
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "scp",
+        local,
+        f"{target.name}:{remote}",
+        *target.flags(),
+        f"--worker={worker}",
+    ]
 
 
 ARCHIVE = "diffjax-src.tar.gz"
 
 
-def setup_remote_script(remote_dir: str, *, python: str = "python3.11", repo_url: str | None = None,
-                        ref: str = "HEAD", extras: str = "tpu") -> str:
+def setup_remote_script(
+    remote_dir: str, *, python: str = "python3.11", repo_url: str | None = None, ref: str = "HEAD", extras: str = "tpu"
+) -> str:
     """The shell script every worker runs: the source in place, a venv, pip install -e .[tpu]."""
     q = shlex.quote
     steps = [  # diffjax needs Python >= 3.11; the TPU images are Ubuntu 22.04 (Python 3.10).
-             f"if ! command -v {q(python)} >/dev/null; then sudo apt-get update -q && "
-             f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q {q(python)} {q(python + '-venv')}; fi"]
+        f"if ! command -v {q(python)} >/dev/null; then sudo apt-get update -q && "
+        f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q {q(python)} {q(python + '-venv')}; fi"
+    ]
     if repo_url:
         git = f"git -C {q(remote_dir)}"
-        steps.append(f"if [ -d {q(remote_dir + '/.git')} ]; then {git} fetch -q origin; "
-                     f"else git clone -q {q(repo_url)} {q(remote_dir)}; fi")
+        steps.append(
+            f"if [ -d {q(remote_dir + '/.git')} ]; then {git} fetch -q origin; "
+            f"else git clone -q {q(repo_url)} {q(remote_dir)}; fi"
+        )
         # A branch is taken from origin (fresh after the fetch); HEAD is origin's default branch.
-        steps.append(f"{{ {git} checkout -q --detach {q('origin/' + ref)} 2>/dev/null || "
-                     f"{git} checkout -q --detach {q(ref)}; }}")
+        steps.append(
+            f"{{ {git} checkout -q --detach {q('origin/' + ref)} 2>/dev/null || {git} checkout -q --detach {q(ref)}; }}"
+        )
     else:
         steps.append(f"mkdir -p {q(remote_dir)} && tar -xzf {ARCHIVE} -C {q(remote_dir)} && rm -f {ARCHIVE}")
-    steps += [f"cd {q(remote_dir)}",
-              f"{{ [ -x .venv/bin/python ] || {q(python)} -m venv .venv; }}",
-              ".venv/bin/pip install -q --upgrade pip",
-              # gcsfs: orbax and TFDS reach gs:// through etils.epath, which needs it (no TensorFlow).
-              f".venv/bin/pip install -q -e {q('.[' + extras + ']')} gcsfs",
-              ".venv/bin/python -c 'import diffjax, jax; print(\"diffjax ok, jax\", jax.__version__)'"]
+    steps += [
+        f"cd {q(remote_dir)}",
+        f"{{ [ -x .venv/bin/python ] || {q(python)} -m venv .venv; }}",
+        ".venv/bin/pip install -q --upgrade pip",
+        # gcsfs: orbax and TFDS reach gs:// through etils.epath, which needs it (no TensorFlow).
+        f".venv/bin/pip install -q -e {q('.[' + extras + ']')} gcsfs",
+        ".venv/bin/python -c 'import diffjax, jax; print(\"diffjax ok, jax\", jax.__version__)'",
+    ]
     return " && ".join(steps)
 
 
-def setup_commands(target: Target, *, remote_dir: str = "diffjax", repo_url: str | None = None,
-                   ref: str = "HEAD", python: str = "python3.11", local_archive: str | None = None,
-                   extras: str = "tpu") -> list[list[str]]:
+def setup_commands(
+    target: Target,
+    *,
+    remote_dir: str = "diffjax",
+    repo_url: str | None = None,
+    ref: str = "HEAD",
+    python: str = "python3.11",
+    local_archive: str | None = None,
+    extras: str = "tpu",
+) -> list[list[str]]:
     """Without repo_url: `git archive REF` here, scp to every worker, unpack; else git clone there."""
     commands = []
     if not repo_url:
@@ -235,8 +286,16 @@ def train_argv(config: str, workdir: str, overrides: list[str] = ()) -> list[str
     return [".venv/bin/diffjax", "train", f"--config={config}", f"--workdir={workdir}", "--tpu", *overrides]
 
 
-def run_remote_script(config: str, workdir: str, tfds_data_dir: str | None, overrides: list[str] = (), *,
-                      remote_dir: str = "diffjax", foreground: bool = False, no_progress: bool = True) -> str:
+def run_remote_script(
+    config: str,
+    workdir: str,
+    tfds_data_dir: str | None,
+    overrides: list[str] = (),
+    *,
+    remote_dir: str = "diffjax",
+    foreground: bool = False,
+    no_progress: bool = True,
+) -> str:
     q = shlex.quote
     argv = train_argv(config, workdir, list(overrides) + (["--no_progress"] if no_progress else []))
     env = ["env"] + ([f"TFDS_DATA_DIR={tfds_data_dir}"] if tfds_data_dir else [])
@@ -247,8 +306,10 @@ def run_remote_script(config: str, workdir: str, tfds_data_dir: str | None, over
         return f"set -o pipefail; {prefix}{command} 2>&1 | tee {log}"
     # Detached: survives the ssh session; the pid file is what `stop` signals.
     # Braces: `&` detaches the training command alone, so $! is its pid (nohup and env exec it).
-    return (f"{prefix}{{ nohup {command} > {log} 2>&1 < /dev/null & "
-            f"echo $! > $HOME/{LOG_DIR}/train.pid; echo \"started on $(hostname): pid $!, log {log}\"; }}")
+    return (
+        f"{prefix}{{ nohup {command} > {log} 2>&1 < /dev/null & "
+        f'echo $! > $HOME/{LOG_DIR}/train.pid; echo "started on $(hostname): pid $!, log {log}"; }}'
+    )
 
 
 def check_workdir(workdir: str, accelerator: Accelerator | None, allow_local: bool) -> None:
@@ -257,25 +318,37 @@ def check_workdir(workdir: str, accelerator: Accelerator | None, allow_local: bo
             raise LaunchError(f"--workdir {workdir!r} is not a gs://BUCKET/PATH")
         return
     if not allow_local:
-        raise LaunchError(f"--workdir {workdir!r}: use a gs://BUCKET/PATH (every worker writes its part of "
-                          "each checkpoint there, and it outlives the VM); --allow-local-workdir for a "
-                          "single-host TPU")
+        raise LaunchError(
+            f"--workdir {workdir!r}: use a gs://BUCKET/PATH (every worker writes its part of "
+            "each checkpoint there, and it outlives the VM); --allow-local-workdir for a "
+            "single-host TPU"
+        )
     if accelerator is not None and accelerator.multi_host:
-        raise LaunchError(f"--workdir {workdir!r}: a multi-host {accelerator.type} ({accelerator.hosts} hosts) "
-                          "needs storage every worker sees: gs://BUCKET/PATH")
+        raise LaunchError(
+            f"--workdir {workdir!r}: a multi-host {accelerator.type} ({accelerator.hosts} hosts) "
+            "needs storage every worker sees: gs://BUCKET/PATH"
+        )
 
 
-def run_commands(target: Target, config: str, workdir: str, *, tfds_data_dir: str | None = None,
-                 overrides: list[str] = (), remote_dir: str = "diffjax", foreground: bool = False,
-                 accelerator: Accelerator | None = None, allow_local_workdir: bool = False) -> list[list[str]]:
+def run_commands(
+    target: Target,
+    config: str,
+    workdir: str,
+    *,
+    tfds_data_dir: str | None = None,
+    overrides: list[str] = (),
+    remote_dir: str = "diffjax",
+    foreground: bool = False,
+    accelerator: Accelerator | None = None,
+    allow_local_workdir: bool = False,
+) -> list[list[str]]:
     check_workdir(workdir, accelerator, allow_local_workdir)
     if tfds_data_dir and not tfds_data_dir.startswith("gs://"):
         raise LaunchError(f"--tfds-data-dir {tfds_data_dir!r}: use gs://BUCKET/PATH (read by every worker)")
     bad = [o for o in overrides if not o.startswith("--")]
     if bad:
         raise LaunchError(f"extra diffjax train arguments must be flags (--config.a.b=v, --keep=N), got {bad}")
-    script = run_remote_script(config, workdir, tfds_data_dir, overrides, remote_dir=remote_dir,
-                               foreground=foreground)
+    script = run_remote_script(config, workdir, tfds_data_dir, overrides, remote_dir=remote_dir, foreground=foreground)
     return [ssh_command(target, script)]
 
 
@@ -285,15 +358,18 @@ def logs_commands(target: Target, worker: str = "0", follow: bool = False, lines
 
 
 def stop_commands(target: Target) -> list[list[str]]:
-    script = (f"if [ -f $HOME/{LOG_DIR}/train.pid ]; then kill -TERM $(cat $HOME/{LOG_DIR}/train.pid) "
-              f"&& echo \"SIGTERM sent on $(hostname)\"; rm -f $HOME/{LOG_DIR}/train.pid; fi")
+    script = (
+        f"if [ -f $HOME/{LOG_DIR}/train.pid ]; then kill -TERM $(cat $HOME/{LOG_DIR}/train.pid) "
+        f'&& echo "SIGTERM sent on $(hostname)"; rm -f $HOME/{LOG_DIR}/train.pid; fi'
+    )
     return [ssh_command(target, script)]
 
 
 def delete_commands(target: Target, queued: bool = False) -> list[list[str]]:
     if queued:  # --force deletes the TPU VM the queued resource made, too
-        return [[GCLOUD, "compute", "tpus", "queued-resources", "delete", target.name, *target.flags(),
-                 "--force", "--quiet"]]
+        return [
+            [GCLOUD, "compute", "tpus", "queued-resources", "delete", target.name, *target.flags(), "--force", "--quiet"]
+        ]
     return [[GCLOUD, "compute", "tpus", "tpu-vm", "delete", target.name, *target.flags(), "--quiet"]]
 
 
@@ -323,20 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     # overwrite the value given before the command (argparse copies subparser defaults).
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--name", default=argparse.SUPPRESS, help=f"TPU VM name (or ${NAME_ENV})")
-    common.add_argument("--zone", default=argparse.SUPPRESS,
-                        help=f"zone, e.g. us-central2-b (or ${' / $'.join(ZONE_ENV)})")
+    common.add_argument("--zone", default=argparse.SUPPRESS, help=f"zone, e.g. us-central2-b (or ${' / $'.join(ZONE_ENV)})")
     common.add_argument("--project", default=argparse.SUPPRESS, help="GCP project (default: gcloud's)")
-    common.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS,
-                        help="print the commands, run nothing")
+    common.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="print the commands, run nothing")
 
-    parser = argparse.ArgumentParser(prog="python -m launch.tpu", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.tpu",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("create", parents=[common], help="create a TPU VM or queued resource")
     p.add_argument("--accelerator-type", help="e.g. v4-8, v4-32, v5litepod-32 (v5e-32), v5p-8, v6e-8")
-    p.add_argument("--runtime-version", help="default per generation (tpu-ubuntu2204-base for v2-v4, "
-                   "v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e)")
+    p.add_argument(
+        "--runtime-version",
+        help="default per generation (tpu-ubuntu2204-base for v2-v4, v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e)",
+    )
     p.add_argument("--spot", action="store_true", help="Spot VM (preemptible, cheaper)")
     p.add_argument("--preemptible", action="store_true", help="legacy preemptible TPU")
     p.add_argument("--queued", action="store_true", help="queued resource: waits until capacity is there")
@@ -348,8 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
     p.add_argument("--archive", help="local path of the source archive (default /tmp/diffjax-src.tar.gz)")
 
-    p = sub.add_parser("run", parents=[common], help="diffjax train --tpu on every worker",
-                       description="Extra arguments after -- go to diffjax train (e.g. --config.training.batch_size=256).")
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="diffjax train --tpu on every worker",
+        description="Extra arguments after -- go to diffjax train (e.g. --config.training.batch_size=256).",
+    )
     p.add_argument("--config", required=True, help="config file, relative to the repo, e.g. configs/ddpm_cifar10.py")
     p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH")
     p.add_argument("--tfds-data-dir", help="gs:// TFDS data directory (sets TFDS_DATA_DIR on every worker)")
@@ -381,19 +465,40 @@ def _rest(args: list[str]) -> list[str]:
 
 def plan(args: argparse.Namespace, environ: dict[str, str] | None = None) -> list[list[str]]:
     """Validated commands for parsed arguments (LaunchError on bad input)."""
-    target = resolve_target(getattr(args, "name", None), getattr(args, "zone", None),
-                            getattr(args, "project", None), environ)
+    target = resolve_target(
+        getattr(args, "name", None), getattr(args, "zone", None), getattr(args, "project", None), environ
+    )
     if args.command == "create":
-        return create_commands(target, parse_accelerator(args.accelerator_type), runtime_version=args.runtime_version,
-                               spot=args.spot, preemptible=args.preemptible, queued=args.queued)
+        return create_commands(
+            target,
+            parse_accelerator(args.accelerator_type),
+            runtime_version=args.runtime_version,
+            spot=args.spot,
+            preemptible=args.preemptible,
+            queued=args.queued,
+        )
     if args.command == "setup":
-        return setup_commands(target, remote_dir=args.remote_dir, repo_url=args.repo_url, ref=args.ref,
-                              python=args.python, local_archive=args.archive)
+        return setup_commands(
+            target,
+            remote_dir=args.remote_dir,
+            repo_url=args.repo_url,
+            ref=args.ref,
+            python=args.python,
+            local_archive=args.archive,
+        )
     if args.command == "run":
         accelerator = parse_accelerator(args.accelerator_type) if args.accelerator_type else None
-        return run_commands(target, args.config, args.workdir, tfds_data_dir=args.tfds_data_dir,
-                            overrides=_rest(args.overrides), remote_dir=args.remote_dir, foreground=args.foreground,
-                            accelerator=accelerator, allow_local_workdir=args.allow_local_workdir)
+        return run_commands(
+            target,
+            args.config,
+            args.workdir,
+            tfds_data_dir=args.tfds_data_dir,
+            overrides=_rest(args.overrides),
+            remote_dir=args.remote_dir,
+            foreground=args.foreground,
+            accelerator=accelerator,
+            allow_local_workdir=args.allow_local_workdir,
+        )
     if args.command == "logs":
         return logs_commands(target, worker=args.worker, follow=args.follow, lines=args.lines)
     if args.command == "stop":

@@ -28,8 +28,14 @@ def _precisions(hlo: str) -> list[str]:
     """The precision of every dot_general and convolution in a StableHLO module ('DEFAULT' if unset)."""
     found = [m.group(0) for m in OPS.finditer(hlo)]
     assert found, "no matmuls or convolutions in the program"
-    return [(re.search(r"precision = \[(\w+)", op) or re.search(r"precision_config = \[#stablehlo<precision (\w+)",
-                                                                 op) or [None, "DEFAULT"])[1] for op in found]
+    return [
+        (
+            re.search(r"precision = \[(\w+)", op)
+            or re.search(r"precision_config = \[#stablehlo<precision (\w+)", op)
+            or [None, "DEFAULT"]
+        )[1]
+        for op in found
+    ]
 
 
 def test_ode_and_likelihood_request_full_precision_matmuls():
@@ -39,12 +45,13 @@ def test_ode_and_likelihood_request_full_precision_matmuls():
     den, config = _unet_denoiser(process)
     shape = (2, *trainer.data_shape(config))
     key = jax.random.key(0)
-    ode = samplers._run.lower(den, key, None, None, name="ode", process=process, num_steps=4, shape=shape,
-                              opts=()).as_text()
-    ll = likelihood._log_likelihood.lower(den, key, jnp.zeros(shape), None, process=process, trace="hutchinson",
-                                          probe="rademacher", rtol=1e-5, atol=1e-5).as_text()
-    ddim = samplers._run.lower(den, key, None, None, name="ddim", process=process, num_steps=4, shape=shape,
-                               opts=()).as_text()
+    ode = samplers._run.lower(den, key, None, None, name="ode", process=process, num_steps=4, shape=shape, opts=()).as_text()
+    ll = likelihood._log_likelihood.lower(
+        den, key, jnp.zeros(shape), None, process=process, trace="hutchinson", probe="rademacher", rtol=1e-5, atol=1e-5
+    ).as_text()
+    ddim = samplers._run.lower(
+        den, key, None, None, name="ddim", process=process, num_steps=4, shape=shape, opts=()
+    ).as_text()
     assert set(_precisions(ode)) == {"HIGHEST"}
     assert set(_precisions(ll)) == {"HIGHEST"}
     assert "HIGHEST" not in set(_precisions(ddim))
@@ -65,16 +72,37 @@ def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
     out = tmp_path / "accel.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/accelerator.py", "--quick", "--only", "train,sample,inception",
-         "--dtypes", "bfloat16", "--train_configs", "ddpm_cifar10", "--samplers", "heun", "--batch", "2",
-         "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "benchmarks/accelerator.py",
+            "--quick",
+            "--only",
+            "train,sample,inception",
+            "--dtypes",
+            "bfloat16",
+            "--train_configs",
+            "ddpm_cifar10",
+            "--samplers",
+            "heun",
+            "--batch",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["info"]["backend"] == "cpu" and report["info"]["quick"]
     rows = {" ".join(r["case"]): r["result"] for r in report["results"]}
     train = rows["train ddpm_cifar10 bfloat16"]
     assert train["params"] == models.abstract_param_count(
-        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), ["--config.model.nf=32"]).model, (1, 32, 32, 3))
+        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), ["--config.model.nf=32"]).model, (1, 32, 32, 3)
+    )
     assert train["batch"] == 2 and train["img_s"] > 0 and train["compile_s"] > 0
     assert 0 < train["mfu"] < 1 and train["flops_per_img"] > 1e9
     assert train["state_dtypes"] == ["float32"]
@@ -85,9 +113,19 @@ def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
 
 
 def test_accelerator_benchmark_rejects_bad_flags():
-    proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--dtypes", "float16"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--dtypes", "float16"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--dtypes" in proc.stderr and "bfloat16" in proc.stderr
-    proc = subprocess.run([sys.executable, "benchmarks/accelerator.py", "--samplers", "euler"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/accelerator.py", "--samplers", "euler"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--samplers" in proc.stderr and "ddim,heun" in proc.stderr

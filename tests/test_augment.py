@@ -54,8 +54,9 @@ def test_zoom_of_a_linear_ramp():
 
 
 def test_labels_follow_edms_layout():
-    g = Geometric(xflip=True, yflip=False, scale=0.5, rotate=np.pi / 3, aniso=-1.0, aniso_angle=np.pi / 2,
-                  translate=(0.1, -0.2))
+    g = Geometric(
+        xflip=True, yflip=False, scale=0.5, rotate=np.pi / 3, aniso=-1.0, aniso_angle=np.pi / 2, translate=(0.1, -0.2)
+    )
     want = [1, 0, 0.5, np.cos(np.pi / 3) - 1, np.sin(np.pi / 3), -1.0 * np.cos(np.pi / 2), -1.0, 0.1, -0.2]
     np.testing.assert_allclose(g.labels(), want, atol=1e-6)
     assert g.labels().shape == (augment.AUGMENT_DIM,)
@@ -84,8 +85,9 @@ def test_draw_frequencies_match_edms_pipe():
 
 
 def _digits(*extra):
-    return load_config(f"{ROOT}/configs/digits.py", ["--config.training.batch_size=16", "--config.eval.batch_size=16",
-                                                   *extra])
+    return load_config(
+        f"{ROOT}/configs/digits.py", ["--config.training.batch_size=16", "--config.eval.batch_size=16", *extra]
+    )
 
 
 def test_data_pipeline_adds_labels_to_training_batches_only():
@@ -120,8 +122,13 @@ def test_network_augment_embedding():
 
 def test_train_step_feeds_the_labels_to_the_network():
     """With augmentation on, the loss depends on the labels: the augment embedding gets gradient."""
-    config = _digits("--config.data.augment_p=0.5", "--config.model.augment_dim=9",
-                     "--config.training.n_jitted_steps=1", "--config.optim.warmup=0", "--config.model.nf=8")
+    config = _digits(
+        "--config.data.augment_p=0.5",
+        "--config.model.augment_dim=9",
+        "--config.training.n_jitted_steps=1",
+        "--config.optim.warmup=0",
+        "--config.model.nf=8",
+    )
     trainer.check_augmentation(config)
     mesh = trainer.make_mesh(config)
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)

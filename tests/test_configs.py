@@ -11,8 +11,11 @@ import pytest
 from diffjax import info, models, processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-                 if not p.endswith("__init__.py"))
+CONFIGS = sorted(
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+    if not p.endswith("__init__.py")
+)
 REPRODUCTIONS = {  # config -> a number of the paper it targets, quoted in its docstring
     "configs/ddpm_cifar10.py": "3.17",
     "configs/vp/cifar10_ddpmpp_continuous.py": "2.55",
@@ -25,19 +28,61 @@ REPRODUCTIONS = {  # config -> a number of the paper it targets, quoted in its d
 SCHEMA = {
     "": ["seed", "process", "training", "model", "data", "optim", "sampling", "eval"],
     "process": ["name"],
-    "training": ["batch_size", "n_iters", "snapshot_freq", "log_freq", "eval_freq", "n_jitted_steps", "loss",
-                 "likelihood_weighting", "label_dropout", "ema_rate", "grad_accum_steps", "fsdp"],
-    "model": ["name", "prediction", "dtype", "num_classes", "nf", "ch_mult", "num_res_blocks", "attn_resolutions",
-              "dropout", "resamp_with_conv", "conditional", "fir", "fir_kernel", "skip_rescale", "resblock_type",
-              "progressive", "progressive_input", "progressive_combine", "attention_type", "init_scale",
-              "fourier_scale", "embedding_type", "scale_by_sigma"],
+    "training": [
+        "batch_size",
+        "n_iters",
+        "snapshot_freq",
+        "log_freq",
+        "eval_freq",
+        "n_jitted_steps",
+        "loss",
+        "likelihood_weighting",
+        "label_dropout",
+        "ema_rate",
+        "grad_accum_steps",
+        "fsdp",
+    ],
+    "model": [
+        "name",
+        "prediction",
+        "dtype",
+        "num_classes",
+        "nf",
+        "ch_mult",
+        "num_res_blocks",
+        "attn_resolutions",
+        "dropout",
+        "resamp_with_conv",
+        "conditional",
+        "fir",
+        "fir_kernel",
+        "skip_rescale",
+        "resblock_type",
+        "progressive",
+        "progressive_input",
+        "progressive_combine",
+        "attention_type",
+        "init_scale",
+        "fourier_scale",
+        "embedding_type",
+        "scale_by_sigma",
+    ],
     "data": ["dataset", "image_size", "num_channels", "centered", "random_flip", "uniform_dequantization"],
     "optim": ["optimizer", "lr", "beta1", "eps", "weight_decay", "warmup", "grad_clip"],
     "sampling": ["sampler", "num_steps", "snr", "n_steps_each", "noise_removal", "probability_flow"],
-    "eval": ["batch_size", "num_samples", "metrics", "reference", "quantize", "seed", "fid_freq", "fid_num",
-             "bpd_passes", "targets"],
+    "eval": [
+        "batch_size",
+        "num_samples",
+        "metrics",
+        "reference",
+        "quantize",
+        "seed",
+        "fid_freq",
+        "fid_num",
+        "bpd_passes",
+        "targets",
+    ],
 }
-
 
 
 def load(path, *overrides):
@@ -91,24 +136,33 @@ def test_paper_hyperparameters():
 
 
 def test_overrides():
-    c = load("configs/ddpm_cifar10.py", "--config.model.nf=32", "--config.model.ch_mult=(1,2)",
-             "--config.training.batch_size=8", "--config.model.dtype=bfloat16", "--config.data.image_size=16")
+    c = load(
+        "configs/ddpm_cifar10.py",
+        "--config.model.nf=32",
+        "--config.model.ch_mult=(1,2)",
+        "--config.training.batch_size=8",
+        "--config.model.dtype=bfloat16",
+        "--config.data.image_size=16",
+    )
     assert c.model.nf == 32 and tuple(c.model.ch_mult) == (1, 2) and c.training.batch_size == 8
     assert c.model.dtype == "bfloat16"
     assert c.model.image_size == 16  # the model's image_size references data.image_size
 
 
-@pytest.mark.parametrize("override, match", [
-    ("--config.model.nff=32", "nff"),
-    ("--config.modle.nf=32", "modle"),
-    ("--config.model.nf=abc", "abc"),
-    ("--model.nf=32", "--config"),
-    # score_sde's keys stay (users' configs carry them) but only the implemented value passes
-    ("--config.sampling.probability_flow=True", "probability_flow"),
-    ("--config.sampling.noise_removal=False", "noise_removal"),
-    ("--config.model.attention_type=legacy", "attention_type"),
-    ("--config.model.conv_size=5", "conv_size"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("--config.model.nff=32", "nff"),
+        ("--config.modle.nf=32", "modle"),
+        ("--config.model.nf=abc", "abc"),
+        ("--model.nf=32", "--config"),
+        # score_sde's keys stay (users' configs carry them) but only the implemented value passes
+        ("--config.sampling.probability_flow=True", "probability_flow"),
+        ("--config.sampling.noise_removal=False", "noise_removal"),
+        ("--config.model.attention_type=legacy", "attention_type"),
+        ("--config.model.conv_size=5", "conv_size"),
+    ],
+)
 def test_bad_override(override, match):
     with pytest.raises(ValueError, match=match):
         load("configs/ddpm_cifar10.py", override)
@@ -145,9 +199,11 @@ def test_eval_targets_are_the_docstrings_and_the_readme_table(path):
     targets = dict(c.eval.targets)
     assert targets and set(targets) <= {"fid", "is", "bpd"}, path
     doc = open(os.path.join(ROOT, path)).read().split('"""')[1]
-    row = next(line for line in open(os.path.join(ROOT, "README.md")).read().splitlines()
-               if line.startswith(f"| `{os.path.relpath(path, 'configs')}` |"))
+    row = next(
+        line
+        for line in open(os.path.join(ROOT, "README.md")).read().splitlines()
+        if line.startswith(f"| `{os.path.relpath(path, 'configs')}` |")
+    )
     for name, value in targets.items():
         assert f"{value:.2f}" in doc and f"{value:.2f}" in row, (path, name, value)
     assert c.eval.quantize in ("round", "floor") and c.eval.bpd_passes >= 1
-

@@ -96,8 +96,7 @@ def test_shards_partition_the_global_batches():
     h0 = set(row_hashes(np.concatenate([b["x"] for b in s0])))
     h1 = set(row_hashes(np.concatenate([b["x"] for b in s1])))
     epoch = set(row_hashes(np.concatenate([b["x"] for b in full])))
-    n_distinct = len(set(row_hashes(data.make_dataset(digits_config(1500), "train", shard_count=1,
-                                                      shard_index=0)[0]["x"])))
+    n_distinct = len(set(row_hashes(data.make_dataset(digits_config(1500), "train", shard_count=1, shard_index=0)[0]["x"])))
     assert len(epoch) == n_distinct  # the global order is a permutation of the train images
     assert not h0 & h1 and h0 | h1 == epoch
 
@@ -129,8 +128,7 @@ def test_exact_resume_through_orbax_checkpoint_manager(tmp_path):
     take(it, 5)
     params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
-        mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(params),
-                                             data=data.checkpoint_save_args(it)))
+        mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(params), data=data.checkpoint_save_args(it)))
         mngr.wait_until_finished()
     a = take(it, 3)
     assert (tmp_path / "ckpt" / "5" / "data" / "process_0-of-1.json").exists()
@@ -138,8 +136,9 @@ def test_exact_resume_through_orbax_checkpoint_manager(tmp_path):
     it2 = data.make_iterator(config, "train")
     with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
         assert mngr.latest_step() == 5
-        restored = mngr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore(params),
-                                                           data=data.checkpoint_restore_args(it2)))
+        restored = mngr.restore(
+            5, args=ocp.args.Composite(state=ocp.args.StandardRestore(params), data=data.checkpoint_restore_args(it2))
+        )
     np.testing.assert_array_equal(restored.state["w"], params["w"])
     assert_batches_equal(a, take(it2, 3))
 
@@ -162,8 +161,7 @@ def test_random_flip_mirrors_some_images():
     flipped = take(data.make_iterator(digits_config(100, random_flip=True), "train"), 3)
     x0 = np.concatenate([b["x"] for b in plain])
     x1 = np.concatenate([b["x"] for b in flipped])
-    np.testing.assert_array_equal(np.concatenate([b["label"] for b in plain]),
-                                  np.concatenate([b["label"] for b in flipped]))
+    np.testing.assert_array_equal(np.concatenate([b["label"] for b in plain]), np.concatenate([b["label"] for b in flipped]))
     same = np.array([np.array_equal(a, b) for a, b in zip(x0, x1)])
     mirrored = np.array([np.array_equal(a[:, ::-1], b) for a, b in zip(x0, x1)])
     assert (same | mirrored).all()
@@ -232,8 +230,7 @@ def test_folder_source_resizes_and_converts(tmp_path):
     b = next(data.make_iterator(config, "train"))
     assert b["x"].shape == (4, 8, 8, 3) and b["x"].dtype == np.float32
     assert 0.0 <= b["x"].min() and b["x"].max() <= 1.0 and (b["label"] == 0).all()
-    assert data.dataset_info(config) == dict(shape=(8, 8, 3), num_classes=0,
-                                             num_examples={"train": 6, "eval": 6, "test": 6})
+    assert data.dataset_info(config) == dict(shape=(8, 8, 3), num_classes=0, num_examples={"train": 6, "eval": 6, "test": 6})
     config.data.num_channels = 1
     assert next(data.make_iterator(config, "eval"))["x"].shape == (4, 8, 8, 1)
 

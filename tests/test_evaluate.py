@@ -13,11 +13,21 @@ import pytest
 from diffjax.evaluation import digits, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
-        "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
-        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4",
-        "--no_progress"]
+TINY = [
+    f"--config={ROOT}/configs/digits.py",
+    "--config.training.n_iters=2",
+    "--config.training.snapshot_freq=2",
+    "--config.training.eval_freq=0",
+    "--config.training.batch_size=16",
+    "--config.training.n_jitted_steps=1",
+    "--config.model.nf=8",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=()",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=4",
+    "--no_progress",
+]
 
 
 def _env(devices=1):
@@ -25,8 +35,14 @@ def _env(devices=1):
 
 
 def _diffjax(*args, devices=1, timeout=600):
-    return subprocess.run([sys.executable, "-m", "diffjax", *args], cwd=ROOT, env=_env(devices), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "diffjax", *args],
+        cwd=ROOT,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +63,9 @@ def test_workdir_eval_writes_numbers_with_protocol_and_reuses_the_set(workdir):
     assert p["seed"] == 0 and p["quantize"] == "round" and p["metrics"] == ["digits"] and p["weights"] == "ema"
     assert p["ema_rate"] == 0.999 and p["wall_s"] > 0
     # a 2-step model draws noise-like digits: far from real ones by both figures
-    images = np.concatenate([np.load(f)["images"] for f in sorted(
-        (workdir / "eval" / os.path.basename(p["samples"])).glob("samples_*.npz"))])
+    images = np.concatenate(
+        [np.load(f)["images"] for f in sorted((workdir / "eval" / os.path.basename(p["samples"])).glob("samples_*.npz"))]
+    )
     direct = digits.digits_report(images)
     assert m["digits_fid"] == pytest.approx(direct["digits_fid"]) and m["digits_fid"] > 100
     assert images.shape == (300, 8, 8, 1)
@@ -74,14 +91,23 @@ def test_digits_classifier_weights_are_accurate_on_held_out_digits():
     assert np.mean(np.argmax(logits, -1) == y) > 0.93
 
 
-@pytest.mark.parametrize("args, message", [
-    (["digits", "missing.npz"], "no such file"),
-    (["compare", "a.npz", "b.npz", "--metrics", "fid,sharpness"], "unknown metric(s) ['sharpness']"),
-    (["frobnicate"], "unknown command 'frobnicate'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["digits", "missing.npz"], "no such file"),
+        (["compare", "a.npz", "b.npz", "--metrics", "fid,sharpness"], "unknown metric(s) ['sharpness']"),
+        (["frobnicate"], "unknown command 'frobnicate'"),
+    ],
+)
 def test_bad_input_is_one_clear_line(args, message, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "diffjax", "eval", *args], cwd=tmp_path, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "diffjax", "eval", *args],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and message in res.stderr, res.stderr
 
 
@@ -97,14 +123,14 @@ def test_parse_metrics():
         evaluate.parse_metrics("fid,lpips")
 
 
-VP_DIGITS = '''from configs import default, digits
+VP_DIGITS = """from configs import default, digits
 
 
 def get_config():
     config = digits.get_config()
     config.process = default.process("vp", beta_min=0.1, beta_max=20.0)
     return config
-'''
+"""
 
 
 def test_bits_per_dim_on_a_split_is_the_same_sharded_and_reports_its_stderr(tmp_path):
@@ -115,8 +141,9 @@ def test_bits_per_dim_on_a_split_is_the_same_sharded_and_reports_its_stderr(tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     records = []
     for devices in (1, 8):
-        res = _diffjax("eval", "bpd", f"--workdir={wd}", "--num=12", "--passes=2", "--batch_size=8", "--no_progress",
-                       devices=devices)
+        res = _diffjax(
+            "eval", "bpd", f"--workdir={wd}", "--num=12", "--passes=2", "--batch_size=8", "--no_progress", devices=devices
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert "bits/dim on eval:" in res.stdout
         records.append(json.loads((wd / "eval" / "bpd_step_2.json").read_text()))
@@ -161,33 +188,55 @@ def test_stats_then_compare_fid_and_the_extractor_check(inception_npz, tmp_path)
     from diffjax.evaluation import inception, inception_weights, metrics, stats
 
     ref_dir = _png_folder(tmp_path / "ref", 12, 0)
-    res = _diffjax("eval", "stats", f"--data=folder:{ref_dir}", "--image_size=32", f"--out={tmp_path / 'ref.npz'}",
-                   f"--inception_weights={inception_npz}")
+    res = _diffjax(
+        "eval",
+        "stats",
+        f"--data=folder:{ref_dir}",
+        "--image_size=32",
+        f"--out={tmp_path / 'ref.npz'}",
+        f"--inception_weights={inception_npz}",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     ref = stats.load_stats(tmp_path / "ref.npz", expect_extractor=inception_weights.file_sha256(inception_npz))
     assert ref.meta["num_images"] == 12 and ref.mu.shape == (2048,)
     fake = np.clip(np.random.default_rng(5).normal(150, 40, (10, 32, 32, 3)), 0, 255).astype(np.uint8)
     np.savez(tmp_path / "fake.npz", images=fake)
-    res = _diffjax("eval", "compare", str(tmp_path / "fake.npz"), str(tmp_path / "ref.npz"), "--metrics=fid,is",
-                   f"--inception_weights={inception_npz}")
+    res = _diffjax(
+        "eval",
+        "compare",
+        str(tmp_path / "fake.npz"),
+        str(tmp_path / "ref.npz"),
+        "--metrics=fid,is",
+        f"--inception_weights={inception_npz}",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     fid = float(next(line for line in res.stdout.splitlines() if line.startswith("| FID |")).split("|")[2])
     model = inception.create(inception_weights.load_pytorch_fid_weights(inception_npz))
     pool, _ = inception.features(model, fake)
     assert fid == pytest.approx(metrics.frechet_distance(*stats.feature_statistics(pool), ref.mu, ref.sigma), rel=1e-3)
     # the same statistics read with other Inception weights (the .pth: another file hash) are refused
-    res = _diffjax("eval", "compare", str(tmp_path / "fake.npz"), str(tmp_path / "ref.npz"), "--metrics=fid",
-                   f"--inception_weights={inception_npz.with_suffix('.pth')}")
+    res = _diffjax(
+        "eval",
+        "compare",
+        str(tmp_path / "fake.npz"),
+        str(tmp_path / "ref.npz"),
+        "--metrics=fid",
+        f"--inception_weights={inception_npz.with_suffix('.pth')}",
+    )
     assert res.returncode == 2 and "not comparable" in res.stderr
 
 
 def test_compare_a_set_with_itself(inception_npz, tmp_path):
     folder = _png_folder(tmp_path / "set", 12, 3)
-    res = _diffjax("eval", "compare", str(folder), str(folder), "--metrics=fid,kid,pr",
-                   f"--inception_weights={inception_npz}")
+    res = _diffjax(
+        "eval", "compare", str(folder), str(folder), "--metrics=fid,kid,pr", f"--inception_weights={inception_npz}"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    values = {line.split("|")[1].strip(): float(line.split("|")[2].split("+-")[0])
-              for line in res.stdout.splitlines() if line.startswith("| ") and "metric" not in line}
+    values = {
+        line.split("|")[1].strip(): float(line.split("|")[2].split("+-")[0])
+        for line in res.stdout.splitlines()
+        if line.startswith("| ") and "metric" not in line
+    }
     assert abs(values["FID"]) < 1e-2 and values["precision"] == 1.0 and values["recall"] == 1.0
 
 
@@ -195,9 +244,23 @@ def test_missing_inception_weights_offline_says_where_to_put_them(tmp_path):
     env = dict(_env(), XDG_CACHE_HOME=str(tmp_path / "cache"))
     env.pop("DIFFJAX_INCEPTION_WEIGHTS", None)
     folder = _png_folder(tmp_path / "set", 2, 0)
-    res = subprocess.run([sys.executable, "-m", "diffjax", "eval", "stats", f"--data=folder:{folder}",
-                          "--image_size=32", f"--out={tmp_path / 'ref.npz'}"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffjax",
+            "eval",
+            "stats",
+            f"--data=folder:{folder}",
+            "--image_size=32",
+            f"--out={tmp_path / 'ref.npz'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "pt_inception-2015-12-05-6726825d.pth" in res.stderr
     assert "DIFFJAX_INCEPTION_WEIGHTS" in res.stderr and not (tmp_path / "ref.npz").exists()
 
@@ -215,7 +278,8 @@ def test_training_logs_fid_at_n_and_refuses_to_start_without_a_reference(tmp_pat
     logged = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     fids = [(r["step"], r["digits_fid@32"]) for r in logged if "digits_fid@32" in r]
     assert [s for s, _ in fids] == [1, 2] and all(100 < f < 1e4 for _, f in fids)  # 1-2 steps: far from digits
-    res = _diffjax("train", f"--workdir={tmp_path / 'noref'}", *TINY, "--config.eval.fid_freq=1",
-                   "--config.eval.metrics=fid,is")
+    res = _diffjax(
+        "train", f"--workdir={tmp_path / 'noref'}", *TINY, "--config.eval.fid_freq=1", "--config.eval.metrics=fid,is"
+    )
     assert res.returncode == 2 and "needs eval.reference" in res.stderr
     assert not (tmp_path / "noref" / "checkpoints").exists() or not any((tmp_path / "noref" / "checkpoints").iterdir())

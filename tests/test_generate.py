@@ -15,11 +15,22 @@ from diffjax.evaluation import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny class-conditional digits UNet trained for 2 steps: a real checkpoint, fast to sample.
-TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
-        "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
-        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4",
-        "--config.model.num_classes=10", "--no_progress"]
+TINY = [
+    f"--config={ROOT}/configs/digits.py",
+    "--config.training.n_iters=2",
+    "--config.training.snapshot_freq=2",
+    "--config.training.eval_freq=0",
+    "--config.training.batch_size=16",
+    "--config.training.n_jitted_steps=1",
+    "--config.model.nf=8",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=()",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=4",
+    "--config.model.num_classes=10",
+    "--no_progress",
+]
 SAMPLE = ["--sampler=ancestral", "--steps=4", "--seed=3", "--no_progress"]
 
 
@@ -28,16 +39,32 @@ def _env(devices=1):
 
 
 def _sample(workdir, out_dir, num, shard_size, devices=1, *extra):
-    cmd = [sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", f"--num={num}", f"--out_dir={out_dir}",
-           f"--shard_size={shard_size}", *SAMPLE, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffjax",
+        "sample",
+        f"--workdir={workdir}",
+        f"--num={num}",
+        f"--out_dir={out_dir}",
+        f"--shard_size={shard_size}",
+        *SAMPLE,
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "w"
-    res = subprocess.run([sys.executable, "-m", "diffjax", "train", f"--workdir={path}", *TINY], cwd=ROOT,
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "diffjax", "train", f"--workdir={path}", *TINY],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return path
 
@@ -67,8 +94,17 @@ def test_set_is_the_same_on_8_devices_and_any_shard_size(workdir, reference, tmp
 
 def test_kill9_then_restart_skips_finished_shards(workdir, reference, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=200", f"--out_dir={out}",
-           "--shard_size=2", *SAMPLE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffjax",
+        "sample",
+        f"--workdir={workdir}",
+        "--num=200",
+        f"--out_dir={out}",
+        "--shard_size=2",
+        *SAMPLE,
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("samples_*.npz"))) < 3:

@@ -55,13 +55,19 @@ def zero_weights():
     return {k: np.zeros(s, np.float32) for k, s in inc.state_dict_shapes().items()}
 
 
-@pytest.mark.parametrize("src,dst", [((32, 32), (299, 299)), ((64, 48), (299, 299)),
-                                     ((512, 400), (299, 299)), ((7, 5), (3, 11))])
+@pytest.mark.parametrize(
+    "src,dst", [((32, 32), (299, 299)), ((64, 48), (299, 299)), ((512, 400), (299, 299)), ((7, 5), (3, 11))]
+)
 def test_resize_matches_torch_interpolate(src, dst):
     torch = pytest.importorskip("torch")
     x = np.random.default_rng(0).random((2, *src, 3), dtype=np.float32)
-    ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), size=dst,
-                                          mode="bilinear", align_corners=False).numpy().transpose(0, 2, 3, 1)
+    ref = (
+        torch.nn.functional.interpolate(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), size=dst, mode="bilinear", align_corners=False
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     # jax.image.resize antialiases when downsampling (its default): off by ~0.5 on 512 -> 299.
     np.testing.assert_allclose(np.asarray(inc.resize_bilinear(jnp.asarray(x), dst)), ref, rtol=0, atol=3e-7)
 

@@ -26,14 +26,34 @@ from diffjax import models  # noqa: E402
 from diffjax.interop import cli as import_cli  # noqa: E402
 from diffjax.interop import load_diffusers, load_params  # noqa: E402
 
-DDPM_RELEASE = dict(act_fn="silu", attention_head_dim=None, center_input_sample=False, downsample_padding=0,
-                    flip_sin_to_cos=False, freq_shift=1, mid_block_scale_factor=1, norm_eps=1e-6,
-                    time_embedding_type="positional")  # google/ddpm-cifar10-32's fixed fields
-CIFAR_LAYOUT = dict(down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                    sample_size=32, in_channels=3, out_channels=3)
-DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
-                  "num_train_timesteps": 1000, "clip_sample": True, "variance_type": "fixed_large"}
+DDPM_RELEASE = dict(
+    act_fn="silu",
+    attention_head_dim=None,
+    center_input_sample=False,
+    downsample_padding=0,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1,
+    norm_eps=1e-6,
+    time_embedding_type="positional",
+)  # google/ddpm-cifar10-32's fixed fields
+CIFAR_LAYOUT = dict(
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+)
+DDPM_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_schedule": "linear",
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "num_train_timesteps": 1000,
+    "clip_sample": True,
+    "variance_type": "fixed_large",
+}
 
 
 def _unet(seed: int, **kw):
@@ -68,8 +88,7 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def cifar_ddpm(tmp_path_factory):
-    model = _unet(0, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, dropout=0.1,
-                  **CIFAR_LAYOUT, **DDPM_RELEASE)
+    model = _unet(0, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, dropout=0.1, **CIFAR_LAYOUT, **DDPM_RELEASE)
     return model, _save(model, tmp_path_factory.mktemp("ddpm_cifar"), DDPM_SCHEDULER)
 
 
@@ -91,11 +110,18 @@ def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
     """The 256x256 DDPM releases' layout (6 levels, attention at 16x16 of 256 -> here 4x4 of 64),
     from a torch .bin whose attention tensors use the old names (query/key/value/proj_attn),
     with [cos, sin] embedding order and a cosine schedule."""
-    model = _unet(1, sample_size=64, in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32, 64, 64),
-                  layers_per_block=1, norm_num_groups=8,
-                  down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-                  up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-                  **{**DDPM_RELEASE, "flip_sin_to_cos": True})
+    model = _unet(
+        1,
+        sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 32, 32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        **{**DDPM_RELEASE, "flip_sin_to_cos": True},
+    )
     model.save_config(tmp_path)
     old = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
     sd = {}
@@ -106,8 +132,15 @@ def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
     assert any(".proj_attn." in k for k in sd)
     torch.save(sd, tmp_path / "diffusion_pytorch_model.bin")
     with open(tmp_path / "scheduler_config.json", "w") as f:
-        json.dump({**DDPM_SCHEDULER, "_class_name": "DDIMScheduler", "beta_schedule": "squaredcos_cap_v2",
-                   "prediction_type": "v_prediction"}, f)
+        json.dump(
+            {
+                **DDPM_SCHEDULER,
+                "_class_name": "DDIMScheduler",
+                "beta_schedule": "squaredcos_cap_v2",
+                "prediction_type": "v_prediction",
+            },
+            f,
+        )
     config, den = load_diffusers(str(tmp_path))
     assert config.model.attn_resolutions == (4,) and config.process.schedule == "cosine"
     assert den.prediction == "v" and config.source.weights == "diffusion_pytorch_model.bin"
@@ -118,17 +151,43 @@ def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
 
 def test_ncsnpp_ve_port_matches_diffusers(tmp_path):
     """diffusers' NCSN++ port (skip blocks, FIR, Fourier features, output / sigma) at tiny width."""
-    model = _unet(2, sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
-                  layers_per_block=2, norm_num_groups=None, norm_eps=1e-6, time_embedding_type="fourier",
-                  mid_block_scale_factor=math.sqrt(2.0), attention_head_dim=None, center_input_sample=False,
-                  down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"),
-                  up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"))
-    src = _save(model, tmp_path, {"_class_name": "ScoreSdeVeScheduler", "sigma_min": 0.01, "sigma_max": 348.0,
-                                  "num_train_timesteps": 2000, "snr": 0.16, "sampling_eps": 1e-5})
+    model = _unet(
+        2,
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 128),
+        layers_per_block=2,
+        norm_num_groups=None,
+        norm_eps=1e-6,
+        time_embedding_type="fourier",
+        mid_block_scale_factor=math.sqrt(2.0),
+        attention_head_dim=None,
+        center_input_sample=False,
+        down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"),
+        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"),
+    )
+    src = _save(
+        model,
+        tmp_path,
+        {
+            "_class_name": "ScoreSdeVeScheduler",
+            "sigma_min": 0.01,
+            "sigma_max": 348.0,
+            "num_train_timesteps": 2000,
+            "snr": 0.16,
+            "sampling_eps": 1e-5,
+        },
+    )
     config, den = load_diffusers(src)
     m, p = config.model, config.process
     assert (m.name, m.progressive, m.progressive_input, m.fir, m.scale_by_sigma) == (
-        "ncsnpp", "output_skip", "input_skip", True, True)
+        "ncsnpp",
+        "output_skip",
+        "input_skip",
+        True,
+        True,
+    )
     assert (p.name, p.sigma_max, den.prediction, config.data.centered) == ("ve", 348.0, "score", False)
     assert (config.sampling.sampler, config.sampling.snr) == ("pc", pytest.approx(0.16))
     x = np.random.RandomState(2).rand(4, 16, 16, 3).astype(np.float32)
@@ -156,22 +215,49 @@ def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, 
     assert "35," not in capsys.readouterr().out  # the reduced-width model's own count is printed
     num, steps, seed = 3, 10, 7
     out = tmp_path / "grid.png"
-    assert snapshots.main(["--workdir", str(workdir), "--num", str(num), "--sampler", "ddim", "--steps", str(steps),
-                           "--spacing", "leading", "--seed", str(seed), "--out", str(out)]) == 0
+    assert (
+        snapshots.main(
+            [
+                "--workdir",
+                str(workdir),
+                "--num",
+                str(num),
+                "--sampler",
+                "ddim",
+                "--steps",
+                str(steps),
+                "--spacing",
+                "leading",
+                "--seed",
+                str(seed),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours = np.load(tmp_path / "grid.npz")["samples"]
 
     keys = samplers.example_keys(jax.random.PRNGKey(seed), num)
     x_T = np.asarray(samplers.example_noise(keys, (32, 32, 3), samplers.INIT_NOISE)).transpose(0, 3, 1, 2)
     # The scheduler config's clip_sample=True became sampling.clip_x0: DDIM with the clipped x0 and
     # the eps it implies, diffusers' clip_sample + use_clipped_model_output.
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                                        beta_end=0.02, clip_sample=True, set_alpha_to_one=True, steps_offset=0,
-                                        timestep_spacing="leading")
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        clip_sample=True,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+    )
     pipe = diffusers.DDIMPipeline(unet=model, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     with mock.patch("diffusers.pipelines.ddim.pipeline_ddim.randn_tensor", return_value=torch.from_numpy(x_T)):
-        theirs = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np",
-                      use_clipped_model_output=True).images
+        theirs = pipe(
+            batch_size=num, num_inference_steps=steps, eta=0.0, output_type="np", use_clipped_model_output=True
+        ).images
     np.testing.assert_allclose((ours + 1) / 2, theirs, atol=2e-4)
 
     # The workdir is a whole training workdir: the full state restores (fine-tuning resumes from it).
@@ -232,13 +318,19 @@ def test_tensor_of_the_wrong_shape(cifar_ddpm, tmp_path, capsys):
     assert _nothing_written(tmp_path / "w")
 
 
-@pytest.mark.parametrize("field,value,named", [
-    ("down_block_types", ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-     "CrossAttnDownBlock2D"),
-    ("attention_head_dim", 8, "attention_head_dim"),
-    ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
-    ("downsample_padding", 1, "downsample_padding"),
-])
+@pytest.mark.parametrize(
+    "field,value,named",
+    [
+        (
+            "down_block_types",
+            ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+            "CrossAttnDownBlock2D",
+        ),
+        ("attention_head_dim", 8, "attention_head_dim"),
+        ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
+        ("downsample_padding", 1, "downsample_padding"),
+    ],
+)
 def test_unsupported_option(cifar_ddpm, tmp_path, capsys, field, value, named):
     src = _copy_source(cifar_ddpm[1], tmp_path / "src")
     cfg_path = os.path.join(src, "config.json")

@@ -42,8 +42,7 @@ def test_bits_per_dim_matches_discrete_code_length():
     edges_lo, edges_hi = -1 + 2 * u / 256, -1 + 2 * (u + 1) / 256
     code_length = -np.log2(norm.cdf(edges_hi, scale=0.3) - norm.cdf(edges_lo, scale=0.3))
     p = processes.get("vp")
-    bpd, _ = likelihood.bits_per_dim(gauss.denoiser(p), p, jax.random.key(2), jnp.asarray(x, jnp.float32),
-                                     trace="exact")
+    bpd, _ = likelihood.bits_per_dim(gauss.denoiser(p), p, jax.random.key(2), jnp.asarray(x, jnp.float32), trace="exact")
     assert float(jnp.mean(bpd)) == pytest.approx(code_length.mean(), rel=0.01)
 
 

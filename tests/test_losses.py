@@ -13,15 +13,24 @@ MIXTURE = toy.eight_gaussians()
 
 def _scaled(exact: dn.Denoiser) -> callable:
     """A family of denoisers c * exact; c = 1 is the exact conditional expectation."""
-    return lambda c: dn.Denoiser(lambda params, x, t, cond: params[0] * exact.apply(params[1], x, t, cond),
-                                 (c, exact.params), exact.prediction)
+    return lambda c: dn.Denoiser(
+        lambda params, x, t, cond: params[0] * exact.apply(params[1], x, t, cond), (c, exact.params), exact.prediction
+    )
 
 
-@pytest.mark.parametrize("loss_name,process_name,prediction,kw", [
-    ("eps", "ddpm", "eps", {}), ("eps", "vp", "x0", {}), ("dsm", "ve", "score", {}),
-    ("dsm", "vp", "eps", {"likelihood_weighting": True}), ("v", "vp", "v", {}), ("v", "subvp", "eps", {}),
-    ("edm", "edm", "x0", {}), ("edm", "edm", "eps", {}),
-])
+@pytest.mark.parametrize(
+    "loss_name,process_name,prediction,kw",
+    [
+        ("eps", "ddpm", "eps", {}),
+        ("eps", "vp", "x0", {}),
+        ("dsm", "ve", "score", {}),
+        ("dsm", "vp", "eps", {"likelihood_weighting": True}),
+        ("v", "vp", "v", {}),
+        ("v", "subvp", "eps", {}),
+        ("edm", "edm", "x0", {}),
+        ("edm", "edm", "eps", {}),
+    ],
+)
 def test_exact_denoiser_is_the_minimiser(loss_name, process_name, prediction, kw):
     p = processes.get(process_name)
     family = _scaled(MIXTURE.denoiser(p, prediction))

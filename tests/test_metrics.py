@@ -32,8 +32,7 @@ def _pytorch_fid_frechet():
     if spec is None or not spec.submodule_search_locations:
         return None
     source = (Path(next(iter(spec.submodule_search_locations))) / "fid_score.py").read_text()
-    fn = next(n for n in ast.parse(source).body
-              if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance")
+    fn = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "calculate_frechet_distance")
     namespace = {"np": np, "linalg": linalg}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), "pytorch_fid/fid_score.py", "exec"), namespace)
     return namespace["calculate_frechet_distance"]
@@ -105,14 +104,17 @@ def test_feature_statistics_is_float64_rowvar_false():
     np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: feature_statistics(np.zeros(5)), "features: expected a 2-D"),
-    (lambda: feature_statistics(np.zeros((1, 4))), "features: needs at least 2"),
-    (lambda: feature_statistics(np.array([[0.0, np.nan], [1, 2]])), "features: contains 1 NaN"),
-    (lambda: frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "mu2: expected shape"),
-    (lambda: frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(3)), r"sigma1: expected a \(3, 3\)"),
-    (lambda: frechet_distance(np.zeros(2), np.eye(2), [np.nan, 0], np.eye(2)), "mu2: contains NaN"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: feature_statistics(np.zeros(5)), "features: expected a 2-D"),
+        (lambda: feature_statistics(np.zeros((1, 4))), "features: needs at least 2"),
+        (lambda: feature_statistics(np.array([[0.0, np.nan], [1, 2]])), "features: contains 1 NaN"),
+        (lambda: frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4)), "mu2: expected shape"),
+        (lambda: frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), np.eye(3)), r"sigma1: expected a \(3, 3\)"),
+        (lambda: frechet_distance(np.zeros(2), np.eye(2), [np.nan, 0], np.eye(2)), "mu2: contains NaN"),
+    ],
+)
 def test_fid_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -126,7 +128,7 @@ def _is_direct(logits, splits):
     scores = []
     n = len(logits)
     for i in range(splits):
-        part = logits[i * n // splits:(i + 1) * n // splits]
+        part = logits[i * n // splits : (i + 1) * n // splits]
         p = np.exp(part - part.max(1, keepdims=True))
         p /= p.sum(1, keepdims=True)
         py = p.mean(0)
@@ -154,12 +156,15 @@ def test_inception_score_matches_direct_formula():
         assert inception_score(logits, splits) == pytest.approx(_is_direct(logits, splits), rel=1e-10)
 
 
-@pytest.mark.parametrize("logits, splits, match", [
-    (np.zeros((5, 10)), 10, "logits: needs at least 10"),
-    (np.zeros(10), 1, "logits: expected a 2-D"),
-    (np.zeros((10, 10)), 0, "splits: expected a positive int"),
-    (np.full((10, 10), np.nan), 1, "logits: contains 100 NaN"),
-])
+@pytest.mark.parametrize(
+    "logits, splits, match",
+    [
+        (np.zeros((5, 10)), 10, "logits: needs at least 10"),
+        (np.zeros(10), 1, "logits: expected a 2-D"),
+        (np.zeros((10, 10)), 0, "splits: expected a positive int"),
+        (np.full((10, 10), np.nan), 1, "logits: contains 100 NaN"),
+    ],
+)
 def test_inception_score_bad_input(logits, splits, match):
     with pytest.raises(ValueError, match=match):
         inception_score(logits, splits)
@@ -187,16 +192,16 @@ def test_kid_matches_loop_reference():
     # Several subsets: the same index draws (RandomState(seed), set 1 then set 2) through the loop version.
     mean, std = kernel_inception_distance(x, y, subsets=4, subset_size=10, seed=3)
     state = np.random.RandomState(3)
-    ref = [_mmd2_loops(x[state.choice(30, 10, replace=False)], y[state.choice(25, 10, replace=False)])
-           for _ in range(4)]
+    ref = [_mmd2_loops(x[state.choice(30, 10, replace=False)], y[state.choice(25, 10, replace=False)]) for _ in range(4)]
     assert (mean, std) == pytest.approx((np.mean(ref), np.std(ref)), rel=1e-10)
 
 
 def test_kid_same_and_shifted_distributions():
     # Unbiased: over independent same-distribution pairs the estimates average to ~0 (and go negative).
     rng = np.random.default_rng(7)
-    same = [kernel_inception_distance(rng.normal(size=(100, 16)), rng.normal(size=(100, 16)), subsets=1)[0]
-            for _ in range(40)]
+    same = [
+        kernel_inception_distance(rng.normal(size=(100, 16)), rng.normal(size=(100, 16)), subsets=1)[0] for _ in range(40)
+    ]
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same)) and min(same) < 0
     a, b = rng.normal(size=(600, 16)), rng.normal(size=(600, 16))
     shifted_mean, shifted_std = kernel_inception_distance(a, b + 1.0, subsets=20, subset_size=200)
@@ -210,12 +215,15 @@ def test_kid_caps_subset_size_at_smaller_set():
     assert capped == kernel_inception_distance(x, y, subsets=3, subset_size=15, seed=1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(feats1=np.zeros((1, 3)), feats2=np.zeros((5, 3))), "feats1: needs at least 2"),
-    (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 4))), "feats2: expected feature dimension 3"),
-    (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 3)), subsets=0), "subsets: expected a positive int"),
-    (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 3)), subset_size=1), "subset_size: the unbiased"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(feats1=np.zeros((1, 3)), feats2=np.zeros((5, 3))), "feats1: needs at least 2"),
+        (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 4))), "feats2: expected feature dimension 3"),
+        (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 3)), subsets=0), "subsets: expected a positive int"),
+        (dict(feats1=np.zeros((5, 3)), feats2=np.zeros((5, 3)), subset_size=1), "subset_size: the unbiased"),
+    ],
+)
 def test_kid_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         kernel_inception_distance(**kwargs)
@@ -264,12 +272,15 @@ def test_precision_recall_blocked_jax_equals_brute_force():
     assert precision_recall(real, fake, k=5, block_size=40) == pytest.approx(_pr_brute(real, fake, 5), abs=1e-12)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(real=np.zeros((3, 2)), fake=np.zeros((10, 2))), "real: needs at least 4"),
-    (dict(real=np.zeros((10, 2)), fake=np.zeros((10, 3))), "fake: expected feature dimension 2"),
-    (dict(real=np.zeros((10, 2)), fake=np.zeros((10, 2)), k=0), "k: expected a positive int"),
-    (dict(real=np.zeros((10, 2, 1)), fake=np.zeros((10, 2))), "real: expected a 2-D"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(real=np.zeros((3, 2)), fake=np.zeros((10, 2))), "real: needs at least 4"),
+        (dict(real=np.zeros((10, 2)), fake=np.zeros((10, 3))), "fake: expected feature dimension 2"),
+        (dict(real=np.zeros((10, 2)), fake=np.zeros((10, 2)), k=0), "k: expected a positive int"),
+        (dict(real=np.zeros((10, 2, 1)), fake=np.zeros((10, 2))), "real: expected a 2-D"),
+    ],
+)
 def test_precision_recall_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         precision_recall(**kwargs)
@@ -332,13 +343,16 @@ def test_stats_bad_files(tmp_path):
         load_stats(tmp_path / "missing.npz")
 
 
-@pytest.mark.parametrize("path, meta, match", [
-    ("x.npy", {}, "path: expected a file name ending in .npz"),
-    ("x.npz", {"mu": 1}, "meta: key 'mu' is reserved"),
-    ("x.npz", {"bad key": 1}, "not an identifier-like"),
-    ("x.npz", {"extractor": None}, r"meta\['extractor'\]: expected a str"),
-    ("x.npz", {"obj": np.array([{}], dtype=object)}, "would need pickling"),
-])
+@pytest.mark.parametrize(
+    "path, meta, match",
+    [
+        ("x.npy", {}, "path: expected a file name ending in .npz"),
+        ("x.npz", {"mu": 1}, "meta: key 'mu' is reserved"),
+        ("x.npz", {"bad key": 1}, "not an identifier-like"),
+        ("x.npz", {"extractor": None}, r"meta\['extractor'\]: expected a str"),
+        ("x.npz", {"obj": np.array([{}], dtype=object)}, "would need pickling"),
+    ],
+)
 def test_save_stats_bad_input(tmp_path, path, meta, match):
     with pytest.raises(ValueError, match=match):
         save_stats(tmp_path / path, np.zeros(2), np.eye(2), meta)

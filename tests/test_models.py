@@ -16,16 +16,24 @@ from diffjax.info import load_config
 from diffjax.models import layers as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
-                 if not p.endswith("__init__.py"))
+CONFIGS = sorted(
+    os.path.relpath(p, ROOT)
+    for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True)
+    if not p.endswith("__init__.py")
+)
 
 
 def cfg(path, *overrides):
     return load_config(os.path.join(ROOT, path), list(overrides))
 
 
-TINY = ("--config.model.nf=16", "--config.model.num_res_blocks=1", "--config.model.ch_mult=(1,2)",
-        "--config.data.image_size=8", "--config.model.attn_resolutions=(4,)")
+TINY = (
+    "--config.model.nf=16",
+    "--config.model.num_res_blocks=1",
+    "--config.model.ch_mult=(1,2)",
+    "--config.data.image_size=8",
+    "--config.model.attn_resolutions=(4,)",
+)
 
 
 def tiny(path, *extra):
@@ -34,8 +42,11 @@ def tiny(path, *extra):
 
 
 def x_for(config, batch=2, seed=0):
-    shape = ((batch, config.model.data_dim) if config.model.name == "mlp" else
-             (batch, config.data.image_size, config.data.image_size, config.data.num_channels))
+    shape = (
+        (batch, config.model.data_dim)
+        if config.model.name == "mlp"
+        else (batch, config.data.image_size, config.data.image_size, config.data.num_channels)
+    )
     return jax.random.normal(jax.random.key(seed), shape)
 
 
@@ -62,14 +73,18 @@ def run(model, x, noise_cond, labels=None, train=False, rngs=None):
 
 # ---- exact parameter counts (abstract: nothing is allocated) -----------------------------------
 
-@pytest.mark.parametrize("path, expected", [
-    ("configs/ddpm_cifar10.py", 35_746_307),  # = diffusers UNet2DModel(128, 256, 256, 256), Ho et al.
-    ("configs/vp/cifar10_ddpmpp_continuous.py", 61_804_419),
-    ("configs/vp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
-    ("configs/subvp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
-    ("configs/ve/cifar10_ncsnpp_continuous.py", 62_758_915),
-    ("configs/ve/cifar10_ncsnpp_deep_continuous.py", 107_587_075),
-])
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("configs/ddpm_cifar10.py", 35_746_307),  # = diffusers UNet2DModel(128, 256, 256, 256), Ho et al.
+        ("configs/vp/cifar10_ddpmpp_continuous.py", 61_804_419),
+        ("configs/vp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
+        ("configs/subvp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
+        ("configs/ve/cifar10_ncsnpp_continuous.py", 62_758_915),
+        ("configs/ve/cifar10_ncsnpp_deep_continuous.py", 107_587_075),
+    ],
+)
 def test_reference_parameter_counts(path, expected):
     assert models.abstract_param_count(cfg(path).model, (1, 32, 32, 3)) == expected
 
@@ -82,6 +97,7 @@ def test_abstract_count_allocates_nothing():
 
 
 # ---- shapes --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", CONFIGS)
 def test_reference_size_output_shape_abstract(path):
@@ -108,15 +124,26 @@ def test_tiny_forward_every_config(path):
     assert np.all(np.isfinite(np.asarray(out)))
 
 
-@pytest.mark.parametrize("overrides", [
-    ("--config.model.progressive=output_skip", "--config.model.progressive_input=input_skip"),
-    ("--config.model.progressive=residual", "--config.model.progressive_input=residual"),
-    ("--config.model.progressive=output_skip", "--config.model.progressive_input=input_skip",
-     "--config.model.progressive_combine=cat", "--config.model.fir=False"),
-    ("--config.model.resblock_type=ddpm", "--config.model.progressive=residual"),
-    ("--config.model.skip_rescale=False", "--config.model.embedding_type=positional",
-     "--config.model.scale_by_sigma=False", "--config.model.conditional=False"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("--config.model.progressive=output_skip", "--config.model.progressive_input=input_skip"),
+        ("--config.model.progressive=residual", "--config.model.progressive_input=residual"),
+        (
+            "--config.model.progressive=output_skip",
+            "--config.model.progressive_input=input_skip",
+            "--config.model.progressive_combine=cat",
+            "--config.model.fir=False",
+        ),
+        ("--config.model.resblock_type=ddpm", "--config.model.progressive=residual"),
+        (
+            "--config.model.skip_rescale=False",
+            "--config.model.embedding_type=positional",
+            "--config.model.scale_by_sigma=False",
+            "--config.model.conditional=False",
+        ),
+    ],
+)
 def test_ncsnpp_variants(overrides):
     c = tiny("configs/ve/cifar10_ncsnpp_continuous.py", *overrides)
     model = models.create(c.model, nnx.Rngs(0))
@@ -134,6 +161,7 @@ def test_mlp_shape():
 
 # ---- determinism, dropout, dtype -----------------------------------------------------------
 
+
 def test_same_key_same_params():
     c = tiny("configs/ddpm_cifar10.py")
     p1 = nnx.state(models.create(c.model, nnx.Rngs(7)), nnx.Param)
@@ -144,8 +172,9 @@ def test_same_key_same_params():
     assert any(diff)
 
 
-@pytest.mark.parametrize("path", ["configs/ddpm_cifar10.py", "configs/vp/cifar10_ddpmpp_continuous.py",
-                                  "configs/toy/eight_gaussians.py"])
+@pytest.mark.parametrize(
+    "path", ["configs/ddpm_cifar10.py", "configs/vp/cifar10_ddpmpp_continuous.py", "configs/toy/eight_gaussians.py"]
+)
 def test_dropout_only_in_train(path):
     c = tiny(path, "--config.model.dropout=0.5")
     model = perturbed(models.create(c.model, nnx.Rngs(0)))
@@ -180,14 +209,15 @@ def test_scale_by_sigma_divides_output():
     m_on = perturbed(models.create(c.model, nnx.Rngs(0)))
     m_off = perturbed(models.create(c_off.model, nnx.Rngs(0)))
     x, sigma = x_for(c), jnp.array([0.5, 4.0])
-    np.testing.assert_allclose(run(m_on, x, sigma) * sigma[:, None, None, None], run(m_off, x, sigma),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(run(m_on, x, sigma) * sigma[:, None, None, None], run(m_off, x, sigma), rtol=1e-4, atol=1e-5)
 
 
 # ---- class conditioning --------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["configs/ddpm_cifar10.py", "configs/ve/cifar10_ncsnpp_continuous.py",
-                                  "configs/toy/eight_gaussians.py"])
+
+@pytest.mark.parametrize(
+    "path", ["configs/ddpm_cifar10.py", "configs/ve/cifar10_ncsnpp_continuous.py", "configs/toy/eight_gaussians.py"]
+)
 def test_class_conditional(path):
     c = tiny(path, "--config.model.num_classes=10")
     model = perturbed(models.create(c.model, nnx.Rngs(0)))
@@ -211,6 +241,7 @@ def test_unconditional_model_has_no_label_table():
 
 
 # ---- registry, sharding, checkpoints -------------------------------------------------------
+
 
 def test_unknown_model_name():
     c = tiny("configs/ddpm_cifar10.py")
@@ -246,6 +277,7 @@ def test_params_checkpoint_roundtrip(tmp_path):
 
 # ---- FIR resampling ------------------------------------------------------------------------
 
+
 def test_fir_resampling_matches_upfirdn_definition():
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 3))
     # StyleGAN2 upsample_2d: zero-insert, pad (2, 1), 2-D convolution with 4 * outer(k, k) / sum
@@ -257,18 +289,25 @@ def test_fir_resampling_matches_upfirdn_definition():
     ref = np.zeros((1, 16, 16, 3), np.float32)
     for i in range(4):
         for j in range(4):
-            ref += k[3 - i, 3 - j] * up[:, i:i + 16, j:j + 16]
+            ref += k[3 - i, 3 - j] * up[:, i : i + 16, j : j + 16]
     np.testing.assert_allclose(L.upsample_2d(x), ref, rtol=1e-5, atol=1e-5)
     ones = jnp.ones((1, 8, 8, 1))
     np.testing.assert_allclose(L.downsample_2d(ones)[0, 1:-1, 1:-1], 1.0, rtol=1e-6)
     # fused conv variants agree with resample-then-conv away from the borders
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 5))
-    conv = lambda a: jax.lax.conv_general_dilated(a, w, (1, 1), "SAME",  # noqa: E731
-                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(L.upsample_conv_2d(x, w)[:, 3:-3, 3:-3], conv(L.upsample_2d(x))[:, 3:-3, 3:-3],
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(L.conv_downsample_2d(x, w)[:, 1:-1, 1:-1],
-                               L.downsample_2d(conv(x))[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4)
+    conv = lambda a: jax.lax.conv_general_dilated(
+        a,
+        w,
+        (1, 1),
+        "SAME",  # noqa: E731
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(
+        L.upsample_conv_2d(x, w)[:, 3:-3, 3:-3], conv(L.upsample_2d(x))[:, 3:-3, 3:-3], rtol=1e-4, atol=1e-4
+    )
+    np.testing.assert_allclose(
+        L.conv_downsample_2d(x, w)[:, 1:-1, 1:-1], L.downsample_2d(conv(x))[:, 1:-1, 1:-1], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_group_norm_matches_flax():
@@ -319,5 +358,6 @@ def test_network_denoiser_wraps_edm_preconditioning():
     np.testing.assert_allclose(np.asarray(den(x, t)), np.asarray(want), rtol=1e-5, atol=1e-5)
     vp_config = tiny("configs/vp/cifar10_ddpmpp_continuous.py")
     g2, p2, r2 = nnx.split(models.create(vp_config.model, 0), nnx.Param, ...)
-    assert isinstance(network.network_denoiser(g2, r2, network.build_process(vp_config), vp_config, p2).apply,
-                      network.NetworkApply)
+    assert isinstance(
+        network.network_denoiser(g2, r2, network.build_process(vp_config), vp_config, p2).apply, network.NetworkApply
+    )

@@ -17,8 +17,10 @@ def truth_baseline():
     truth = MIXTURE.sample(jax.random.key(100), N)
     # The distance between independent true sample sets, the floor any sampler can reach. It is
     # dominated by the binomial spread of the mode counts, so take the largest of 20 draws.
-    base = max(float(toy.sliced_wasserstein(MIXTURE.sample(jax.random.key(200 + i), N), truth,
-                                            jax.random.key(7))) for i in range(20))
+    base = max(
+        float(toy.sliced_wasserstein(MIXTURE.sample(jax.random.key(200 + i), N), truth, jax.random.key(7)))
+        for i in range(20)
+    )
     return truth, base
 
 
@@ -63,10 +65,18 @@ def test_a_wrong_denoiser_fails_the_same_checks(truth_baseline):
     assert float(toy.sliced_wasserstein(x, truth, jax.random.key(7))) > 1.25 * base
 
 
-@pytest.mark.parametrize("name,steps,opts,expected", [
-    ("ancestral", 37, {}, 37), ("ddim", 25, {}, 25), ("dpm_solver++", 20, {}, 20), ("heun", 18, {}, 35),
-    ("pc", 30, {"n_steps_each": 2}, 90), ("pc", 30, {"corrector": "none"}, 30), ("ode", 10, {}, None),
-])
+@pytest.mark.parametrize(
+    "name,steps,opts,expected",
+    [
+        ("ancestral", 37, {}, 37),
+        ("ddim", 25, {}, 25),
+        ("dpm_solver++", 20, {}, 20),
+        ("heun", 18, {}, 35),
+        ("pc", 30, {"n_steps_each": 2}, 90),
+        ("pc", 30, {"corrector": "none"}, 30),
+        ("ode", 10, {}, None),
+    ],
+)
 def test_nfe_counts_real_network_evaluations(name, steps, opts, expected):
     """info['nfe'] equals the evaluations counted at run time by a host callback in the denoiser."""
     p = processes.get("vp")
@@ -135,8 +145,11 @@ def _class_conditional_denoiser(p):
     def apply(mixture, x, t, cond):
         weights = jnp.where((cond == dn.NULL_LABEL)[:, None], 1 / 8, jax.nn.one_hot(cond, 8))
         a, s = p.alpha(t), p.sigma(t)
-        score = jax.vmap(lambda xi, ai, si, wi: toy.GaussianMixture(mixture.means, mixture.stds, wi)
-                         .diffused_score(xi[None], ai[None], si[None])[0])(x, a, s, weights)
+        score = jax.vmap(
+            lambda xi, ai, si, wi: toy.GaussianMixture(mixture.means, mixture.stds, wi).diffused_score(
+                xi[None], ai[None], si[None]
+            )[0]
+        )(x, a, s, weights)
         return p.convert("score", "eps", score, x, t)
 
     return dn.Denoiser(apply, MIXTURE, "eps")
@@ -150,13 +163,15 @@ def test_classifier_free_guidance():
     cond_out, uncond_out = den(x, t, labels), den(x, t, jnp.full((16,), dn.NULL_LABEL))
     np.testing.assert_allclose(dn.guided(den, 1.0)(x, t, labels), cond_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dn.guided(den, 0.0)(x, t, labels), uncond_out, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dn.guided(den, 3.0)(x, t, labels), uncond_out + 3 * (cond_out - uncond_out),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        dn.guided(den, 3.0)(x, t, labels), uncond_out + 3 * (cond_out - uncond_out), rtol=1e-4, atol=1e-4
+    )
     # Sampling with labels puts every sample in its class's mode, with and without extra guidance.
     labels = jnp.arange(512) % 8
     for scale in (None, 2.0):
-        xs, _ = samplers.sample("dpm_solver++", den, p, jax.random.key(1), (512, 2), 20, cond=labels,
-                                guidance_scale=scale, spacing="logsnr")
+        xs, _ = samplers.sample(
+            "dpm_solver++", den, p, jax.random.key(1), (512, 2), 20, cond=labels, guidance_scale=scale, spacing="logsnr"
+        )
         nearest = np.argmin(((np.asarray(xs)[:, None] - np.asarray(MIXTURE.means)[None]) ** 2).sum(-1), 1)
         np.testing.assert_array_equal(nearest, np.asarray(labels))
 

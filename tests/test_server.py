@@ -19,12 +19,23 @@ from diffjax.serving.client import tensor_to_numpy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOTS = 8
 # A tiny class-conditional digits UNet, trained for 2 steps: enough for a real checkpoint.
-TINY = [f"--config={ROOT}/configs/digits.py", "--config.training.n_iters=2", "--config.training.snapshot_freq=2",
-        "--config.training.eval_freq=0", "--config.training.batch_size=16", "--config.training.n_jitted_steps=1",
-        "--config.model.nf=8", "--config.model.ch_mult=(1,)", "--config.model.num_res_blocks=1",
-        "--config.model.attn_resolutions=()", "--config.sampling.sampler=ddim", "--config.model.num_classes=10",
-        "--config.training.label_dropout=0.2",
-        "--config.sampling.num_steps=4", "--no_progress"]
+TINY = [
+    f"--config={ROOT}/configs/digits.py",
+    "--config.training.n_iters=2",
+    "--config.training.snapshot_freq=2",
+    "--config.training.eval_freq=0",
+    "--config.training.batch_size=16",
+    "--config.training.n_jitted_steps=1",
+    "--config.model.nf=8",
+    "--config.model.ch_mult=(1,)",
+    "--config.model.num_res_blocks=1",
+    "--config.model.attn_resolutions=()",
+    "--config.sampling.sampler=ddim",
+    "--config.model.num_classes=10",
+    "--config.training.label_dropout=0.2",
+    "--config.sampling.num_steps=4",
+    "--no_progress",
+]
 
 
 def _env():
@@ -32,8 +43,14 @@ def _env():
 
 
 def _train(workdir, *extra):
-    res = subprocess.run([sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *TINY, *extra],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *TINY, *extra],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
 
@@ -94,14 +111,35 @@ def test_matches_the_offline_sampler(workdir, client):
     config, graphdef, rest, process, state, _ = snapshots.load_workdir(str(workdir))
     labels = np.arange(6, dtype=np.int32) % 10
     for sampler in ("ddim", "ancestral", "dpm_solver++", "heun"):
-        want = snapshots.generate(config, graphdef, rest, process, state["ema"], 6, sampler=sampler, steps=12,
-                                  seed=7, labels=jax.numpy.asarray(labels))
+        want = snapshots.generate(
+            config,
+            graphdef,
+            rest,
+            process,
+            state["ema"],
+            6,
+            sampler=sampler,
+            steps=12,
+            seed=7,
+            labels=jax.numpy.asarray(labels),
+        )
         got = client.sample_response(6, sampler=sampler, num_steps=12, seed=7, labels=labels.tolist())
         assert got.nfe == (23 if sampler == "heun" else 12)
         np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg=sampler)
     # a per-request option: DDIM at eta 0.5
-    want = snapshots.generate(config, graphdef, rest, process, state["ema"], 6, sampler="ddim", steps=12, seed=7,
-                              labels=jax.numpy.asarray(labels), eta=0.5)
+    want = snapshots.generate(
+        config,
+        graphdef,
+        rest,
+        process,
+        state["ema"],
+        6,
+        sampler="ddim",
+        steps=12,
+        seed=7,
+        labels=jax.numpy.asarray(labels),
+        eta=0.5,
+    )
     got = client.sample_response(6, sampler="ddim", num_steps=12, seed=7, labels=labels.tolist(), options={"eta": 0.5})
     np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg="ddim eta 0.5")
 
@@ -148,13 +186,19 @@ def test_stream_and_png_outputs(client):
 
 
 BAD = [
-    (dict(num_samples=-3), "num_samples"), (dict(num_samples=0), "num_samples"),
-    (dict(num_samples=10**6), "num_samples"), (dict(sampler="heunn"), "sampler"),
-    (dict(num_steps=-1), "num_steps"), (dict(num_steps=1001), "num_steps"),
+    (dict(num_samples=-3), "num_samples"),
+    (dict(num_samples=0), "num_samples"),
+    (dict(num_samples=10**6), "num_samples"),
+    (dict(sampler="heunn"), "sampler"),
+    (dict(num_steps=-1), "num_steps"),
+    (dict(num_steps=1001), "num_steps"),
     (dict(sampler="heun", num_steps=1), "num_steps"),
     (dict(labels=[3], guidance_scale=float("nan")), "guidance_scale"),
-    (dict(guidance_scale=2.0), "guidance_scale"), (dict(labels=[10]), "labels"), (dict(labels=[-2]), "labels"),
-    (dict(labels=[1, 2]), "labels"), (dict(output=7), "output"),
+    (dict(guidance_scale=2.0), "guidance_scale"),
+    (dict(labels=[10]), "labels"),
+    (dict(labels=[-2]), "labels"),
+    (dict(labels=[1, 2]), "labels"),
+    (dict(output=7), "output"),
     (dict(num_samples=300), "SampleStream"),  # 300 float32 samples > the 64 KiB message limit
     (dict(sampler="ode"), "offline-only"),
     (dict(sampler="dpm_solver++", options={"eta": 1.0}), "options"),
@@ -220,16 +264,43 @@ def test_full_queue_is_resource_exhausted(client):
 
 def test_client_cli_writes_a_grid(server, tmp_path):
     out = tmp_path / "grid.png"
-    res = subprocess.run([sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "16",
-                          "--steps", "5", "--labels", "7", "--out", str(out)], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "diffjax",
+            "client",
+            "sample",
+            "--addr",
+            server.addr,
+            "--num",
+            "16",
+            "--steps",
+            "5",
+            "--labels",
+            "7",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert np.load(tmp_path / "grid.npz")["samples"].shape == (16, 8, 8, 1)
     from PIL import Image
 
     assert Image.open(out).size[0] > 8 * 4
-    bad = subprocess.run([sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "-1"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "-1"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "num_samples" in bad.stderr
 
 
@@ -255,9 +326,28 @@ def test_tls_and_reload_of_a_newer_checkpoint(tmp_path, workdir):
     served = tmp_path / "wd"
     shutil.copytree(workdir, served)
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     s = ServerProcess(served, f"--tls_cert={cert}", f"--tls_key={key}", "--reload_s=0.5")
     try:
         with Client(s.addr, timeout=60, root_certificates=cert.read_bytes()) as c:
@@ -295,8 +385,9 @@ def test_admission_policy_with_a_huge_request_ahead(admission):
     graphdef, params, rest = nnx.split(models.create(config.model, 0), nnx.Param, ...)
     process = trainer.build_process(config)
     den = trainer.network_denoiser(graphdef, rest, process, config, params)
-    scheduler = Scheduler(Engine(den, process, (8, 8, 1), batch_slots=4, devices=jax.devices()[:1]),
-                          checkpoint_step=0, admission=admission)
+    scheduler = Scheduler(
+        Engine(den, process, (8, 8, 1), batch_slots=4, devices=jax.devices()[:1]), checkpoint_step=0, admission=admission
+    )
     labels = lambda n: np.full(n, -1, np.int32)
     big = scheduler.submit(Job(40, "ddim", 5, 0, labels(40), None))
     small = scheduler.submit(Job(1, "ddim", 5, 1, labels(1), None))
@@ -329,8 +420,9 @@ def test_engine_clips_x0_as_the_offline_sampler():
     process = processes.get("ddpm", num_scales=100)
     den = denoiser.from_fn(lambda x, t, cond: 1.5 * jax.numpy.tanh(x), prediction="x0")
     clip = (-1.0, 1.0)
-    scheduler = Scheduler(Engine(den, process, (4, 4, 1), batch_slots=4, clip_x0=clip, devices=jax.devices()[:1]),
-                          checkpoint_step=0)
+    scheduler = Scheduler(
+        Engine(den, process, (4, 4, 1), batch_slots=4, clip_x0=clip, devices=jax.devices()[:1]), checkpoint_step=0
+    )
     labels = np.full(3, -1, np.int32)
     scheduler.start()
     try:

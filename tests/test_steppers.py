@@ -17,7 +17,9 @@ from diffjax.serving.engine import Admission, Engine, request_key, served_steppe
 # 5 narrow modes in 3-D (std 0.05 at distance ~1): the regime where the time grid matters.
 NARROW = toy.GaussianMixture(
     means=[[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, -1.0, 0.5], [0.0, 0.0, -1.0]],
-    stds=[0.05] * 5, weights=[0.2] * 5)
+    stds=[0.05] * 5,
+    weights=[0.2] * 5,
+)
 
 
 def _width_error(x) -> float:
@@ -123,8 +125,9 @@ def test_engine_refuses_unknown_options():
 
 def test_stepper_options_are_checked():
     with pytest.raises(ValueError, match="takes no option"):
-        samplers.sample("ddim", NARROW.denoiser(processes.get("vp")), processes.get("vp"), jax.random.PRNGKey(0),
-                        (2, 3), 3, s_churn=1.0)
+        samplers.sample(
+            "ddim", NARROW.denoiser(processes.get("vp")), processes.get("vp"), jax.random.PRNGKey(0), (2, 3), 3, s_churn=1.0
+        )
     with pytest.raises(ValueError, match="corrector"):
         steppers.PC(corrector="annealed")
     assert jnp.isfinite(samplers.example_noise_coded(samplers.example_keys(jax.random.PRNGKey(0), 2), (3,), 1, 2)).all()

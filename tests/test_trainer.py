@@ -14,10 +14,18 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny, fast config: the MLP on the 8-Gaussians, cheap snapshots.
-TINY = [f"--config={ROOT}/configs/toy/eight_gaussians.py", "--config.training.batch_size=32",
-        "--config.training.n_jitted_steps=2", "--config.training.log_freq=2", "--config.training.eval_freq=0",
-        "--config.sampling.sampler=ddim", "--config.sampling.num_steps=4", "--config.model.nf=32",
-        "--config.optim.warmup=0", "--no_progress"]
+TINY = [
+    f"--config={ROOT}/configs/toy/eight_gaussians.py",
+    "--config.training.batch_size=32",
+    "--config.training.n_jitted_steps=2",
+    "--config.training.log_freq=2",
+    "--config.training.eval_freq=0",
+    "--config.sampling.sampler=ddim",
+    "--config.sampling.num_steps=4",
+    "--config.model.nf=32",
+    "--config.optim.warmup=0",
+    "--no_progress",
+]
 
 
 def train_cmd(workdir, *extra):
@@ -51,8 +59,9 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
     # The reference run also evaluates (eval must not touch the training state or its RNG).
     res = run(train_cmd("ref", *common, "--config.training.eval_freq=10"), cwd=tmp_path)  # relative workdir
     assert res.returncode == 0, res.stderr[-2000:]
-    proc = subprocess.Popen(train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not any(s >= 12 for s in steps_in(killed)):
         time.sleep(0.05)
@@ -80,8 +89,17 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
 def test_two_processes_then_one_process_resumes(tmp_path):
     """2 processes x 4 CPU devices (launch/local.py: gloo over loopback), then 1 process x 1 device resumes."""
     workdir = tmp_path / "mh"
-    res = run([sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=4", "--",
-               *train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4")], timeout=400)
+    res = run(
+        [
+            sys.executable,
+            f"{ROOT}/launch/local.py",
+            "--num-processes=2",
+            "--devices-per-process=4",
+            "--",
+            *train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4"),
+        ],
+        timeout=400,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert steps_in(workdir) == [4, 8]
     assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(workdir / "checkpoints" / "8" / "data"))
@@ -101,8 +119,7 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path):
         if os.path.isfile(path):
             with open(path, "r+b") as f:
                 f.truncate(max(0, os.path.getsize(path) // 3))
-    res = run([sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=16",
-               f"--out={tmp_path / 'g.png'}"])
+    res = run([sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=16", f"--out={tmp_path / 'g.png'}"])
     assert res.returncode == 0, res.stderr[-2000:]
     assert "checkpoint step 8" in res.stdout and "unreadable" in res.stdout
     assert "from step 4" in res.stdout
@@ -111,23 +128,33 @@ def test_corrupted_latest_checkpoint_falls_back(tmp_path):
 
 def test_non_finite_loss_stops_without_saving(tmp_path):
     workdir = tmp_path / "nan"
-    res = run(train_cmd(workdir, "--config.training.n_iters=20", "--config.training.snapshot_freq=2",
-                        "--config.optim.lr=1e30", "--config.optim.grad_clip=0.0"))
+    res = run(
+        train_cmd(
+            workdir,
+            "--config.training.n_iters=20",
+            "--config.training.snapshot_freq=2",
+            "--config.optim.lr=1e30",
+            "--config.optim.grad_clip=0.0",
+        )
+    )
     assert res.returncode == 3
     assert "non-finite loss" in res.stderr and "at step" in res.stderr
     bad_step = int(res.stderr.split("at step ")[1].split(";")[0])
     assert all(s < bad_step for s in steps_in(workdir))
 
 
-@pytest.mark.parametrize("extra,devices,message", [
-    (["--config.training.batch_size=12"], 8, "training.batch_size=12 must be divisible by the device count 8"),
-    (["--config.data.dataset=imagenet_typo"], 1, "data.dataset"),
-    (["--config.training.bogus=1"], 1, "bogus"),
-    (["--config.data.augment_p=0.12"], 1, "data.augment_p=0.12 needs model.augment_dim=9"),
-    (["--config.data.augment_p=2", "--config.model.augment_dim=9"], 1, "data.augment_p must be in [0, 1]"),
-    (["--config.training.ema_rate=1.5"], 1, "training.ema_rate=1.5 must be in [0, 1)"),
-    (["--config.training.grad_accum_steps=0"], 1, "training.grad_accum_steps=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,devices,message",
+    [
+        (["--config.training.batch_size=12"], 8, "training.batch_size=12 must be divisible by the device count 8"),
+        (["--config.data.dataset=imagenet_typo"], 1, "data.dataset"),
+        (["--config.training.bogus=1"], 1, "bogus"),
+        (["--config.data.augment_p=0.12"], 1, "data.augment_p=0.12 needs model.augment_dim=9"),
+        (["--config.data.augment_p=2", "--config.model.augment_dim=9"], 1, "data.augment_p must be in [0, 1]"),
+        (["--config.training.ema_rate=1.5"], 1, "training.ema_rate=1.5 must be in [0, 1)"),
+        (["--config.training.grad_accum_steps=0"], 1, "training.grad_accum_steps=0 must be >= 1"),
+    ],
+)
 def test_bad_input_errors(tmp_path, extra, devices, message):
     res = run(train_cmd(tmp_path / "w", "--config.training.n_iters=2", *extra), devices=devices)
     assert res.returncode != 0
@@ -144,10 +171,22 @@ def test_unwritable_workdir(tmp_path):
 
 def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
     workdir = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", "--config=configs/digits.py",
-           "--config.training.fsdp=True", "--config.training.batch_size=16", "--config.training.n_iters=2",
-           "--config.training.n_jitted_steps=1", "--config.training.snapshot_freq=2", "--config.sampling.num_steps=2",
-           "--config.training.eval_freq=0", "--no_progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "diffjax",
+        "train",
+        f"--workdir={workdir}",
+        "--config=configs/digits.py",
+        "--config.training.fsdp=True",
+        "--config.training.batch_size=16",
+        "--config.training.n_iters=2",
+        "--config.training.n_jitted_steps=1",
+        "--config.training.snapshot_freq=2",
+        "--config.sampling.num_steps=2",
+        "--config.training.eval_freq=0",
+        "--no_progress",
+    ]
     res = run(cmd, devices=8)
     assert res.returncode == 0, res.stderr[-3000:]
     from diffjax import snapshots
@@ -213,13 +252,11 @@ def test_data_workers_train_and_resume(tmp_path):
     """--data_workers: the input runs in grain worker processes; the iterator state (every worker's
     position) is checkpointed and restored on resume."""
     workdir = tmp_path / "w"
-    first = run(train_cmd(workdir, "--config.training.n_iters=4", "--config.training.snapshot_freq=4",
-                          "--data_workers=2"))
+    first = run(train_cmd(workdir, "--config.training.n_iters=4", "--config.training.snapshot_freq=4", "--data_workers=2"))
     assert first.returncode == 0, first.stderr[-2000:]
     saved = json.load(open(workdir / "checkpoints" / "4" / "data" / "process_0-of-1.json"))
     assert len(saved["iterators_in_use_states"]) == 2  # one position per worker process
-    again = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4",
-                          "--data_workers=2"))
+    again = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4", "--data_workers=2"))
     assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-2000:]
     assert "was not restored" not in again.stdout + again.stderr
     assert max(steps_in(workdir)) == 8
@@ -233,9 +270,15 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
     from diffjax import trainer
     from diffjax.configuration import load_config
 
-    config = load_config(f"{ROOT}/configs/toy/eight_gaussians.py",
-                         ["--config.training.batch_size=32", "--config.training.grad_accum_steps=4",
-                          "--config.training.ema_rate=0.9", "--config.optim.warmup=0"])
+    config = load_config(
+        f"{ROOT}/configs/toy/eight_gaussians.py",
+        [
+            "--config.training.batch_size=32",
+            "--config.training.grad_accum_steps=4",
+            "--config.training.ema_rate=0.9",
+            "--config.optim.warmup=0",
+        ],
+    )
     mesh = trainer.make_mesh(config)
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
     step = trainer.make_train_step(config, graphdef, rest, trainer.build_process(config), shardings, mesh)
@@ -246,8 +289,11 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
         batch = {"x": rng.normal(size=(1, 32, 2)).astype(np.float32)}
         state, _ = step(state, batch)
         params.append(jax.tree.map(np.asarray, state["params"]))
-    moved = [i for i in range(1, 9) if not all(np.array_equal(a, b) for a, b in
-                                                zip(jax.tree.leaves(params[i]), jax.tree.leaves(params[i - 1])))]
+    moved = [
+        i
+        for i in range(1, 9)
+        if not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params[i]), jax.tree.leaves(params[i - 1])))
+    ]
     assert moved == [4, 8]
     for i in moved:
         ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params[i])

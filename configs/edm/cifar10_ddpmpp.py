@@ -18,8 +18,7 @@ from configs import default
 
 def get_config():
     config = default.get_default_configs()
-    config.process = default.process("edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0,
-                                     p_mean=-1.2, p_std=1.2)
+    config.process = default.process("edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, rho=7.0, p_mean=-1.2, p_std=1.2)
     training = config.training
     training.batch_size = 512
     training.n_iters = 390625

@@ -51,8 +51,7 @@ def load_images(path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.
     with np.load(path) as f:
         key = next((k for k in ("images", "samples", "arr_0", "x") if k in f.files), None)
         if key is None:
-            raise EvalError(f"{path}: no image array; expected one of the keys images, samples, arr_0, x; "
-                            f"found {f.files}")
+            raise EvalError(f"{path}: no image array; expected one of the keys images, samples, arr_0, x; found {f.files}")
         x = f[key]
     if x.ndim == 3:
         x = x[..., None]
@@ -62,8 +61,9 @@ def load_images(path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.
         return x
     lo, hi = data_range
     if not np.isfinite(x).all() or x.min() < lo - 1e-3 or x.max() > hi + 1e-3:
-        raise EvalError(f"{path}[{key!r}]: float images must lie in --data_range {lo} {hi}, got "
-                        f"[{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        raise EvalError(
+            f"{path}[{key!r}]: float images must lie in --data_range {lo} {hi}, got [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]"
+        )
     from diffjax.evaluation.generate import quantize
 
     return quantize(x, data_range, "round")
@@ -89,8 +89,14 @@ def _png_folder(path: str) -> np.ndarray:
 def cmd_digits(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="diffjax eval digits", description="digits-FID and classifier score")
     p.add_argument("set", help="a `diffjax sample --out_dir` folder, PNG folder or .npz of digits")
-    p.add_argument("--data_range", type=float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"),
-                   help="the range of float images in an .npz (default -1 1, the digits config's)")
+    p.add_argument(
+        "--data_range",
+        type=float,
+        nargs=2,
+        default=(-1.0, 1.0),
+        metavar=("LO", "HI"),
+        help="the range of float images in an .npz (default -1 1, the digits config's)",
+    )
     args = p.parse_args(argv)
     from diffjax.evaluation import digits
 
@@ -106,9 +112,11 @@ def _print_digits_table(name: str, report: dict) -> None:
     """The samples' digits-FID and classifier score beside the same figures for real digits."""
     from diffjax.evaluation import digits
 
-    rows = [(name, report),
-            ("real digits, train split (1,500)", digits.digits_report(digits.real_digits("train")[0])),
-            ("real digits, held-out split (297)", digits.digits_report(digits.real_digits("eval")[0]))]
+    rows = [
+        (name, report),
+        ("real digits, train split (1,500)", digits.digits_report(digits.real_digits("train")[0])),
+        ("real digits, held-out split (297)", digits.digits_report(digits.real_digits("eval")[0])),
+    ]
     print("digits-FID: 64-d features of diffjax.evaluation.digits' classifier against the held-out split")
     print("\n| set | n | digits-FID | classifier score (max 10) |\n|---|---:|---:|---:|")
     for label, r in rows:
@@ -116,10 +124,15 @@ def _print_digits_table(name: str, report: dict) -> None:
 
 
 def _add_weights_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--inception_weights", default=None,
-                   help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted .npz")
-    p.add_argument("--batch_size", type=int, default=None,
-                   help="Inception batch, sharded over all devices (default 200; 10 per device on CPUs)")
+    p.add_argument(
+        "--inception_weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted .npz"
+    )
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="Inception batch, sharded over all devices (default 200; 10 per device on CPUs)",
+    )
 
 
 def cmd_convert(argv: list[str]) -> int:
@@ -153,12 +166,10 @@ def cmd_stats(argv: list[str]) -> int:
         raise EvalError(f"--out must end in .npz, got {args.out!r}")
     try:
         images, source = evaluate.reference_images(args.config, args.data, args.split, args.image_size, args.data_dir)
-        meta = evaluate.write_reference_stats(images, args.out, source, args.split, args.inception_weights,
-                                              args.batch_size)
+        meta = evaluate.write_reference_stats(images, args.out, source, args.split, args.inception_weights, args.batch_size)
     except (OSError, ValueError) as err:
         raise EvalError(str(err)) from err
-    print(f"wrote {args.out}: {meta['num_images']} images of {source} ({args.split}), extractor "
-          f"{meta['extractor'][:16]}...")
+    print(f"wrote {args.out}: {meta['num_images']} images of {source} ({args.split}), extractor {meta['extractor'][:16]}...")
     return 0
 
 
@@ -234,8 +245,13 @@ def cmd_bpd(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"stats": cmd_stats, "bpd": cmd_bpd, "compare": cmd_compare, "convert-inception": cmd_convert,
-            "digits": cmd_digits}
+COMMANDS = {
+    "stats": cmd_stats,
+    "bpd": cmd_bpd,
+    "compare": cmd_compare,
+    "convert-inception": cmd_convert,
+    "digits": cmd_digits,
+}
 
 
 def main(argv: list[str]) -> int:
@@ -252,8 +268,7 @@ def main(argv: list[str]) -> int:
             print(f"diffjax eval: {err}", file=sys.stderr)
             return 2
     if argv[0] not in COMMANDS:
-        print(f"diffjax eval: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}",
-              file=sys.stderr)
+        print(f"diffjax eval: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])

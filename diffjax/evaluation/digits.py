@@ -21,8 +21,16 @@ import jax.numpy as jnp
 import numpy as np
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.npz")
-SHAPES = {"conv1/w": (3, 3, 1, 16), "conv1/b": (16,), "conv2/w": (3, 3, 16, 32), "conv2/b": (32,),
-          "feat/w": (4 * 4 * 32, 64), "feat/b": (64,), "out/w": (64, 10), "out/b": (10,)}
+SHAPES = {
+    "conv1/w": (3, 3, 1, 16),
+    "conv1/b": (16,),
+    "conv2/w": (3, 3, 16, 32),
+    "conv2/b": (32,),
+    "feat/w": (4 * 4 * 32, 64),
+    "feat/b": (64,),
+    "out/w": (64, 10),
+    "out/b": (10,),
+}
 
 
 def init(key: jax.Array) -> dict[str, jax.Array]:
@@ -31,15 +39,17 @@ def init(key: jax.Array) -> dict[str, jax.Array]:
     params = {}
     for name, shape in SHAPES.items():
         fan_in = int(np.prod(shape[:-1]))
-        params[name] = (jnp.zeros(shape) if name.endswith("/b") else
-                        jax.random.normal(next(keys), shape) * np.sqrt(2.0 / fan_in))
+        params[name] = (
+            jnp.zeros(shape) if name.endswith("/b") else jax.random.normal(next(keys), shape) * np.sqrt(2.0 / fan_in)
+        )
     return params
 
 
 def apply(params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images (B, 8, 8, 1) in [0, 1] -> (features (B, 64), logits (B, 10))."""
     conv = lambda x, w, stride: jax.lax.conv_general_dilated(  # noqa: E731
-        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jax.nn.relu(conv(images * 2.0 - 1.0, params["conv1/w"], 1) + params["conv1/b"])
     h = jax.nn.relu(conv(h, params["conv2/w"], 2) + params["conv2/b"])
     feats = jax.nn.relu(h.reshape(h.shape[0], -1) @ params["feat/w"] + params["feat/b"])
@@ -49,8 +59,9 @@ def apply(params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Arr
 def load(path: str = WEIGHTS) -> dict[str, np.ndarray]:
     """The shipped weights, every key and shape checked."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"digits classifier weights not found at {path}; run "
-                                "`python tools/train_digits_classifier.py` to make them")
+        raise FileNotFoundError(
+            f"digits classifier weights not found at {path}; run `python tools/train_digits_classifier.py` to make them"
+        )
     with np.load(path) as f:
         params = {k: f[k] for k in f.files}
     if set(params) != set(SHAPES) or any(params[k].shape != s for k, s in SHAPES.items()):
@@ -73,8 +84,10 @@ def to_unit(images: Any) -> np.ndarray:
         return x.astype(np.float32) / 255.0
     x = x.astype(np.float32)
     if not np.isfinite(x).all() or x.min() < -1e-3 or x.max() > 1 + 1e-3:
-        raise ValueError(f"float digits images must lie in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]; "
-                         "map [-1, 1] data with (x + 1) / 2 or pass uint8")
+        raise ValueError(
+            f"float digits images must lie in [0, 1], got range [{x.min():.3g}, {x.max():.3g}]; "
+            "map [-1, 1] data with (x + 1) / 2 or pass uint8"
+        )
     return np.clip(x, 0.0, 1.0)
 
 

@@ -62,8 +62,9 @@ class Extractor:
         return {"inception_weights": self.path, "inception_sha256": self.sha256}
 
 
-def reference_images(config_path: str | None, data: str | None, split: str, image_size: int | None,
-                     data_dir: str | None) -> tuple[np.ndarray, str]:
+def reference_images(
+    config_path: str | None, data: str | None, split: str, image_size: int | None, data_dir: str | None
+) -> tuple[np.ndarray, str]:
     """Every image of a split the trainer reads, as uint8 (N, H, W, C), and its name."""
     from diffjax.configuration import load_config
 
@@ -92,8 +93,7 @@ def split_images(config, split: str) -> np.ndarray:
     source, kind = data_lib._source(config, split)
     if kind == "toy":
         raise ValueError(f"data.dataset={config.data.dataset!r} is 2-D points, not images")
-    pre = data_lib._Preprocess(kind, int(config.data.image_size), int(config.data.num_channels),
-                               config.data.dataset)
+    pre = data_lib._Preprocess(kind, int(config.data.image_size), int(config.data.num_channels), config.data.dataset)
     return np.stack([quantize(pre(source[i])["x"], (0.0, 1.0)) for i in range(len(source))])
 
 
@@ -101,21 +101,33 @@ def _configs_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 
 
-def write_reference_stats(images: np.ndarray, out: str, source: str, split: str, weights: str | None,
-                          batch_size: int | None = None) -> dict[str, Any]:
+def write_reference_stats(
+    images: np.ndarray, out: str, source: str, split: str, weights: str | None, batch_size: int | None = None
+) -> dict[str, Any]:
     from diffjax.evaluation import stats
 
     extractor = Extractor(weights, batch_size)
     pool3, _ = extractor.features(images)
     mu, sigma = stats.feature_statistics(pool3)
-    meta = dict(extractor=extractor.sha256, num_images=int(len(images)), source=source, split=split,
-                image_shape=np.asarray(images.shape[1:]))
+    meta = dict(
+        extractor=extractor.sha256,
+        num_images=int(len(images)),
+        source=source,
+        split=split,
+        image_shape=np.asarray(images.shape[1:]),
+    )
     stats.save_stats(out, mu, sigma, meta)
     return meta
 
 
-def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weights: str | None = None,
-            batch_size: int | None = None, extractor: Extractor | None = None) -> dict[str, Any]:
+def compare(
+    a: np.ndarray,
+    b: np.ndarray | str,
+    metrics: tuple[str, ...],
+    weights: str | None = None,
+    batch_size: int | None = None,
+    extractor: Extractor | None = None,
+) -> dict[str, Any]:
     """Metrics of set `a` (uint8 images) against `b` (uint8 images, or a statistics file: FID only)."""
     from diffjax.evaluation import metrics as m
     from diffjax.evaluation import stats
@@ -134,11 +146,16 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
     ref = None
     if isinstance(b, str):  # read (and check) the reference before the expensive features
         if set(inception) - {"fid", "is"}:
-            raise ValueError(f"{b} holds statistics only: it supports fid (and is of the first set), not "
-                             f"{sorted(set(inception) - {'fid', 'is'})}")
+            raise ValueError(
+                f"{b} holds statistics only: it supports fid (and is of the first set), not "
+                f"{sorted(set(inception) - {'fid', 'is'})}"
+            )
         ref = stats.load_stats(b, expect_extractor=extractor.sha256)
-        result["reference"] = {"path": os.path.abspath(b), "sha256": file_sha256(b),
-                               "num_images": ref.meta.get("num_images")}
+        result["reference"] = {
+            "path": os.path.abspath(b),
+            "sha256": file_sha256(b),
+            "num_images": ref.meta.get("num_images"),
+        }
     pool_a, logits_a = extractor.features(a)
     if "is" in metrics:
         result["is"], result["is_std"] = m.inception_score(logits_a)
@@ -161,10 +178,20 @@ def compare(a: np.ndarray, b: np.ndarray | str, metrics: tuple[str, ...], weight
 
 
 def format_result(result: dict[str, Any]) -> str:
-    names = [("fid", "FID"), ("is", "IS"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall"),
-             ("digits_fid", "digits-FID"), ("classifier_score", "classifier score")]
-    rows = [f"| {label} | {result[k]:.4f}" + (f" +- {result[k + '_std']:.4f}" if k + "_std" in result else "") + " |"
-            for k, label in names if k in result]
+    names = [
+        ("fid", "FID"),
+        ("is", "IS"),
+        ("kid", "KID"),
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("digits_fid", "digits-FID"),
+        ("classifier_score", "classifier score"),
+    ]
+    rows = [
+        f"| {label} | {result[k]:.4f}" + (f" +- {result[k + '_std']:.4f}" if k + "_std" in result else "") + " |"
+        for k, label in names
+        if k in result
+    ]
     return "| metric | value |\n|---|---:|\n" + "\n".join(rows) + f"\n\n{result.get('num', '?')} samples"
 
 
@@ -182,8 +209,10 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     if set(metrics) & {"kid", "pr"}:
         raise ValueError("kid and pr need reference images, not statistics: use `diffjax eval compare SET REF_SET`")
     if "fid" in metrics and not ref:
-        raise ValueError("fid needs reference statistics: pass --ref REF.npz (make one with `diffjax eval stats "
-                         "--config CONFIG.py --split train --out REF.npz`) or set eval.reference in the config")
+        raise ValueError(
+            "fid needs reference statistics: pass --ref REF.npz (make one with `diffjax eval stats "
+            "--config CONFIG.py --split train --out REF.npz`) or set eval.reference in the config"
+        )
     if ref and not os.path.exists(ref):
         raise ValueError(f"--ref {ref}: no such file")
     extractor = Extractor(args.inception_weights, args.batch_size) if set(metrics) - {"digits"} else None
@@ -193,13 +222,27 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
     rule = ev.get("quantize", "round")
     out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}")
-    protocol = generate.write_samples(w, state, step, out_dir, num, sampler=sampler, steps=steps, seed=seed,
-                                      shard_size=args.shard_size, quantize_rule=rule, progress=not args.no_progress)
+    protocol = generate.write_samples(
+        w,
+        state,
+        step,
+        out_dir,
+        num,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        shard_size=args.shard_size,
+        quantize_rule=rule,
+        progress=not args.no_progress,
+    )
     images, _ = generate.read_set(out_dir)
     result = compare(images, ref or images, metrics, extractor=extractor)
     protocol.update(samples=out_dir, metrics=list(metrics), wall_s=round(time.perf_counter() - start, 2))
-    default = (sampler, steps, num) == (w.config.sampling.sampler, int(w.config.sampling.num_steps),
-                                        int(ev.get("num_samples", 50000)))
+    default = (sampler, steps, num) == (
+        w.config.sampling.sampler,
+        int(w.config.sampling.num_steps),
+        int(ev.get("num_samples", 50000)),
+    )
     name = f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}.json"  # the config's protocol or not
     return _write_record(os.path.join(args.workdir, "eval", name), step, result, protocol)
 
@@ -208,8 +251,9 @@ def _write_record(path: str, step: int, metrics: dict, protocol: dict) -> tuple[
     """{step, date, metrics, protocol} -> `path` (process 0, written to a temporary name and renamed)."""
     import jax
 
-    record = dict(step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=metrics,
-                  protocol=protocol)
+    record = dict(
+        step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=metrics, protocol=protocol
+    )
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:
@@ -250,27 +294,41 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     bar = _progress(args.passes * len(images), not args.no_progress, f"bits/dim ({args.split})")
     for p in range(args.passes):
         for b0 in range(0, len(images), batch):
-            chunk = images[b0:b0 + batch]
+            chunk = images[b0 : b0 + batch]
             n = len(chunk)
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)]) if n < batch else chunk
             x = jax.device_put(lo + (hi - lo) * padded.astype(np.float32) / 255.0, sharding)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), p), b0)
             bpd, info = likelihood.bits_per_dim(den, w.process, key, x, data_range=(lo, hi))
-            per_pass[p, b0:b0 + n] = snapshots._host(bpd)[:n]
+            per_pass[p, b0 : b0 + n] = snapshots._host(bpd)[:n]
             nfe.append(info["nfe"])
             if bar is not None:
                 bar.update(n)
     if bar is not None:
         bar.close()
     per_example = per_pass.mean(0)
-    result = dict(bpd=float(per_example.mean()),
-                  bpd_stderr=float(per_example.std(ddof=1) / np.sqrt(len(per_example))) if len(per_example) > 1 else None,
-                  num=int(len(images)), passes=int(args.passes))
-    protocol = dict(workdir=str(args.workdir), checkpoint_step=int(step), weights="ema",
-                    ema_rate=float(w.config.training.ema_rate), split=args.split, seed=int(args.seed),
-                    dequantization="uniform", num_bins=256, trace="hutchinson", probe="rademacher",
-                    solver="tsit5 rtol=atol=1e-5", mean_nfe=float(np.mean(nfe)), data_range=[lo, hi],
-                    wall_s=round(time.perf_counter() - start, 2))
+    result = dict(
+        bpd=float(per_example.mean()),
+        bpd_stderr=float(per_example.std(ddof=1) / np.sqrt(len(per_example))) if len(per_example) > 1 else None,
+        num=int(len(images)),
+        passes=int(args.passes),
+    )
+    protocol = dict(
+        workdir=str(args.workdir),
+        checkpoint_step=int(step),
+        weights="ema",
+        ema_rate=float(w.config.training.ema_rate),
+        split=args.split,
+        seed=int(args.seed),
+        dequantization="uniform",
+        num_bins=256,
+        trace="hutchinson",
+        probe="rademacher",
+        solver="tsit5 rtol=atol=1e-5",
+        mean_nfe=float(np.mean(nfe)),
+        data_range=[lo, hi],
+        wall_s=round(time.perf_counter() - start, 2),
+    )
     return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}.json"), step, result, protocol)
 
 

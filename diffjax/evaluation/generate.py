@@ -53,8 +53,10 @@ def read_set(out_dir: str) -> tuple[np.ndarray, dict]:
     n_shards = math.ceil(protocol["num"] / protocol["shard_size"])
     missing = [s for s in range(n_shards) if not shard_path(out_dir, s).exists()]
     if missing:
-        raise ValueError(f"{out_dir}: {len(missing)} of {n_shards} shards are missing (first: "
-                         f"{shard_path(out_dir, missing[0]).name}); re-run the same `diffjax sample` command to finish")
+        raise ValueError(
+            f"{out_dir}: {len(missing)} of {n_shards} shards are missing (first: "
+            f"{shard_path(out_dir, missing[0]).name}); re-run the same `diffjax sample` command to finish"
+        )
     images = [np.load(io.BytesIO(shard_path(out_dir, s).read_bytes()))["images"] for s in range(n_shards)]
     return np.concatenate(images), protocol
 
@@ -66,8 +68,10 @@ def _agree_protocol(out_dir: str, protocol: dict) -> None:
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v}
         if diff:
-            raise ValueError(f"{out_dir} already holds a different sample set; differing settings (theirs, yours): "
-                             f"{diff}. Use another --out_dir (or remove it) to start a new set")
+            raise ValueError(
+                f"{out_dir} already holds a different sample set; differing settings (theirs, yours): "
+                f"{diff}. Use another --out_dir (or remove it) to start a new set"
+            )
         return
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,10 +89,23 @@ def _write_shard(out_dir: str, shard: int, arrays: dict[str, np.ndarray]) -> Non
     tmp.rename(final)  # atomic on a local filesystem: a shard is there whole or not at all
 
 
-def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler: str | None = None,
-                  steps: int | None = None, seed: int = 0, shard_size: int = 1000, quantize_rule: str = "round",
-                  label: int | None = None, guidance_scale: float | None = None, progress: bool = True,
-                  **opts: Any) -> dict:
+def write_samples(
+    workdir,
+    state,
+    step: int,
+    out_dir: str,
+    num: int,
+    *,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    shard_size: int = 1000,
+    quantize_rule: str = "round",
+    label: int | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+    **opts: Any,
+) -> dict:
     """Draw `num` samples of the EMA weights in `state` into `out_dir` (see the module docstring).
 
     `workdir` is a diffjax.workdir.Workdir; returns the protocol dict (also DIR/protocol.json)."""
@@ -108,11 +125,23 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
     n_dev = mesh.devices.size
     batch = math.ceil(shard_size / n_dev) * n_dev  # one sampler call per shard, padded to the device count
     data_range = snapshots.data_range(config)
-    protocol = dict(workdir=str(workdir.path), checkpoint_step=int(step), weights="ema",
-                    ema_rate=float(config.training.ema_rate), sampler=sampler, steps=steps,
-                    options={k: v for k, v in sorted(opts.items())}, seed=int(seed), num=int(num),
-                    shard_size=int(shard_size), quantize=quantize_rule, data_range=list(data_range),
-                    label=label, guidance_scale=guidance_scale, noise="fold_in(key(seed), global index)")
+    protocol = dict(
+        workdir=str(workdir.path),
+        checkpoint_step=int(step),
+        weights="ema",
+        ema_rate=float(config.training.ema_rate),
+        sampler=sampler,
+        steps=steps,
+        options={k: v for k, v in sorted(opts.items())},
+        seed=int(seed),
+        num=int(num),
+        shard_size=int(shard_size),
+        quantize=quantize_rule,
+        data_range=list(data_range),
+        label=label,
+        guidance_scale=guidance_scale,
+        noise="fold_in(key(seed), global index)",
+    )
     _agree_protocol(out_dir, protocol)
 
     den = network.network_denoiser(workdir.graphdef, workdir.rest, process, config, state["ema"])
@@ -125,8 +154,7 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=num, initial=done, unit="img", dynamic_ncols=True, mininterval=1.0,
-                   desc=f"{sampler} {steps} steps")
+        bar = tqdm(total=num, initial=done, unit="img", dynamic_ncols=True, mininterval=1.0, desc=f"{sampler} {steps} steps")
 
     if done and jax.process_index() == 0:
         print(f"{out_dir}: {n_shards - len(todo)} of {n_shards} shards already written; resuming", flush=True)
@@ -137,11 +165,27 @@ def write_samples(workdir, state, step: int, out_dir: str, num: int, *, sampler:
         indices = jax.make_array_from_callback((batch,), sharding, lambda i: host_idx[i])
         labels = None
         if num_classes:
-            labels = (jnp.full((batch,), label, jnp.int32) if label is not None else jax.vmap(
-                lambda i: jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, LABEL_STREAM), i), (),
-                                             0, num_classes))(indices))
-        x, info = samplers.sample(sampler, den, process, key, (batch, *shape), steps, indices=indices, cond=labels,
-                                  guidance_scale=guidance_scale, **opts)
+            labels = (
+                jnp.full((batch,), label, jnp.int32)
+                if label is not None
+                else jax.vmap(
+                    lambda i: jax.random.randint(
+                        jax.random.fold_in(jax.random.fold_in(key, LABEL_STREAM), i), (), 0, num_classes
+                    )
+                )(indices)
+            )
+        x, info = samplers.sample(
+            sampler,
+            den,
+            process,
+            key,
+            (batch, *shape),
+            steps,
+            indices=indices,
+            cond=labels,
+            guidance_scale=guidance_scale,
+            **opts,
+        )
         nfe = info["nfe"]
         arrays = {"images": quantize(snapshots._host(x)[:n], data_range, quantize_rule), "indices": host_idx[:n]}
         if labels is not None:

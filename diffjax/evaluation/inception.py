@@ -70,6 +70,7 @@ def _max_pool(x: jax.Array, stride: int, pad: int) -> jax.Array:
 
 def _avg_pool_valid_only(x: jax.Array) -> jax.Array:
     """3x3, stride 1, padding 1 average over the in-image taps only (``count_include_pad=False``)."""
+
     def window_sum(a: jax.Array) -> jax.Array:
         return lax.reduce_window(a, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
 
@@ -79,16 +80,33 @@ def _avg_pool_valid_only(x: jax.Array) -> jax.Array:
 class BasicConv2d(nnx.Module):
     """Conv without bias, BatchNorm (eps 1e-3, running statistics), ReLU."""
 
-    def __init__(self, cin: int, cout: int, kernel: int | Sequence[int], stride: int = 1,
-                 padding: int | Sequence[int] = 0, *, precision: lax.PrecisionLike, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int | Sequence[int],
+        stride: int = 1,
+        padding: int | Sequence[int] = 0,
+        *,
+        precision: lax.PrecisionLike,
+        rngs: nnx.Rngs,
+    ):
         ph, pw = _pair(padding)
         (kh, kw), (sh, sw) = _pair(kernel), _pair(stride)
         # XLA:CPU runs unpadded stride-1 convolutions 3-4x slower than padded ones (measured on the
         # 147x147 and 71x71 stem layers): pad as 'same' and crop instead (identical values).
         self.crop = ((kh - 1) // 2, (kw - 1) // 2) if (sh, sw, ph, pw) == (1, 1, 0, 0) else (0, 0)
         ch, cw = self.crop
-        self.conv = nnx.Conv(cin, cout, (kh, kw), (sh, sw), padding=((ph + ch, ph + ch), (pw + cw, pw + cw)),
-                             use_bias=False, precision=precision, rngs=rngs)
+        self.conv = nnx.Conv(
+            cin,
+            cout,
+            (kh, kw),
+            (sh, sw),
+            padding=((ph + ch, ph + ch), (pw + cw, pw + cw)),
+            use_bias=False,
+            precision=precision,
+            rngs=rngs,
+        )
         self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=1e-3, rngs=rngs)
 
     def folded(self) -> tuple[jax.Array, jax.Array]:
@@ -99,11 +117,12 @@ class BasicConv2d(nnx.Module):
 
     def apply(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         conv = self.conv
-        y = lax.conv_general_dilated(x, kernel, conv.strides, conv.padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision)
+        y = lax.conv_general_dilated(
+            x, kernel, conv.strides, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision
+        )
         ch, cw = self.crop
         if ch or cw:
-            y = y[:, ch:y.shape[1] - ch, cw:y.shape[2] - cw]
+            y = y[:, ch : y.shape[1] - ch, cw : y.shape[2] - cw]
         return jax.nn.relu(y + bias)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -216,12 +235,17 @@ class InceptionE(nnx.Module):
         b1, b3, bd = _parallel_1x1(x, self.branch1x1, self.branch3x3_1, self.branch3x3dbl_1)
         bd = self.branch3x3dbl_2(bd)
         pooled = _max_pool(x, 1, 1) if self.pool == "max" else _avg_pool_valid_only(x)
-        return jnp.concatenate([
-            b1,
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd),
-            self.branch_pool(pooled),
-        ], axis=-1)
+        return jnp.concatenate(
+            [
+                b1,
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(bd),
+                self.branch3x3dbl_3b(bd),
+                self.branch_pool(pooled),
+            ],
+            axis=-1,
+        )
 
 
 def check_images(shape: Sequence[int]) -> None:
@@ -265,9 +289,19 @@ class InceptionV3(nnx.Module):
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = _max_pool(x, 2, 0)
         x = _max_pool(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 2, 0)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+            self.Mixed_7a,
+            self.Mixed_7b,
+            self.Mixed_7c,
+        ):
             x = block(x)
         pool3 = jnp.mean(x, axis=(1, 2))
         return pool3, self.fc(pool3)

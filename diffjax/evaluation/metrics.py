@@ -87,7 +87,7 @@ def inception_score(logits: Any, splits: int = 10) -> tuple[float, float]:
     n = z.shape[0]
     scores = []
     for i in range(splits):
-        part = logp[i * n // splits:(i + 1) * n // splits]
+        part = logp[i * n // splits : (i + 1) * n // splits]
         log_py = logsumexp(part, axis=0) - np.log(part.shape[0])
         kl = np.sum(np.exp(part) * (part - log_py), axis=1)
         scores.append(np.exp(kl.mean()))
@@ -168,7 +168,7 @@ def _row_blocks(fn, queries: np.ndarray, block_size: int, *args) -> np.ndarray:
     """``fn(block, *args)`` over row blocks of ``queries``; the last block is zero-padded so one shape compiles."""
     out = []
     for start in range(0, queries.shape[0], block_size):
-        block = queries[start:start + block_size]
+        block = queries[start : start + block_size]
         rows = block.shape[0]
         if rows < block_size and queries.shape[0] > block_size:
             block = np.concatenate([block, np.zeros((block_size - rows, block.shape[1]), block.dtype)])

@@ -65,8 +65,10 @@ def check_gaussian(mu: Any, sigma: Any, names: tuple[str, str] = ("mu", "sigma")
     if m.ndim != 1:
         raise ValueError(f"{names[0]}: expected a 1-D mean vector, got shape {m.shape}")
     if s.shape != (m.shape[0], m.shape[0]):
-        raise ValueError(f"{names[1]}: expected a ({m.shape[0]}, {m.shape[0]}) covariance to match "
-                         f"{names[0]} of shape {m.shape}, got shape {s.shape}")
+        raise ValueError(
+            f"{names[1]}: expected a ({m.shape[0]}, {m.shape[0]}) covariance to match "
+            f"{names[0]} of shape {m.shape}, got shape {s.shape}"
+        )
     for arr, n in ((m, names[0]), (s, names[1])):
         if not np.isfinite(arr).all():
             raise ValueError(f"{n}: contains NaN/inf values")
@@ -166,10 +168,15 @@ def load_stats(path: str | os.PathLike, expect_extractor: str | None = None) -> 
     if expect_extractor is not None:
         found = meta.get("extractor")
         if found is None:
-            warnings.warn(f"{path}: no 'extractor' key (a published file?); cannot check it was computed with "
-                          f"extractor {expect_extractor}", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{path}: no 'extractor' key (a published file?); cannot check it was computed with "
+                f"extractor {expect_extractor}",
+                UserWarning,
+                stacklevel=2,
+            )
         elif str(found) != expect_extractor:
             raise ExtractorMismatchError(
                 f"{path}: statistics were computed with extractor {found}, expected {expect_extractor}; "
-                "FID/KID numbers from different Inception weights are not comparable")
+                "FID/KID numbers from different Inception weights are not comparable"
+            )
     return Stats(mu, sigma, meta)

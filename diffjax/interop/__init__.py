@@ -21,8 +21,9 @@ def default_config() -> ml_collections.ConfigDict:
     """configs/default.py of the source tree: the base of an import without --config."""
     from diffjax import configuration
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "configs", "default.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "default.py"
+    )
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found (diffjax installed without its configs): pass --config")
     return configuration.load_config(path)

@@ -17,14 +17,21 @@ USAGE_EPILOG = """examples:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffjax import", description=__doc__.split("\n\n")[0],
-                                     epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffjax import",
+        description=__doc__.split("\n\n")[0],
+        epilog=USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("format", choices=("diffusers",), help="the source format")
     parser.add_argument("src", help="a diffusers model directory (config.json + weights) or pipeline directory")
     parser.add_argument("--workdir", required=True, help="the new workdir (must not exist or be empty)")
-    parser.add_argument("--config", default=None,
-                        help="base config for data, training and the evaluation protocol (default configs/default.py); "
-                             "the model, process and sampler come from SRC")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="base config for data, training and the evaluation protocol (default configs/default.py); "
+        "the model, process and sampler come from SRC",
+    )
     overrides = [a for a in argv if a.startswith("--config.")]
     args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
     if overrides and args.config is None:
@@ -38,9 +45,11 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as err:  # missing files, unsupported model, bad weights, bad overrides
         print(f"diffjax import: {err}", file=sys.stderr)
         return 2
-    print(f"imported {summary['family']} ({summary['params']:,} parameters) -> {summary['workdir']}\n"
-          f"  process {summary['process']} (scheduler: {summary['scheduler']}), default sampler "
-          f"{summary['sampler']} {summary['steps']} steps\n"
-          f"  next: diffjax sample --workdir {args.workdir}  |  diffjax serve --workdir {args.workdir}  |  "
-          f"diffjax eval --workdir {args.workdir}")
+    print(
+        f"imported {summary['family']} ({summary['params']:,} parameters) -> {summary['workdir']}\n"
+        f"  process {summary['process']} (scheduler: {summary['scheduler']}), default sampler "
+        f"{summary['sampler']} {summary['steps']} steps\n"
+        f"  next: diffjax sample --workdir {args.workdir}  |  diffjax serve --workdir {args.workdir}  |  "
+        f"diffjax eval --workdir {args.workdir}"
+    )
     return 0

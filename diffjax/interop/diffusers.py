@@ -28,21 +28,52 @@ import numpy as np
 from diffjax.interop.diffusers_unet import UnsupportedModel, WeightsError, map_weights, model_config
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-BETA_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
-                   "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                   "HeunDiscreteScheduler", "LMSDiscreteScheduler", "DEISMultistepScheduler",
-                   "UniPCMultistepScheduler", "DDPMParallelScheduler", "DDIMParallelScheduler")
+BETA_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "DDPMParallelScheduler",
+    "DDIMParallelScheduler",
+)
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 DEFAULT_SCHEDULERS = {  # diffusers' own defaults, used when SRC has no scheduler config
-    "positional": {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
-                   "beta_end": 0.02, "beta_schedule": "linear", "prediction_type": "epsilon"},
-    "fourier": {"_class_name": "ScoreSdeVeScheduler", "num_train_timesteps": 2000, "snr": 0.15,
-                "sigma_min": 0.01, "sigma_max": 1348.0, "sampling_eps": 1e-5},
+    "positional": {
+        "_class_name": "DDPMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 1e-4,
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "prediction_type": "epsilon",
+    },
+    "fourier": {
+        "_class_name": "ScoreSdeVeScheduler",
+        "num_train_timesteps": 2000,
+        "snr": 0.15,
+        "sigma_min": 0.01,
+        "sigma_max": 1348.0,
+        "sampling_eps": 1e-5,
+    },
 }
 
-__all__ = ["Source", "find_source", "read_weights", "translate", "load_diffusers", "import_diffusers",
-           "UnsupportedModel", "WeightsError"]
+__all__ = [
+    "Source",
+    "find_source",
+    "read_weights",
+    "translate",
+    "load_diffusers",
+    "import_diffusers",
+    "UnsupportedModel",
+    "WeightsError",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +99,19 @@ def find_source(src: str) -> Source:
         raise FileNotFoundError(f"{src}: no such directory (give a diffusers model or pipeline directory)")
     model_dir = src if os.path.exists(os.path.join(src, "config.json")) else os.path.join(src, "unet")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{src}: neither {src}/config.json nor {src}/unet/config.json exists "
-                                "(is it a diffusers model directory?)")
+        raise FileNotFoundError(
+            f"{src}: neither {src}/config.json nor {src}/unet/config.json exists (is it a diffusers model directory?)"
+        )
     weights = [os.path.join(model_dir, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(model_dir, w))]
     if not weights:
-        raise FileNotFoundError(f"{model_dir}: no weights file ({' or '.join(WEIGHT_FILES)}); sharded "
-                                "checkpoints are not read")
-    candidates = [os.path.join(model_dir, "scheduler_config.json"), os.path.join(src, "scheduler", "scheduler_config.json"),
-                  os.path.join(src, "scheduler_config.json")]
+        raise FileNotFoundError(
+            f"{model_dir}: no weights file ({' or '.join(WEIGHT_FILES)}); sharded checkpoints are not read"
+        )
+    candidates = [
+        os.path.join(model_dir, "scheduler_config.json"),
+        os.path.join(src, "scheduler", "scheduler_config.json"),
+        os.path.join(src, "scheduler_config.json"),
+    ]
     scheduler = next((c for c in candidates if os.path.exists(c)), None)
     return Source(os.path.join(model_dir, "config.json"), weights[0], scheduler)
 
@@ -88,8 +124,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         try:
             return load_file(path)
         except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
-            raise WeightsError(f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a "
-                               "safetensors file?)") from None
+            raise WeightsError(
+                f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a safetensors file?)"
+            ) from None
     from diffjax.evaluation.inception_weights import InceptionWeightsError, load_pytorch_fid_weights
 
     try:
@@ -103,21 +140,33 @@ def _process_block(scheduler: dict, embedding: str) -> tuple[dict, dict, bool, s
     name = scheduler.get("_class_name", "?")
     if name == "ScoreSdeVeScheduler":
         if embedding != "fourier":
-            raise UnsupportedModel(f"{name} conditions on sigma: the model needs time_embedding_type 'fourier', "
-                                   f"got {embedding!r}")
-        process = dict(name="ve", sigma_min=float(scheduler.get("sigma_min", 0.01)),
-                       sigma_max=float(scheduler.get("sigma_max", 1348.0)),
-                       eps=float(scheduler.get("sampling_eps", 1e-5)))
-        sampling = dict(sampler="pc", num_steps=int(scheduler.get("num_train_timesteps", 2000)),
-                        predictor="reverse_diffusion", corrector="langevin", snr=float(scheduler.get("snr", 0.15)),
-                        n_steps_each=1)
+            raise UnsupportedModel(
+                f"{name} conditions on sigma: the model needs time_embedding_type 'fourier', got {embedding!r}"
+            )
+        process = dict(
+            name="ve",
+            sigma_min=float(scheduler.get("sigma_min", 0.01)),
+            sigma_max=float(scheduler.get("sigma_max", 1348.0)),
+            eps=float(scheduler.get("sampling_eps", 1e-5)),
+        )
+        sampling = dict(
+            sampler="pc",
+            num_steps=int(scheduler.get("num_train_timesteps", 2000)),
+            predictor="reverse_diffusion",
+            corrector="langevin",
+            snr=float(scheduler.get("snr", 0.15)),
+            n_steps_each=1,
+        )
         return process, sampling, False, "score"
     if name not in BETA_SCHEDULERS:
-        raise UnsupportedModel(f"unsupported diffusers scheduler {name!r}: diffjax reads ScoreSdeVeScheduler and "
-                               f"the beta schedulers {', '.join(BETA_SCHEDULERS)}")
+        raise UnsupportedModel(
+            f"unsupported diffusers scheduler {name!r}: diffjax reads ScoreSdeVeScheduler and "
+            f"the beta schedulers {', '.join(BETA_SCHEDULERS)}"
+        )
     if embedding != "positional":
-        raise UnsupportedModel(f"{name} feeds integer timesteps: the model needs time_embedding_type 'positional', "
-                               f"got {embedding!r}")
+        raise UnsupportedModel(
+            f"{name} feeds integer timesteps: the model needs time_embedding_type 'positional', got {embedding!r}"
+        )
     if scheduler.get("trained_betas") is not None:
         raise UnsupportedModel(f"{name}: trained_betas are not supported (beta_schedule linear or squaredcos_cap_v2)")
     schedule = scheduler.get("beta_schedule", "linear")
@@ -132,8 +181,9 @@ def _process_block(scheduler: dict, embedding: str) -> tuple[dict, dict, bool, s
         process.update(beta_start=float(scheduler.get("beta_start", 1e-4)), beta_end=float(scheduler.get("beta_end", 0.02)))
     clip = bool(scheduler.get("clip_sample", name in ("DDPMScheduler", "DDIMScheduler")))  # their defaults
     if clip and float(scheduler.get("clip_sample_range", 1.0)) != 1.0:
-        raise UnsupportedModel(f"{name}: clip_sample_range={scheduler['clip_sample_range']} is not supported "
-                               "(the data range [-1, 1]: 1.0)")
+        raise UnsupportedModel(
+            f"{name}: clip_sample_range={scheduler['clip_sample_range']} is not supported (the data range [-1, 1]: 1.0)"
+        )
     if scheduler.get("thresholding", False):
         raise UnsupportedModel(f"{name}: thresholding=True (dynamic thresholding) is not supported")
     sampling = dict(sampler="ancestral", num_steps=T, clip_x0=clip)  # DDPM's own sampler: T ancestral steps
@@ -150,8 +200,10 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
 
     cfg = _read_json(src.config_path)
     model, family = model_config(cfg)
-    notes = {"family": family, "flip_sin_to_cos": bool(cfg.get("flip_sin_to_cos", True))
-             and model["embedding_type"] == "positional"}
+    notes = {
+        "family": family,
+        "flip_sin_to_cos": bool(cfg.get("flip_sin_to_cos", True)) and model["embedding_type"] == "positional",
+    }
     if src.scheduler_path is None:
         scheduler = DEFAULT_SCHEDULERS[model["embedding_type"]]
         notes["scheduler"] = f"no scheduler config; assumed diffusers' default {scheduler['_class_name']}"
@@ -165,8 +217,10 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
     data = config.data
     if int(data.image_size) != model["image_size"] or int(data.num_channels) != model["num_channels"]:
         if base is not None:
-            print(f"note: the base config's data is {data.image_size}x{data.image_size}x{data.num_channels}; the "
-                  f"imported model's {model['image_size']}x{model['image_size']}x{model['num_channels']} is used")
+            print(
+                f"note: the base config's data is {data.image_size}x{data.image_size}x{data.num_channels}; the "
+                f"imported model's {model['image_size']}x{model['image_size']}x{model['num_channels']} is used"
+            )
     data.image_size, data.num_channels, data.centered = model["image_size"], model["num_channels"], centered
     data.uniform_dequantization = False
     config.process = ml_collections.ConfigDict(process)
@@ -187,12 +241,20 @@ def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tupl
     _, abstract, _ = network.abstract_model(config)
     state_dict = read_weights(source.weights_path)
     dtypes = sorted({str(v.dtype) for v in state_dict.values()})
-    params = map_weights(state_dict, config.model.to_dict(), notes["family"], notes["flip_sin_to_cos"],
-                         abstract.to_pure_dict())
-    config.source = ml_collections.ConfigDict(dict(
-        format="diffusers", path=os.path.abspath(src), weights=os.path.basename(source.weights_path),
-        weights_sha256=file_sha256(source.weights_path), weights_dtypes=",".join(dtypes),
-        scheduler=notes["scheduler"], family=notes["family"]))
+    params = map_weights(
+        state_dict, config.model.to_dict(), notes["family"], notes["flip_sin_to_cos"], abstract.to_pure_dict()
+    )
+    config.source = ml_collections.ConfigDict(
+        dict(
+            format="diffusers",
+            path=os.path.abspath(src),
+            weights=os.path.basename(source.weights_path),
+            weights_sha256=file_sha256(source.weights_path),
+            weights_dtypes=",".join(dtypes),
+            scheduler=notes["scheduler"],
+            family=notes["family"],
+        )
+    )
     return config, params
 
 
@@ -209,8 +271,7 @@ def load_diffusers(src: str, base: ml_collections.ConfigDict | None = None):
     config, params = load_params(src, base)
     graphdef, _, _ = network.abstract_model(config)
     weights = jax.tree.map(jax.numpy.asarray, params)
-    den = network.network_denoiser(graphdef, network.inference_rest(config), network.build_process(config), config,
-                                   weights)
+    den = network.network_denoiser(graphdef, network.inference_rest(config), network.build_process(config), config, weights)
     return config, den
 
 
@@ -232,9 +293,13 @@ def import_diffusers(src: str, workdir: str, base: ml_collections.ConfigDict | N
     _, shardings, _, _ = trainer.state_layout(config, mesh)
     weights = jax.device_put(params, shardings["params"])
     tx = trainer.make_optimizer(config)
-    state = {"step": jnp.zeros((), jnp.int32), "params": weights, "ema": jax.tree.map(jnp.copy, weights),
-             "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(weights),
-             "rng": jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": weights,
+        "ema": jax.tree.map(jnp.copy, weights),
+        "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(weights),
+        "rng": jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1),
+    }
     parent = os.path.dirname(workdir)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(workdir)}.import-{os.getpid()}")
@@ -252,6 +317,13 @@ def import_diffusers(src: str, workdir: str, base: ml_collections.ConfigDict | N
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
-    return {"workdir": workdir, "params": models.param_count(params), "family": config.source.family,
-            "process": config.process.name, "sampler": config.sampling.sampler, "steps": int(config.sampling.num_steps),
-            "scheduler": config.source.scheduler, "config": config}
+    return {
+        "workdir": workdir,
+        "params": models.param_count(params),
+        "family": config.source.family,
+        "process": config.process.name,
+        "sampler": config.sampling.sampler,
+        "steps": int(config.sampling.num_steps),
+        "scheduler": config.source.scheduler,
+        "config": config,
+    }

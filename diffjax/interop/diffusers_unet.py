@@ -64,9 +64,13 @@ def model_config(cfg: dict) -> tuple[dict, str]:
     else:
         known = {**DDPM_DOWN, **DDPM_UP, **SKIP_DOWN, **SKIP_UP}
         bad = [b for b in down + up if b not in known] or down + up
-        _fail("block types", bad, "diffjax imports the DDPM UNet (DownBlock2D, AttnDownBlock2D, UpBlock2D, "
-              "AttnUpBlock2D) and the NCSN++ port (SkipDownBlock2D, AttnSkipDownBlock2D, SkipUpBlock2D, "
-              "AttnSkipUpBlock2D), one family per model")
+        _fail(
+            "block types",
+            bad,
+            "diffjax imports the DDPM UNet (DownBlock2D, AttnDownBlock2D, UpBlock2D, "
+            "AttnUpBlock2D) and the NCSN++ port (SkipDownBlock2D, AttnSkipDownBlock2D, SkipUpBlock2D, "
+            "AttnSkipUpBlock2D), one family per model",
+        )
     if up_attn != down_attn[::-1]:
         _fail("up_block_types", up, "attention must sit at the same resolutions on the way down and up")
 
@@ -101,11 +105,21 @@ def model_config(cfg: dict) -> tuple[dict, str]:
     if emb == "positional" and int(cfg.get("freq_shift", 0)) != 1:
         _fail("freq_shift", cfg.get("freq_shift", 0), "the DDPM embedding divides by half - 1: freq_shift 1")
 
-    model = dict(nf=nf, ch_mult=tuple(c // nf for c in channels), num_res_blocks=int(cfg.get("layers_per_block", 2)),
-                 attn_resolutions=tuple(size // 2**i for i, a in enumerate(down_attn) if a),
-                 dropout=float(cfg.get("dropout", 0.0)), image_size=size, num_channels=in_ch,
-                 centered=not bool(cfg.get("center_input_sample", False)), embedding_type=emb,
-                 nonlinearity="swish", conditional=True, num_classes=0, augment_dim=0)
+    model = dict(
+        nf=nf,
+        ch_mult=tuple(c // nf for c in channels),
+        num_res_blocks=int(cfg.get("layers_per_block", 2)),
+        attn_resolutions=tuple(size // 2**i for i, a in enumerate(down_attn) if a),
+        dropout=float(cfg.get("dropout", 0.0)),
+        image_size=size,
+        num_channels=in_ch,
+        centered=not bool(cfg.get("center_input_sample", False)),
+        embedding_type=emb,
+        nonlinearity="swish",
+        conditional=True,
+        num_classes=0,
+        augment_dim=0,
+    )
     if model["attn_resolutions"] == ():
         model["attn_resolutions"] = (-1,)  # ml_collections keeps the tuple type with one element
     mid_scale = float(cfg.get("mid_block_scale_factor", 1.0))
@@ -126,19 +140,34 @@ def model_config(cfg: dict) -> tuple[dict, str]:
         if in_ch != 3:
             _fail("in_channels", in_ch, "diffusers' skip blocks are built for 3 channels")
         _check_ncsnpp_groups(cfg, channels, down_attn)
-        model.update(name="ncsnpp", num_groups=0, resamp_with_conv=True, fir=True, fir_kernel=(1, 3, 3, 1),
-                     skip_rescale=True, resblock_type="biggan", progressive="output_skip",
-                     progressive_input="input_skip", progressive_combine="sum", init_scale=0.0,
-                     fourier_scale=16.0, scale_by_sigma=emb == "fourier")
+        model.update(
+            name="ncsnpp",
+            num_groups=0,
+            resamp_with_conv=True,
+            fir=True,
+            fir_kernel=(1, 3, 3, 1),
+            skip_rescale=True,
+            resblock_type="biggan",
+            progressive="output_skip",
+            progressive_input="input_skip",
+            progressive_combine="sum",
+            init_scale=0.0,
+            fourier_scale=16.0,
+            scale_by_sigma=emb == "fourier",
+        )
     return model, family
 
 
 def _check_ncsnpp_groups(cfg: dict, channels: list[int], attn: list[bool]) -> None:
     """diffusers' skip blocks fix their GroupNorm groups; ours follow min(C // 4, 32). Check they agree."""
+
     def same(where: str, c: int, theirs: int) -> None:
         if theirs != num_groups(c):
-            _fail("block_out_channels", channels, f"diffusers normalises {where} ({c} channels) in {theirs} groups, "
-                  f"diffjax's NCSN++ in {num_groups(c)}")
+            _fail(
+                "block_out_channels",
+                channels,
+                f"diffusers normalises {where} ({c} channels) in {theirs} groups, diffjax's NCSN++ in {num_groups(c)}",
+            )
 
     for i, c in enumerate(channels):
         same(f"down block {i}", c, min(c // 4, 32))
@@ -174,8 +203,11 @@ def _module_pairs(model: dict, family: str) -> list[tuple[tuple, str, str]]:
     L, nrb = len(model["ch_mult"]), int(model["num_res_blocks"])
     size = int(model["image_size"])
     attn = [size // 2**i in model["attn_resolutions"] for i in range(L)]
-    pairs = [(("embed", "dense0"), "time_embedding.linear_1", "time_dense"),
-             (("embed", "dense1"), "time_embedding.linear_2", "dense"), (("conv_in",), "conv_in", "conv")]
+    pairs = [
+        (("embed", "dense0"), "time_embedding.linear_1", "time_dense"),
+        (("embed", "dense1"), "time_embedding.linear_2", "dense"),
+        (("conv_in",), "conv_in", "conv"),
+    ]
     if model["embedding_type"] == "fourier":
         pairs.append((("embed", "fourier", "W"), "time_proj.weight", "tensor"))
     for i in range(L):
@@ -187,10 +219,15 @@ def _module_pairs(model: dict, family: str) -> list[tuple[tuple, str, str]]:
         if i != L - 1 and family == "ddpm":
             pairs.append((("down", i, "resample", "conv"), f"{d}.downsamplers.0.conv", "conv"))
         elif i != L - 1:
-            pairs += [(("down", i, "resample"), f"{d}.resnet_down", "resblock"),
-                      (("down", i, "combine", "proj"), f"{d}.skip_conv", "conv1x1")]
-    pairs += [(("mid_block1",), "mid_block.resnets.0", "resblock"), (("mid_attn",), "mid_block.attentions.0", "attn"),
-              (("mid_block2",), "mid_block.resnets.1", "resblock")]
+            pairs += [
+                (("down", i, "resample"), f"{d}.resnet_down", "resblock"),
+                (("down", i, "combine", "proj"), f"{d}.skip_conv", "conv1x1"),
+            ]
+    pairs += [
+        (("mid_block1",), "mid_block.resnets.0", "resblock"),
+        (("mid_attn",), "mid_block.attentions.0", "attn"),
+        (("mid_block2",), "mid_block.resnets.1", "resblock"),
+    ]
     for k in range(L):
         u, last = f"up_blocks.{k}", k == L - 1
         for j in range(nrb + 1):
@@ -234,14 +271,21 @@ def _leaves(ours: tuple, prefix: str, kind: str, flip_sin_cos: bool, has) -> lis
         return [(ours + ("kernel",), [f"{prefix}.weight"], fn), (ours + ("bias",), [f"{prefix}.bias"], lambda b: b)]
     if kind == "attn":
         qkv = [f"{prefix}.to_{n}" for n in "qkv"]
-        return (_leaves(ours + ("norm",), f"{prefix}.group_norm", "norm", False, has)
-                + [(ours + ("qkv",), [f"{n}.weight" for n in qkv], lambda *ws: np.stack([w.T for w in ws], axis=1)),
-                   (ours + ("qkv_bias",), [f"{n}.bias" for n in qkv], lambda *bs: np.stack(bs)),
-                   *_leaves(ours + ("proj",), f"{prefix}.to_out.0", "dense", False, has)])
+        return _leaves(ours + ("norm",), f"{prefix}.group_norm", "norm", False, has) + [
+            (ours + ("qkv",), [f"{n}.weight" for n in qkv], lambda *ws: np.stack([w.T for w in ws], axis=1)),
+            (ours + ("qkv_bias",), [f"{n}.bias" for n in qkv], lambda *bs: np.stack(bs)),
+            *_leaves(ours + ("proj",), f"{prefix}.to_out.0", "dense", False, has),
+        ]
     assert kind == "resblock", kind
     out = []
-    parts = (("norm1", "norm1", "norm"), ("conv1", "conv1", "conv"), ("temb_proj", "time_emb_proj", "dense"),
-             ("norm2", "norm2", "norm"), ("conv2", "conv2", "conv"), ("shortcut", "conv_shortcut", "conv1x1"))
+    parts = (
+        ("norm1", "norm1", "norm"),
+        ("conv1", "conv1", "conv"),
+        ("temb_proj", "time_emb_proj", "dense"),
+        ("norm2", "norm2", "norm"),
+        ("conv2", "conv2", "conv"),
+        ("shortcut", "conv_shortcut", "conv1x1"),
+    )
     for name, theirs, k in parts:
         if has(ours + (name, "bias")):
             out += _leaves(ours + (name,), f"{prefix}.{theirs}", k, False, has)
@@ -272,8 +316,9 @@ def _name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def map_weights(state_dict: dict[str, np.ndarray], model: dict, family: str, flip_sin_to_cos: bool,
-                abstract_params: dict) -> dict:
+def map_weights(
+    state_dict: dict[str, np.ndarray], model: dict, family: str, flip_sin_to_cos: bool, abstract_params: dict
+) -> dict:
     """Our params (nested dict of float32 numpy arrays, the shapes of ``abstract_params``) from a
     diffusers state dict; WeightsError for a missing, extra or wrongly shaped tensor."""
     sd = _attention_keys(state_dict)
@@ -283,8 +328,10 @@ def map_weights(state_dict: dict[str, np.ndarray], model: dict, family: str, fli
         for path, names, fn in _leaves(ours, prefix, kind, flip_sin_to_cos, lambda p: p in want):
             missing = [n for n in names if n not in sd]
             if missing:
-                raise WeightsError(f"the weights file has no tensor {missing[0]!r} (a truncated file, or weights "
-                                   "of another architecture than its config.json)")
+                raise WeightsError(
+                    f"the weights file has no tensor {missing[0]!r} (a truncated file, or weights "
+                    "of another architecture than its config.json)"
+                )
             if path not in want:
                 raise WeightsError(f"tensor {names[0]!r} has no place in the network ({_name(path)})")
             for n in names:
@@ -293,11 +340,14 @@ def map_weights(state_dict: dict[str, np.ndarray], model: dict, family: str, fli
             try:
                 value = np.asarray(fn(*[sd[n] for n in names]))
             except ValueError as err:
-                raise WeightsError(f"tensor {names[0]!r} has shape {sd[names[0]].shape}, which does not fit "
-                                   f"{_name(path)}: {err}") from None
+                raise WeightsError(
+                    f"tensor {names[0]!r} has shape {sd[names[0]].shape}, which does not fit {_name(path)}: {err}"
+                ) from None
             if value.shape != tuple(want[path].shape):
-                raise WeightsError(f"tensor {names[0]!r} has shape {tuple(sd[names[0]].shape)}: as {_name(path)} it "
-                                   f"becomes {value.shape}, the network needs {tuple(want[path].shape)}")
+                raise WeightsError(
+                    f"tensor {names[0]!r} has shape {tuple(sd[names[0]].shape)}: as {_name(path)} it "
+                    f"becomes {value.shape}, the network needs {tuple(want[path].shape)}"
+                )
             if not np.issubdtype(value.dtype, np.floating):
                 raise WeightsError(f"tensor {names[0]!r} has dtype {value.dtype}, not a float")
             out[path] = value.astype(np.float32)  # f16 / bf16 -> f32 is exact
@@ -307,6 +357,8 @@ def map_weights(state_dict: dict[str, np.ndarray], model: dict, family: str, fli
         raise WeightsError(f"no tensor of the file fills {_name(unfilled[0])} (and {len(unfilled) - 1} more)")
     extra = sorted(set(sd) - used)
     if extra:
-        raise WeightsError(f"the weights file has {len(extra)} tensor(s) this architecture does not use, e.g. "
-                           f"{extra[0]!r}: its config.json does not describe it")
+        raise WeightsError(
+            f"the weights file has {len(extra)} tensor(s) this architecture does not use, e.g. "
+            f"{extra[0]!r}: its config.json does not describe it"
+        )
     return _unflatten(out)

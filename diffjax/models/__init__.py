@@ -43,9 +43,19 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "mlp": MLP,
 }
 
-__all__ = ["available", "get", "create", "abstract_model", "abstract_shapes", "abstract_param_count", "param_count",
-           "fsdp_partition_specs",
-           "DDPMUNet", "NCSNpp", "MLP"]
+__all__ = [
+    "available",
+    "get",
+    "create",
+    "abstract_model",
+    "abstract_shapes",
+    "abstract_param_count",
+    "param_count",
+    "fsdp_partition_specs",
+    "DDPMUNet",
+    "NCSNpp",
+    "MLP",
+]
 
 
 def available() -> list[str]:
@@ -69,8 +79,7 @@ def create(model_config, rngs: nnx.Rngs | int | jax.Array) -> nnx.Module:
 
 
 def _with_input_shape(model_config, input_shape):
-    cfg = ml_collections.ConfigDict(model_config.to_dict() if hasattr(model_config, "to_dict")
-                                    else dict(model_config))
+    cfg = ml_collections.ConfigDict(model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config))
     if input_shape is not None:
         if len(input_shape) == 4:
             cfg.image_size, cfg.num_channels = int(input_shape[1]), int(input_shape[3])

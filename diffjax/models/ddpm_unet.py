@@ -48,14 +48,30 @@ class DDPMUNet(nnx.Module):
         groups = int(g("num_groups", 0)) or None  # None: score_sde's min(C // 4, 32); diffusers: a fixed count
         conditional = bool(g("conditional", True))
         num_classes = int(g("num_classes", 0))
-        self.embed = L.NoiseClassEmbedding(nf, embedding_type=g("embedding_type", "positional"),
-                                           fourier_scale=float(g("fourier_scale", 16.0)),
-                                           conditional=conditional, num_classes=num_classes,
-                                           augment_dim=int(g("augment_dim", 0)), act=act,
-                                           dtype=dtype, rngs=rngs)
+        self.embed = L.NoiseClassEmbedding(
+            nf,
+            embedding_type=g("embedding_type", "positional"),
+            fourier_scale=float(g("fourier_scale", 16.0)),
+            conditional=conditional,
+            num_classes=num_classes,
+            augment_dim=int(g("augment_dim", 0)),
+            act=act,
+            dtype=dtype,
+            rngs=rngs,
+        )
         temb_dim = 4 * nf if (conditional or num_classes) else None
-        block = lambda i, o: L.ResBlock(i, o, temb_dim=temb_dim, dropout=dropout, kind="ddpm",  # noqa: E731
-                                        init_scale=0.0, act=act, groups=groups, dtype=dtype, rngs=rngs)
+        block = lambda i, o: L.ResBlock(
+            i,
+            o,
+            temb_dim=temb_dim,
+            dropout=dropout,
+            kind="ddpm",  # noqa: E731
+            init_scale=0.0,
+            act=act,
+            groups=groups,
+            dtype=dtype,
+            rngs=rngs,
+        )
         attn = lambda c: L.AttnBlock(c, init_scale=0.0, groups=groups, dtype=dtype, rngs=rngs)  # noqa: E731
 
         self.conv_in = L.conv(channels, nf, dtype=dtype, rngs=rngs)

@@ -45,8 +45,13 @@ def swish(x):
     return jax.nn.silu(x)
 
 
-ACTIVATIONS = {"swish": swish, "silu": swish, "relu": jax.nn.relu, "elu": jax.nn.elu,
-               "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2)}
+ACTIVATIONS = {
+    "swish": swish,
+    "silu": swish,
+    "relu": jax.nn.relu,
+    "elu": jax.nn.elu,
+    "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2),
+}
 
 
 def get_act(name: str):
@@ -58,15 +63,29 @@ def get_act(name: str):
 
 def conv(in_ch, out_ch, *, kernel=3, stride=1, init_scale=1.0, dtype, rngs) -> nnx.Conv:
     """A 'SAME'-padded conv with bias and DDPM init (score_sde's ddpm_conv3x3 / conv1x1)."""
-    return nnx.Conv(in_ch, out_ch, (kernel, kernel), strides=stride, padding="SAME",
-                    kernel_init=default_init(init_scale), dtype=dtype, rngs=rngs,
-                    kernel_metadata=sharding_meta(CONV_SHARDING))
+    return nnx.Conv(
+        in_ch,
+        out_ch,
+        (kernel, kernel),
+        strides=stride,
+        padding="SAME",
+        kernel_init=default_init(init_scale),
+        dtype=dtype,
+        rngs=rngs,
+        kernel_metadata=sharding_meta(CONV_SHARDING),
+    )
 
 
 def dense(in_f, out_f, *, init_scale=1.0, dtype, rngs) -> nnx.Linear:
     """A dense layer with DDPM init; also the 1x1 "NIN" on the channel axis of NHWC inputs."""
-    return nnx.Linear(in_f, out_f, kernel_init=default_init(init_scale), dtype=dtype, rngs=rngs,
-                      kernel_metadata=sharding_meta(DENSE_SHARDING))
+    return nnx.Linear(
+        in_f,
+        out_f,
+        kernel_init=default_init(init_scale),
+        dtype=dtype,
+        rngs=rngs,
+        kernel_metadata=sharding_meta(DENSE_SHARDING),
+    )
 
 
 def num_groups(ch: int) -> int:
@@ -135,6 +154,7 @@ class GroupNorm(nnx.Module):
 # Noise-level / class embeddings
 # ----------------------------------------------------------------------------------------------
 
+
 def timestep_embedding(t, dim: int, max_positions: int = 10000):
     """DDPM's sinusoidal embedding of a (B,) float array: [sin(t w_i), cos(t w_i)]."""
     half = dim // 2
@@ -168,26 +188,56 @@ class NoiseClassEmbedding(nnx.Module):
     the MLP, as EDM's map_augment (augment_labels=None: zeros, i.e. no augmentation).
     """
 
-    def __init__(self, nf: int, *, embedding_type="positional", fourier_scale=16.0, conditional=True,
-                 num_classes=0, augment_dim=0, act=swish, out_dim=None, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        nf: int,
+        *,
+        embedding_type="positional",
+        fourier_scale=16.0,
+        conditional=True,
+        num_classes=0,
+        augment_dim=0,
+        act=swish,
+        out_dim=None,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         out_dim = out_dim or 4 * nf
         self.nf, self.act, self.embedding_type, self.dtype = nf, act, embedding_type, dtype
         self.num_classes, self.out_dim = num_classes, out_dim
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
-        self.fourier = (GaussianFourierProjection(nf, fourier_scale, rngs=rngs)
-                        if conditional and embedding_type == "fourier" else None)
+        self.fourier = (
+            GaussianFourierProjection(nf, fourier_scale, rngs=rngs) if conditional and embedding_type == "fourier" else None
+        )
         in_dim = 2 * nf if embedding_type == "fourier" else nf
         if augment_dim and not conditional:
             raise ValueError("model.augment_dim needs a noise-conditional network (model.conditional=True)")
-        self.augment = (nnx.Linear(augment_dim, in_dim, use_bias=False, kernel_init=default_init(), rngs=rngs,
-                                   kernel_metadata=sharding_meta(DENSE_SHARDING)) if augment_dim else None)
+        self.augment = (
+            nnx.Linear(
+                augment_dim,
+                in_dim,
+                use_bias=False,
+                kernel_init=default_init(),
+                rngs=rngs,
+                kernel_metadata=sharding_meta(DENSE_SHARDING),
+            )
+            if augment_dim
+            else None
+        )
         self.dense0 = dense(in_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
         self.dense1 = dense(out_dim, out_dim, rngs=rngs, dtype=jnp.float32) if conditional else None
-        self.label_emb = (nnx.Embed(num_classes + 1, out_dim, rngs=rngs,
-                                    embedding_init=jax.nn.initializers.normal(1.0),
-                                    embedding_metadata=sharding_meta(DENSE_SHARDING))
-                          if num_classes else None)
+        self.label_emb = (
+            nnx.Embed(
+                num_classes + 1,
+                out_dim,
+                rngs=rngs,
+                embedding_init=jax.nn.initializers.normal(1.0),
+                embedding_metadata=sharding_meta(DENSE_SHARDING),
+            )
+            if num_classes
+            else None
+        )
 
     def __call__(self, noise_cond, labels=None, augment_labels=None):
         temb = None
@@ -215,6 +265,7 @@ class NoiseClassEmbedding(nnx.Module):
 # Attention
 # ----------------------------------------------------------------------------------------------
 
+
 class AttnBlock(nnx.Module):
     """Single-head self-attention over H*W positions (DDPM's AttnBlock / score_sde's AttnBlockpp).
 
@@ -223,10 +274,8 @@ class AttnBlock(nnx.Module):
 
     def __init__(self, ch: int, *, skip_rescale=False, init_scale=0.0, groups=None, dtype=jnp.float32, rngs):
         self.norm = GroupNorm(ch, groups=groups, dtype=dtype)
-        init = jax.nn.initializers.variance_scaling(0.1, "fan_avg", "uniform", in_axis=0, out_axis=2,
-                                                    batch_axis=(1,))
-        self.qkv = nnx.Param(init(rngs.params(), (ch, 3, ch), jnp.float32),
-                             **sharding_meta((None, None, "fsdp")))
+        init = jax.nn.initializers.variance_scaling(0.1, "fan_avg", "uniform", in_axis=0, out_axis=2, batch_axis=(1,))
+        self.qkv = nnx.Param(init(rngs.params(), (ch, 3, ch), jnp.float32), **sharding_meta((None, None, "fsdp")))
         self.qkv_bias = nnx.Param(jnp.zeros((3, ch), jnp.float32))
         self.proj = dense(ch, ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
         self.skip_rescale, self.dtype = skip_rescale, dtype
@@ -237,7 +286,7 @@ class AttnBlock(nnx.Module):
         qkv = jnp.einsum("bnc,cjd->jbnd", h, self.qkv[...].astype(self.dtype))
         qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None, :]
         q, k, v = qkv[0], qkv[1], qkv[2]
-        w = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+        w = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
         w = jax.nn.softmax(w, axis=-1).astype(self.dtype)
         h = self.proj(jnp.einsum("bnm,bmc->bnc", w, v)).reshape(x.shape)
         return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
@@ -246,6 +295,7 @@ class AttnBlock(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 # Up/down-sampling: nearest/avg-pool and StyleGAN2 FIR (upfirdn)
 # ----------------------------------------------------------------------------------------------
+
 
 def naive_upsample(x, factor=2):
     b, h, w, c = x.shape
@@ -298,8 +348,9 @@ def upsample_conv_2d(x, w, k=(1, 3, 3, 1), factor=2):
     """Fused transposed conv (stride `factor`) + FIR filter: StyleGAN2's upsample_conv_2d."""
     kc = w.shape[0]
     pad = (kc - 1, factor - 1 + max(kc - factor, 0))
-    x = jax.lax.conv_general_dilated(x, w, (1, 1), (pad, pad), lhs_dilation=(factor, factor),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.lax.conv_general_dilated(
+        x, w, (1, 1), (pad, pad), lhs_dilation=(factor, factor), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     p = (len(k) - factor) - (kc - 1)
     return upfirdn_2d(x, _fir_kernel(k, factor), pad=((p + 1) // 2 + factor - 1, p // 2 + 1))
 
@@ -309,17 +360,16 @@ def conv_downsample_2d(x, w, k=(1, 3, 3, 1), factor=2):
     kc = w.shape[0]
     p = (len(k) - factor) + (kc - 1)
     x = upfirdn_2d(x, _fir_kernel(k), pad=((p + 1) // 2, p // 2))
-    return jax.lax.conv_general_dilated(x, w, (factor, factor), "VALID",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, w, (factor, factor), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class FIRConv(nnx.Module):
     """3x3 conv fused with FIR up- or down-sampling (score_sde's up_or_down_sampling.Conv2d)."""
 
-    def __init__(self, in_ch, out_ch, *, up=False, down=False, fir_kernel=(1, 3, 3, 1), kernel=3,
-                 dtype=jnp.float32, rngs):
-        self.kernel = nnx.Param(default_init()(rngs.params(), (kernel, kernel, in_ch, out_ch)),
-                                **sharding_meta(CONV_SHARDING))
+    def __init__(self, in_ch, out_ch, *, up=False, down=False, fir_kernel=(1, 3, 3, 1), kernel=3, dtype=jnp.float32, rngs):
+        self.kernel = nnx.Param(
+            default_init()(rngs.params(), (kernel, kernel, in_ch, out_ch)), **sharding_meta(CONV_SHARDING)
+        )
         self.bias = nnx.Param(jnp.zeros((out_ch,), jnp.float32))
         self.up, self.down, self.fir_kernel, self.dtype = up, down, tuple(fir_kernel), dtype
 
@@ -337,15 +387,18 @@ class FIRConv(nnx.Module):
 class Upsample(nnx.Module):
     """x2 upsampling: nearest (+ 3x3 conv) or FIR (+ fused conv); optional channel change."""
 
-    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1),
-                 dtype=jnp.float32, rngs):
+    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1), dtype=jnp.float32, rngs):
         out_ch = out_ch or in_ch
         self.fir, self.fir_kernel = fir, tuple(fir_kernel)
         if not with_conv and out_ch != in_ch:
             raise ValueError("Upsample without conv cannot change the channel count")
-        self.conv = nnx.data(None if not with_conv else
-                             FIRConv(in_ch, out_ch, up=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
-                             if fir else conv(in_ch, out_ch, dtype=dtype, rngs=rngs))
+        self.conv = nnx.data(
+            None
+            if not with_conv
+            else FIRConv(in_ch, out_ch, up=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
+            if fir
+            else conv(in_ch, out_ch, dtype=dtype, rngs=rngs)
+        )
 
     def __call__(self, x):
         if self.fir:
@@ -357,15 +410,18 @@ class Upsample(nnx.Module):
 class Downsample(nnx.Module):
     """/2 downsampling: stride-2 3x3 conv or 2x2 average pool, or their FIR variants."""
 
-    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1),
-                 dtype=jnp.float32, rngs):
+    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1), dtype=jnp.float32, rngs):
         out_ch = out_ch or in_ch
         self.fir, self.fir_kernel = fir, tuple(fir_kernel)
         if not with_conv and out_ch != in_ch:
             raise ValueError("Downsample without conv cannot change the channel count")
-        self.conv = nnx.data(None if not with_conv else
-                             FIRConv(in_ch, out_ch, down=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
-                             if fir else conv(in_ch, out_ch, stride=2, dtype=dtype, rngs=rngs))
+        self.conv = nnx.data(
+            None
+            if not with_conv
+            else FIRConv(in_ch, out_ch, down=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
+            if fir
+            else conv(in_ch, out_ch, stride=2, dtype=dtype, rngs=rngs)
+        )
 
     def __call__(self, x):
         if self.conv is not None:
@@ -376,6 +432,7 @@ class Downsample(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 # Residual blocks
 # ----------------------------------------------------------------------------------------------
+
 
 class ResBlock(nnx.Module):
     """Residual block: GN-act-conv (+ Dense(act(temb))) GN-act-dropout-conv, plus a shortcut.
@@ -388,9 +445,25 @@ class ResBlock(nnx.Module):
     groups: the GroupNorms' group count (None: score_sde's rule).
     """
 
-    def __init__(self, in_ch, out_ch=None, *, temb_dim=None, dropout=0.1, kind="ddpm", up=False, down=False,
-                 fir=False, fir_kernel=(1, 3, 3, 1), skip_rescale=False, init_scale=0.0, act=swish,
-                 groups=None, dtype=jnp.float32, rngs):
+    def __init__(
+        self,
+        in_ch,
+        out_ch=None,
+        *,
+        temb_dim=None,
+        dropout=0.1,
+        kind="ddpm",
+        up=False,
+        down=False,
+        fir=False,
+        fir_kernel=(1, 3, 3, 1),
+        skip_rescale=False,
+        init_scale=0.0,
+        act=swish,
+        groups=None,
+        dtype=jnp.float32,
+        rngs,
+    ):
         if kind not in ("ddpm", "biggan"):
             raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', got {kind!r}")
         if kind == "ddpm" and (up or down):

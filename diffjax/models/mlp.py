@@ -43,16 +43,25 @@ class MLP(nnx.Module):
         self.act = act = L.get_act(g("nonlinearity", "swish"))
         self.scale_by_sigma = bool(g("scale_by_sigma", False))
         conditional, num_classes = bool(g("conditional", True)), int(g("num_classes", 0))
-        self.embed = L.NoiseClassEmbedding(nf, embedding_type=str(g("embedding_type", "positional")).lower(),
-                                           fourier_scale=float(g("fourier_scale", 16.0)),
-                                           conditional=conditional, num_classes=num_classes,
-                                           augment_dim=int(g("augment_dim", 0)), act=act,
-                                           dtype=dtype, rngs=rngs)
+        self.embed = L.NoiseClassEmbedding(
+            nf,
+            embedding_type=str(g("embedding_type", "positional")).lower(),
+            fourier_scale=float(g("fourier_scale", 16.0)),
+            conditional=conditional,
+            num_classes=num_classes,
+            augment_dim=int(g("augment_dim", 0)),
+            act=act,
+            dtype=dtype,
+            rngs=rngs,
+        )
         temb_dim = 4 * nf if (conditional or num_classes) else None
         self.dense_in = L.dense(dim, nf, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([_MLPBlock(nf, temb_dim, dropout=float(g("dropout", 0.0)), act=act,
-                                          dtype=dtype, rngs=rngs)
-                                for _ in range(int(g("num_res_blocks", 3)))])
+        self.blocks = nnx.List(
+            [
+                _MLPBlock(nf, temb_dim, dropout=float(g("dropout", 0.0)), act=act, dtype=dtype, rngs=rngs)
+                for _ in range(int(g("num_res_blocks", 3)))
+            ]
+        )
         self.dense_out = L.dense(nf, dim, init_scale=float(g("init_scale", 0.0)), dtype=dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):

@@ -71,23 +71,43 @@ class NCSNpp(nnx.Module):
         if prog_in not in ("none", "input_skip", "residual"):
             raise ValueError(f"progressive_input must be none/input_skip/residual, got {prog_in!r}")
         conditional, num_classes = bool(g("conditional", True)), int(g("num_classes", 0))
-        self.embed = L.NoiseClassEmbedding(nf, embedding_type=str(g("embedding_type", "fourier")).lower(),
-                                           fourier_scale=float(g("fourier_scale", 16.0)),
-                                           conditional=conditional, num_classes=num_classes,
-                                           augment_dim=int(g("augment_dim", 0)), act=act,
-                                           dtype=dtype, rngs=rngs)
+        self.embed = L.NoiseClassEmbedding(
+            nf,
+            embedding_type=str(g("embedding_type", "fourier")).lower(),
+            fourier_scale=float(g("fourier_scale", 16.0)),
+            conditional=conditional,
+            num_classes=num_classes,
+            augment_dim=int(g("augment_dim", 0)),
+            act=act,
+            dtype=dtype,
+            rngs=rngs,
+        )
         temb_dim = 4 * nf if (conditional or num_classes) else None
         common = dict(dtype=dtype, rngs=rngs)
         resample = dict(fir=fir, fir_kernel=fir_kernel, **common)
 
         def block(i, o=None, up=False, down=False):
-            return L.ResBlock(i, o, temb_dim=temb_dim, dropout=dropout, kind=kind, up=up, down=down,
-                              fir=fir, fir_kernel=fir_kernel, skip_rescale=skip, init_scale=init_scale,
-                              act=act, **common)
+            return L.ResBlock(
+                i,
+                o,
+                temb_dim=temb_dim,
+                dropout=dropout,
+                kind=kind,
+                up=up,
+                down=down,
+                fir=fir,
+                fir_kernel=fir_kernel,
+                skip_rescale=skip,
+                init_scale=init_scale,
+                act=act,
+                **common,
+            )
 
         attn = lambda c: L.AttnBlock(c, skip_rescale=skip, init_scale=init_scale, **common)  # noqa: E731
-        gn_conv = lambda c, o, scale=1.0: (L.GroupNorm(c, dtype=dtype),  # noqa: E731
-                                           L.conv(c, o, init_scale=scale, **common))
+        gn_conv = lambda c, o, scale=1.0: (
+            L.GroupNorm(c, dtype=dtype),  # noqa: E731
+            L.conv(c, o, init_scale=scale, **common),
+        )
 
         # ---- downsampling path (channel bookkeeping mirrors the forward pass)
         self.conv_in = L.conv(channels, nf, **common)
@@ -103,8 +123,9 @@ class NCSNpp(nnx.Module):
                 skip_ch.append(ch)
             parts = dict(blocks=blocks, attns=attns, resample=None, pyramid_down=None, combine=None)
             if i != len(ch_mult) - 1:
-                parts["resample"] = (L.Downsample(ch, with_conv=with_conv, **resample) if kind == "ddpm"
-                                     else block(ch, down=True))
+                parts["resample"] = (
+                    L.Downsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, down=True)
+                )
                 res //= 2
                 if prog_in == "input_skip":
                     parts["pyramid_down"] = L.Downsample(pyr_ch, with_conv=False, **resample)
@@ -126,8 +147,14 @@ class NCSNpp(nnx.Module):
             for _ in range(nrb + 1):
                 blocks.append(block(ch + skip_ch.pop(), nf * mult))
                 ch = nf * mult
-            parts = dict(blocks=blocks, attn=attn(ch) if res in attn_res else None,
-                         pyramid_norm=None, pyramid_conv=None, pyramid_up=None, resample=None)
+            parts = dict(
+                blocks=blocks,
+                attn=attn(ch) if res in attn_res else None,
+                pyramid_norm=None,
+                pyramid_conv=None,
+                pyramid_up=None,
+                resample=None,
+            )
             if prog == "output_skip":
                 parts["pyramid_norm"], parts["pyramid_conv"] = gn_conv(ch, channels, init_scale)
                 if i != len(ch_mult) - 1:
@@ -139,8 +166,7 @@ class NCSNpp(nnx.Module):
                     parts["pyramid_up"] = L.Upsample(pyr_ch, ch, with_conv=True, **resample)
                 pyr_ch = ch
             if i != 0:
-                parts["resample"] = (L.Upsample(ch, with_conv=with_conv, **resample) if kind == "ddpm"
-                                     else block(ch, up=True))
+                parts["resample"] = L.Upsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, up=True)
                 res *= 2
             up.append(_Level(**parts))
         self.up = nnx.List(up)
@@ -165,8 +191,7 @@ class NCSNpp(nnx.Module):
                     h = level.attns[j](h)
                 hs.append(h)
             if level.resample is not None:
-                h = (level.resample(hs[-1]) if self.resblock_type == "ddpm"
-                     else level.resample(hs[-1], temb, **kw))
+                h = level.resample(hs[-1]) if self.resblock_type == "ddpm" else level.resample(hs[-1], temb, **kw)
                 if self.progressive_input == "input_skip":
                     pyramid = level.pyramid_down(pyramid)
                     h = level.combine(pyramid, h)
@@ -193,8 +218,7 @@ class NCSNpp(nnx.Module):
                     pyramid = _rescale(level.pyramid_up(pyramid), h, skip)
                     h = pyramid
             if level.resample is not None:
-                h = (level.resample(h) if self.resblock_type == "ddpm"
-                     else level.resample(h, temb, **kw))
+                h = level.resample(h) if self.resblock_type == "ddpm" else level.resample(h, temb, **kw)
         assert not hs
 
         if self.progressive == "output_skip":
@@ -205,4 +229,3 @@ class NCSNpp(nnx.Module):
         if self.scale_by_sigma:
             h = h / noise_cond.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1))
         return h
-

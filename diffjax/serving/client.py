@@ -36,10 +36,18 @@ def png_to_numpy(images: Sequence[bytes]) -> np.ndarray:
 class Client:
     """A blocking client: `Client("127.0.0.1:50051").sample(16)` -> (16, H, W, C) float32."""
 
-    def __init__(self, address: str, *, timeout: float | None = 600.0, root_certificates: bytes | None = None,
-                 max_message_bytes: int = 64 << 20):
-        options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = 600.0,
+        root_certificates: bytes | None = None,
+        max_message_bytes: int = 64 << 20,
+    ):
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
         if root_certificates is not None:
             self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates), options)
         else:
@@ -49,15 +57,29 @@ class Client:
         self.timeout = timeout
 
     @staticmethod
-    def request(num_samples: int, *, sampler: str = "", num_steps: int = 0, seed: int = 0,
-                labels: Sequence[int] | None = None, guidance_scale: float | None = None,
-                output: str = "float32", options: dict[str, float] | None = None) -> pb.SampleRequest:
+    def request(
+        num_samples: int,
+        *,
+        sampler: str = "",
+        num_steps: int = 0,
+        seed: int = 0,
+        labels: Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        output: str = "float32",
+        options: dict[str, float] | None = None,
+    ) -> pb.SampleRequest:
         """options: the sampler's per-request numeric options (ddim eta, pc snr, heun s_churn, s_tmin,
         s_tmax, s_noise)."""
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {sorted(_OUTPUTS)}, got {output!r}")
-        req = pb.SampleRequest(num_samples=num_samples, sampler=sampler, num_steps=num_steps, seed=seed,
-                               labels=list(labels or []), output=_OUTPUTS[output])
+        req = pb.SampleRequest(
+            num_samples=num_samples,
+            sampler=sampler,
+            num_steps=num_steps,
+            seed=seed,
+            labels=list(labels or []),
+            output=_OUTPUTS[output],
+        )
         if guidance_scale is not None:
             req.guidance_scale = guidance_scale
         for name, value in (options or {}).items():
@@ -72,8 +94,9 @@ class Client:
     def sample_response(self, num_samples: int, *, timeout: float | None = None, **kwargs) -> pb.SampleResponse:
         return self.stub.Sample(self.request(num_samples, **kwargs), timeout=timeout or self.timeout)
 
-    def sample_stream(self, num_samples: int, *, timeout: float | None = None,
-                      **kwargs) -> Iterator[tuple[list[int], np.ndarray]]:
+    def sample_stream(
+        self, num_samples: int, *, timeout: float | None = None, **kwargs
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices, samples) batches as the server finishes them."""
         for batch in self.stub.SampleStream(self.request(num_samples, **kwargs), timeout=timeout or self.timeout):
             x = png_to_numpy(batch.png) if batch.png else tensor_to_numpy(batch.samples)
@@ -127,9 +150,13 @@ def main(argv: list[str]) -> int:
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--labels", type=int, nargs="*", default=None)
             s.add_argument("--guidance_scale", type=float, default=None)
-            s.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
-                           help="a sampler option, repeatable: eta (ddim), snr (pc), s_churn / s_tmin / s_tmax / "
-                                "s_noise (heun)")
+            s.add_argument(
+                "--option",
+                action="append",
+                default=[],
+                metavar="NAME=VALUE",
+                help="a sampler option, repeatable: eta (ddim), snr (pc), s_churn / s_tmin / s_tmax / s_noise (heun)",
+            )
             s.add_argument("--out", default="grid.png", help="PNG grid (images) or scatter (2-D); .npz beside it")
     args = p.parse_args(argv)
     options = {}
@@ -152,8 +179,11 @@ def main(argv: list[str]) -> int:
             elif args.command == "info":
                 info = client.model_info()
                 summary = {f.name: v for f, v in info.ListFields() if f.name != "config_json"}
-                print(json.dumps({k: list(v) if not isinstance(v, (int, float, str)) else v
-                                  for k, v in summary.items()}, indent=1))
+                print(
+                    json.dumps(
+                        {k: list(v) if not isinstance(v, (int, float, str)) else v for k, v in summary.items()}, indent=1
+                    )
+                )
             else:
                 return _sample(client, args)
         except grpc.RpcError as err:
@@ -169,11 +199,19 @@ def _sample(client: Client, args) -> int:
     start = time.perf_counter()
     info = client.model_info()
     x = np.zeros((max(args.num, 0), *info.sample_shape), np.float32)
-    for indices, batch in client.sample_stream(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
-                                               labels=args.labels, guidance_scale=args.guidance_scale,
-                                               options=args.options):
+    for indices, batch in client.sample_stream(
+        args.num,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        seed=args.seed,
+        labels=args.labels,
+        guidance_scale=args.guidance_scale,
+        options=args.options,
+    ):
         x[indices] = batch
     png, npz = snapshots.save_samples(x, args.out, (info.data_min, info.data_max))
-    print(f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
-          f"checkpoint step {info.checkpoint_step}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
+    print(
+        f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
+        f"checkpoint step {info.checkpoint_step}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}"
+    )
     return 0

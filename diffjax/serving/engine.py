@@ -38,19 +38,29 @@ Array = jax.Array
 MAX_DYNAMIC = 4  # per-slot numeric option columns (Heun has four)
 
 
-def served_steppers(config_sampling=None, clip_x0: tuple[float, float] | None = None,
-                    process: Process | None = None) -> dict[str, steppers.Stepper]:
+def served_steppers(
+    config_sampling=None, clip_x0: tuple[float, float] | None = None, process: Process | None = None
+) -> dict[str, steppers.Stepper]:
     """The fixed-step samplers a server serves, with the config's structural options (PC's predictor,
     corrector, corrector steps; clip_x0 for DDIM / ancestral). The adaptive ODE is offline-only, and
     PC with the Euler-Maruyama predictor needs an SDE (not served on the discrete ddpm process)."""
     s = config_sampling
     pc = dict(norm="example")
     if s is not None:
-        pc.update(predictor=s.get("predictor", "reverse_diffusion"), corrector=s.get("corrector", "langevin"),
-                  snr=float(s.get("snr", 0.16)), n_steps_each=int(s.get("n_steps_each", 1)))
+        pc.update(
+            predictor=s.get("predictor", "reverse_diffusion"),
+            corrector=s.get("corrector", "langevin"),
+            snr=float(s.get("snr", 0.16)),
+            n_steps_each=int(s.get("n_steps_each", 1)),
+        )
     clip = {} if clip_x0 is None else {"clip_x0": tuple(float(v) for v in clip_x0)}
-    served = {"ddim": steppers.DDIM(**clip), "ancestral": steppers.Ancestral(**clip), "pc": steppers.PC(**pc),
-              "dpm_solver++": steppers.DPMSolverPP(), "heun": steppers.Heun()}
+    served = {
+        "ddim": steppers.DDIM(**clip),
+        "ancestral": steppers.Ancestral(**clip),
+        "pc": steppers.PC(**pc),
+        "dpm_solver++": steppers.DPMSolverPP(),
+        "heun": steppers.Heun(),
+    }
     if process is not None and process.discrete and served["pc"].predictor == "euler_maruyama":
         del served["pc"]
     return served
@@ -125,40 +135,55 @@ def _advance(den, state, col, ints, floats, process, kinds, dynamic, sample_shap
     step = steppers.Step(col["i"], col["n"], col["t_prev"], col["t"], col["t_next"], col["last"] > 0)
     active = col["busy"] > 0  # the host knows which slots hold a sample (and when each finishes)
     # The sampler of each kind, its per-request numeric options taken from the slot's columns.
-    kind_steppers = [dataclasses.replace(st, **{name: floats[:, 4 + j] for j, name in enumerate(names)})
-                     for st, names in zip(kinds, dynamic)]
+    kind_steppers = [
+        dataclasses.replace(st, **{name: floats[:, 4 + j] for j, name in enumerate(names)})
+        for st, names in zip(kinds, dynamic)
+    ]
     slot_of = lambda k: active & (kind == k)  # noqa: E731
 
     def noise_for(k):  # drawn only when a slot of this kind needs noise now (threefry is costly on CPU)
         def noise(code):
             need = jnp.any(slot_of(k) & (col["noisy"] > 0))
-            return jax.lax.cond(need, lambda: samplers.example_noise_coded(keys, sample_shape, col["i"], code),
-                                lambda: jnp.zeros((keys.shape[0], *sample_shape), jnp.float32))
+            return jax.lax.cond(
+                need,
+                lambda: samplers.example_noise_coded(keys, sample_shape, col["i"], code),
+                lambda: jnp.zeros((keys.shape[0], *sample_shape), jnp.float32),
+            )
+
         return noise
 
     pick = lambda per_kind: functools.reduce(  # noqa: E731
         lambda acc, k: jnp.where(bcast(kind == k, acc) if acc.ndim > 1 else kind == k, per_kind[k], acc),
-        range(1, len(per_kind)), per_kind[0])
+        range(1, len(per_kind)),
+        per_kind[0],
+    )
     # Admission: x_T as samplers.sample draws it, then each stepper's init (Heun scales by 1/alpha).
-    x_T = jax.lax.cond(jnp.any(new), lambda: process.prior_std() * samplers.example_noise(
-        keys, sample_shape, samplers.INIT_NOISE), lambda: jnp.zeros_like(state["x"]))
+    x_T = jax.lax.cond(
+        jnp.any(new),
+        lambda: process.prior_std() * samplers.example_noise(keys, sample_shape, samplers.INIT_NOISE),
+        lambda: jnp.zeros_like(state["x"]),
+    )
     inits = [{**_zero_state(x_T), **st.init(process, x_T, col["t"])} for st in kind_steppers]
     fresh = {name: pick([s_[name] for s_ in inits]) for name in steppers.STATE_KEYS}
-    state = {**state, **{name: jnp.where(bcast(new, state[name]), fresh[name], state[name])
-                         for name in steppers.STATE_KEYS}}
+    state = {**state, **{name: jnp.where(bcast(new, state[name]), fresh[name], state[name]) for name in steppers.STATE_KEYS}}
     sub = col["sub"]
-    prepared = [st.prepare(process, {n: state[n] for n in steppers.STATE_KEYS}, sub, step, noise_for(k))
-                for k, st in enumerate(kind_steppers)]
+    prepared = [
+        st.prepare(process, {n: state[n] for n in steppers.STATE_KEYS}, sub, step, noise_for(k))
+        for k, st in enumerate(kind_steppers)
+    ]
     x_in = pick([p_[1] for p_ in prepared])
     t_in = pick([jnp.broadcast_to(p_[2], col["t"].shape) for p_ in prepared])
     label = jnp.where(new, col["label"], state["label"])
     out = _prediction(den, process, x_in, t_in, label, col["scale"], num_classes)
     by_kind = {kd: process.convert(den.prediction, kd, out, x_in, t_in) for kd in {st.kind for st in kinds}}
-    updated = [st.update(process, prepared[k][0], by_kind[st.kind], sub, step, noise_for(k))
-               for k, st in enumerate(kind_steppers)]
+    updated = [
+        st.update(process, prepared[k][0], by_kind[st.kind], sub, step, noise_for(k)) for k, st in enumerate(kind_steppers)
+    ]
     nxt = {name: pick([{**_zero_state(state["x"]), **u}[name] for u in updated]) for name in steppers.STATE_KEYS}
-    state = {**state, **{name: jnp.where(bcast(active, state[name]), nxt[name], state[name])
-                         for name in steppers.STATE_KEYS}}
+    state = {
+        **state,
+        **{name: jnp.where(bcast(active, state[name]), nxt[name], state[name]) for name in steppers.STATE_KEYS},
+    }
     return {**state, "key": keys, "kind": kind, "label": label}
 
 
@@ -169,9 +194,18 @@ def _zero_state(x):
 class Engine:
     """Host side of the slot batch: builds admissions, runs the compiled step, returns finished rows."""
 
-    def __init__(self, denoiser: Denoiser, process: Process, sample_shape: tuple[int, ...], *,
-                 batch_slots: int, num_classes: int = 0, clip_x0: tuple[float, float] | None = None,
-                 served: dict[str, steppers.Stepper] | None = None, devices=None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        process: Process,
+        sample_shape: tuple[int, ...],
+        *,
+        batch_slots: int,
+        num_classes: int = 0,
+        clip_x0: tuple[float, float] | None = None,
+        served: dict[str, steppers.Stepper] | None = None,
+        devices=None,
+    ):
         """served: sampler name -> stepper (default `served_steppers(clip_x0=clip_x0)`)."""
         if batch_slots <= 0:
             raise ValueError(f"batch_slots must be positive, got {batch_slots}")
@@ -181,8 +215,10 @@ class Engine:
         self.kind_of = {name: k for k, name in enumerate(self.served)}
         # Per-request numeric options of each sampler; churn needs the inverse noise level, which
         # the discrete ddpm process lacks (there Heun runs without churn).
-        self.dynamic = {name: () if process.discrete and isinstance(st, steppers.Heun) else st.dynamic
-                        for name, st in self.served.items()}
+        self.dynamic = {
+            name: () if process.discrete and isinstance(st, steppers.Heun) else st.dynamic
+            for name, st in self.served.items()
+        }
         devices = list(devices or jax.local_devices())
         if self.batch_slots % len(devices):
             devices = devices[:1]  # the slot batch must split evenly over the devices
@@ -191,10 +227,17 @@ class Engine:
         self._replicated = NamedSharding(self.mesh, P())
         self._den_leaves, self._den_tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
         self._step = jax.jit(
-            partial(_step, den_tree=self._den_tree, process=process, kinds=tuple(self.served.values()),
-                    dynamic=tuple(self.dynamic.values()),
-                    sample_shape=self.sample_shape, num_classes=self.num_classes),
-            donate_argnums=(1,), out_shardings=self._rows,
+            partial(
+                _step,
+                den_tree=self._den_tree,
+                process=process,
+                kinds=tuple(self.served.values()),
+                dynamic=tuple(self.dynamic.values()),
+                sample_shape=self.sample_shape,
+                num_classes=self.num_classes,
+            ),
+            donate_argnums=(1,),
+            out_shardings=self._rows,
         )
         self.state = self._initial_state()
         # Host mirrors of the per-slot counters (the device never needs to be asked what finished).
@@ -220,8 +263,12 @@ class Engine:
     def _initial_state(self):
         b, shape = self.batch_slots, self.sample_shape
         zeros = lambda s, dt: jax.device_put(np.zeros(s, dt), self._rows)  # noqa: E731
-        return {**{name: zeros((b, *shape), np.float32) for name in steppers.STATE_KEYS},
-                "key": zeros((b, 2), np.uint32), "kind": zeros((b,), np.int32), "label": zeros((b,), np.int32)}
+        return {
+            **{name: zeros((b, *shape), np.float32) for name in steppers.STATE_KEYS},
+            "key": zeros((b, 2), np.uint32),
+            "kind": zeros((b,), np.int32),
+            "label": zeros((b,), np.int32),
+        }
 
     def set_denoiser(self, denoiser: Denoiser) -> None:
         """New weights (same network): takes effect at the next step, no recompilation."""
@@ -245,8 +292,10 @@ class Engine:
             stepper = self.served[a.sampler]
             unknown = sorted(set(a.options) - set(self.dynamic[a.sampler]))
             if unknown:
-                raise ValueError(f"sampler {a.sampler!r} takes no per-request option(s) {unknown} here; "
-                                 f"it takes {list(self.dynamic[a.sampler])}")
+                raise ValueError(
+                    f"sampler {a.sampler!r} takes no per-request option(s) {unknown} here; "
+                    f"it takes {list(self.dynamic[a.sampler])}"
+                )
             ints[a.slot, [0, 2, 3, 4]] = (1, a.index, self.kind_of[a.sampler], a.label)
             ints[a.slot, 5:7] = np.asarray(a.key, np.uint32).view(np.int32)
             self.floats[a.slot, 0] = np.nan if a.guidance_scale is None else a.guidance_scale
@@ -268,8 +317,9 @@ class Engine:
             self.floats[slot, 1:4] = grid[max(i - 1, 0)], grid[i], grid[i + 1]
         # A copy: on the CPU device_put may alias the numpy buffer, and the step runs asynchronously
         # while the host already fills self.floats for the next call.
-        self.state = self._step(self._den_leaves, self.state, jax.device_put(ints, self._rows),
-                                jax.device_put(self.floats.copy(), self._rows))
+        self.state = self._step(
+            self._den_leaves, self.state, jax.device_put(ints, self._rows), jax.device_put(self.floats.copy(), self._rows)
+        )
         self.calls += 1
         self.calls_done[self.busy] += 1
         done = np.flatnonzero(self.busy & (self.calls_done >= self.num_calls))

@@ -20,8 +20,14 @@ def generate(out_root: str) -> list[str]:
     """Write the stubs under out_root/diffjax/serving/; returns their paths."""
     from grpc_tools import protoc
 
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_root}", f"--pyi_out={out_root}",
-            f"--grpc_python_out={out_root}", os.path.join(ROOT, PROTO)]
+    args = [
+        "protoc",
+        f"-I{ROOT}",
+        f"--python_out={out_root}",
+        f"--pyi_out={out_root}",
+        f"--grpc_python_out={out_root}",
+        os.path.join(ROOT, PROTO),
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
     return [os.path.join(out_root, os.path.dirname(PROTO), name) for name in OUTPUTS]
@@ -32,9 +38,12 @@ def differences() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(tmp)
         here = os.path.join(ROOT, os.path.dirname(PROTO))
-        return [os.path.basename(f) for f in fresh
-                if not os.path.exists(os.path.join(here, os.path.basename(f)))
-                or not filecmp.cmp(f, os.path.join(here, os.path.basename(f)), shallow=False)]
+        return [
+            os.path.basename(f)
+            for f in fresh
+            if not os.path.exists(os.path.join(here, os.path.basename(f)))
+            or not filecmp.cmp(f, os.path.join(here, os.path.basename(f)), shallow=False)
+        ]
 
 
 def main(argv: list[str]) -> int:

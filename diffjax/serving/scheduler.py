@@ -60,8 +60,7 @@ class Job:
 class Scheduler:
     """Continuous batching over an Engine; thread-safe submit/cancel from gRPC handler threads."""
 
-    def __init__(self, engine: Engine, *, checkpoint_step: int, max_queued_requests: int = 256,
-                 admission: str = "fifo"):
+    def __init__(self, engine: Engine, *, checkpoint_step: int, max_queued_requests: int = 256, admission: str = "fifo"):
         if admission not in ADMISSION:
             raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
         self.engine, self.admission = engine, admission
@@ -115,9 +114,15 @@ class Scheduler:
 
     def status(self) -> dict:
         with self._cond:
-            return dict(batch_slots=self.engine.batch_slots, busy_slots=int(self.engine.busy.sum()),
-                        queued_requests=len(self._pending), max_queued_requests=self.max_queued_requests,
-                        steps_run=self.engine.calls, checkpoint_step=self.checkpoint_step, **self.stats)
+            return dict(
+                batch_slots=self.engine.batch_slots,
+                busy_slots=int(self.engine.busy.sum()),
+                queued_requests=len(self._pending),
+                max_queued_requests=self.max_queued_requests,
+                steps_run=self.engine.calls,
+                checkpoint_step=self.checkpoint_step,
+                **self.stats,
+            )
 
     def idle(self) -> bool:
         with self._cond:
@@ -169,8 +174,18 @@ class Scheduler:
                     slot, index = slots.pop(0), job.admitted
                     if job.checkpoint_step is None:
                         job.checkpoint_step = self.checkpoint_step
-                    admissions.append(Admission(slot, job.key, index, job.num_steps, job.sampler,
-                                                int(job.labels[index]), job.guidance_scale, job.options))
+                    admissions.append(
+                        Admission(
+                            slot,
+                            job.key,
+                            index,
+                            job.num_steps,
+                            job.sampler,
+                            int(job.labels[index]),
+                            job.guidance_scale,
+                            job.options,
+                        )
+                    )
                     self._owner[slot] = (job, index)
                     job.admitted += 1
                     running[id(job)] += 1

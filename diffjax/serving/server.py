@@ -61,8 +61,7 @@ class Model:
         self.data_min, self.data_max = snapshots.data_range(config)
         self.max_steps = max_steps
         clip_x0 = self.data_min, self.data_max
-        self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None,
-                                        process)
+        self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None, process)
         self.default_sampler = config.sampling.sampler if config.sampling.sampler in self.samplers else "ddim"
         self.default_steps = min(int(config.sampling.num_steps), max_steps)
 
@@ -89,8 +88,10 @@ class Servicer(pb_grpc.SamplingServicer):
             bad(f"num_samples must be in [1, {o.max_samples_per_request}], got {n}")
         sampler = request.sampler or m.default_sampler
         if sampler == "ode":
-            bad("sampler 'ode' (adaptive steps) is offline-only: use `diffjax sample`; the server serves "
-                f"{sorted(m.samplers)}")
+            bad(
+                "sampler 'ode' (adaptive steps) is offline-only: use `diffjax sample`; the server serves "
+                f"{sorted(m.samplers)}"
+            )
         if sampler not in m.samplers:
             bad(f"sampler must be one of {sorted(m.samplers)}, got {request.sampler!r}")
         options, takes = dict(request.options), self.scheduler.engine.dynamic[sampler]
@@ -130,8 +131,10 @@ class Servicer(pb_grpc.SamplingServicer):
         if unary and request.output != pb.PNG:
             size = n * int(np.prod(m.sample_shape)) * 4 + 1024
             if size > o.max_message_bytes:
-                bad(f"num_samples={n} makes a {size}-byte response, over the server's max message size "
-                    f"{o.max_message_bytes}; use SampleStream")
+                bad(
+                    f"num_samples={n} makes a {size}-byte response, over the server's max message size "
+                    f"{o.max_message_bytes}; use SampleStream"
+                )
         try:
             self.scheduler.engine.grid(sampler, steps)  # computed here (cached), not in the scheduler thread
         except ValueError as err:  # e.g. more steps than a discrete process has
@@ -182,12 +185,20 @@ class Servicer(pb_grpc.SamplingServicer):
 
     def GetModelInfo(self, request, context):
         m = self.model
-        return pb.ModelInfo(config_json=m.config.to_json(), sample_shape=list(m.sample_shape),
-                            num_classes=m.num_classes, samplers=sorted(m.samplers),
-                            default_sampler=m.default_sampler, default_steps=m.default_steps, max_steps=m.max_steps,
-                            max_samples_per_request=self.options.max_samples_per_request,
-                            checkpoint_step=self.scheduler.checkpoint_step, process=m.process.name,
-                            data_min=m.data_min, data_max=m.data_max)
+        return pb.ModelInfo(
+            config_json=m.config.to_json(),
+            sample_shape=list(m.sample_shape),
+            num_classes=m.num_classes,
+            samplers=sorted(m.samplers),
+            default_sampler=m.default_sampler,
+            default_steps=m.default_steps,
+            max_steps=m.max_steps,
+            max_samples_per_request=self.options.max_samples_per_request,
+            checkpoint_step=self.scheduler.checkpoint_step,
+            process=m.process.name,
+            data_min=m.data_min,
+            data_max=m.data_max,
+        )
 
     def GetServerStatus(self, request, context):
         return pb.ServerStatus(**self.scheduler.status())
@@ -227,8 +238,10 @@ class Server:
         o = self.options
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=o.workers, thread_name_prefix="diffjax-rpc"),
-            options=[("grpc.max_send_message_length", o.max_message_bytes),
-                     ("grpc.max_receive_message_length", o.max_message_bytes)],
+            options=[
+                ("grpc.max_send_message_length", o.max_message_bytes),
+                ("grpc.max_receive_message_length", o.max_message_bytes),
+            ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for name in ("", SERVICE):
@@ -271,14 +284,26 @@ class Server:
             max_steps = min(max_steps, int(process.num_scales))
         shape = network.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
-        engine = Engine(self._denoiser(state), process, shape, batch_slots=self.options.batch_slots,
-                        num_classes=self.model.num_classes, served=self.model.samplers)
+        engine = Engine(
+            self._denoiser(state),
+            process,
+            shape,
+            batch_slots=self.options.batch_slots,
+            num_classes=self.model.num_classes,
+            served=self.model.samplers,
+        )
         engine.grid(self.model.default_sampler, self.model.default_steps)
-        self.scheduler = Scheduler(engine, checkpoint_step=step, max_queued_requests=self.options.max_queued_requests,
-                                   admission=self.options.admission)
+        self.scheduler = Scheduler(
+            engine,
+            checkpoint_step=step,
+            max_queued_requests=self.options.max_queued_requests,
+            admission=self.options.admission,
+        )
         self.servicer = Servicer(self.model, self.scheduler, self.options)
-        self.log(f"diffjax serve: loaded step {step} of {self.workdir} ({process.name}, samples {list(shape)}, "
-                 f"{self.options.batch_slots} slots) in {time.perf_counter() - t0:.1f}s")
+        self.log(
+            f"diffjax serve: loaded step {step} of {self.workdir} ({process.name}, samples {list(shape)}, "
+            f"{self.options.batch_slots} slots) in {time.perf_counter() - t0:.1f}s"
+        )
 
     def _warm_up(self) -> None:
         """Compile the step (both guidance branches) and run one tiny request end to end."""
@@ -291,8 +316,10 @@ class Server:
             if event[0] == "error":
                 raise SystemExit(f"diffjax serve: warm-up failed: {event[1]}")
         self.scheduler.stats.clear()
-        self.log(f"diffjax serve: compiled and warmed up in {time.perf_counter() - t0:.1f}s; "
-                 f"SERVING on {self.options.host}:{self.port}")
+        self.log(
+            f"diffjax serve: compiled and warmed up in {time.perf_counter() - t0:.1f}s; "
+            f"SERVING on {self.options.host}:{self.port}"
+        )
 
     def _denoiser(self, ema_state):
         """The network with a restored checkpoint's EMA weights, as a diffjax Denoiser."""
@@ -342,8 +369,12 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     p.add_argument("--max_message_bytes", type=int, default=d.max_message_bytes)
     p.add_argument("--reload_s", type=float, default=d.reload_s, help="seconds between checks for a newer checkpoint")
     p.add_argument("--grace_s", type=float, default=d.grace_s, help="shutdown drain time")
-    p.add_argument("--admission", choices=ADMISSION, default=d.admission,
-                   help="slot order: fifo (arrival order) or fair (capped share per request while others wait)")
+    p.add_argument(
+        "--admission",
+        choices=ADMISSION,
+        default=d.admission,
+        help="slot order: fifo (arrival order) or fair (capped share per request while others wait)",
+    )
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
     args = p.parse_args(argv)

@@ -16,9 +16,14 @@ class ServerProcess:
     """
 
     def __init__(self, workdir, *flags: str, env: dict | None = None, cwd: str | None = None, timeout: float = 300):
-        self.proc = subprocess.Popen([sys.executable, "-m", "diffjax", "serve", f"--workdir={workdir}", "--port=0",
-                                      *flags], cwd=cwd, env=env or dict(os.environ),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "diffjax", "serve", f"--workdir={workdir}", "--port=0", *flags],
+            cwd=cwd,
+            env=env or dict(os.environ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         self.port = None
         deadline = time.monotonic() + timeout
