@@ -2,7 +2,10 @@
 
 Reproduction configs start from `get_default_configs()` and change what their paper changes;
 `ddpmpp(config)` / `ncsnpp(config)` set the score_sde architectures of Song et al. 2021
-(arXiv:2011.13456, App. H) and `process(...)` replaces the noise process block.
+(arXiv:2011.13456, App. H), `model_block(config, name)` gives another network's block and
+`process(...)` replaces the noise process block. A model block holds exactly the keyword arguments
+of its network (defaults: the network's signature, diffjax.models.default_config) plus name and
+prediction.
 
 Schema (the trainer reads these keys):
   seed
@@ -10,18 +13,37 @@ Schema (the trainer reads these keys):
   training: batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
             loss ('eps' | 'dsm' | 'v' | 'edm'), likelihood_weighting, reduce_mean, label_dropout,
             ema_rate, grad_accum_steps, fsdp
-  model:    name, prediction ('eps' | 'score' | 'x0' | 'v'), dtype, num_classes, augment_dim, architecture
-            fields; image_size / num_channels / centered are references to the data fields
+  model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v') and the
+            network's keyword arguments (dtype, num_classes, augment_dim, architecture fields); the
+            image networks' image_size / num_channels / centered are references to the data fields
   data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
-  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0, noise_removal,
-            probability_flow
+  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0
   eval:     batch_size, num_samples, metrics, reference, quantize, seed, fid_freq, fid_num,
             bpd_passes, targets
 """
 
 import ml_collections
+
+from diffjax import models
+
+SHARED_MODEL_KEYS = ("prediction", "dtype", "num_classes", "augment_dim")  # kept when the network changes
+DATA_REFERENCES = ("image_size", "num_channels", "centered")
+
+
+def model_block(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """The model block of network `name` at its defaults, with config.model's SHARED_MODEL_KEYS
+    (prediction 'eps' if there is none) and references to config.data's shape and range."""
+    block = models.default_config(name)
+    block.prediction = "eps"
+    for key in SHARED_MODEL_KEYS:
+        if key in config.get("model", {}):
+            block[key] = config.model[key]
+    for key in DATA_REFERENCES:
+        if key in block:
+            block[key] = config.data.get_ref(key)
+    return block
 
 
 def process(name: str, **params) -> ml_collections.ConfigDict:
@@ -58,39 +80,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.uniform_dequantization = False
     data.augment_p = 0.0  # EDM's geometric augmentation probability (diffjax.augment); needs model.augment_dim=9
 
-    config.model = model = ml_collections.ConfigDict()
-    model.name = "ddpm_unet"
-    model.prediction = "eps"
-    model.dtype = "float32"
-    model.num_classes = 0
-    model.augment_dim = 0  # 9 to condition on EDM's augmentation labels
-    model.image_size = data.get_ref("image_size")
-    model.num_channels = data.get_ref("num_channels")
-    model.centered = data.get_ref("centered")
-    model.data_dim = 2  # mlp only
-    model.nf = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = 2
-    model.attn_resolutions = (16,)
-    model.dropout = 0.1
-    model.resamp_with_conv = True
-    model.conditional = True  # noise-conditional (time embedding on)
-    model.nonlinearity = "swish"
-    model.normalization = "GroupNorm"
-    model.num_groups = 0  # GroupNorm groups (ddpm_unet): 0 = score_sde's min(C // 4, 32); diffusers: fixed 32
-    model.fir = False
-    model.fir_kernel = (1, 3, 3, 1)
-    model.skip_rescale = False
-    model.resblock_type = "ddpm"
-    model.progressive = "none"
-    model.progressive_input = "none"
-    model.progressive_combine = "sum"
-    model.attention_type = "ddpm"
-    model.init_scale = 0.0
-    model.fourier_scale = 16.0
-    model.embedding_type = "positional"
-    model.scale_by_sigma = False
-    model.conv_size = 3
+    config.model = model_block(config, "ddpm_unet")  # Ho et al.'s CIFAR-10 UNet: the network's defaults
 
     config.optim = optim = ml_collections.ConfigDict()
     optim.optimizer = "adam"
@@ -109,8 +99,6 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.n_steps_each = 1
     sampling.clip_x0 = False  # ancestral / ddim: clip each step's x0 estimate to the data range (DDPM)
-    sampling.noise_removal = True
-    sampling.probability_flow = False
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1024
@@ -126,41 +114,24 @@ def get_default_configs() -> ml_collections.ConfigDict:
     return config
 
 
-def ddpmpp(config, num_res_blocks: int = 4) -> ml_collections.ConfigDict:
-    """DDPM++ (score_sde vp/cifar10_ddpmpp_*): BigGAN blocks, skip rescaling, positional embedding."""
-    model = config.model
-    model.name = "ncsnpp"
-    model.nf = 128
-    model.ch_mult = (1, 2, 2, 2)
-    model.num_res_blocks = num_res_blocks
-    model.attn_resolutions = (16,)
-    model.dropout = 0.1
-    model.resamp_with_conv = True
-    model.conditional = True
-    model.fir = False
-    model.fir_kernel = (1, 3, 3, 1)
-    model.skip_rescale = True
-    model.resblock_type = "biggan"
-    model.progressive = "none"
-    model.progressive_input = "none"
-    model.progressive_combine = "sum"
-    model.attention_type = "ddpm"
-    model.init_scale = 0.0
-    model.embedding_type = "positional"
-    model.fourier_scale = 16.0
-    model.scale_by_sigma = False
+def ncsnpp(config, num_res_blocks: int = 4) -> ml_collections.ConfigDict:
+    """NCSN++ (score_sde ve/cifar10_ncsnpp_*): BigGAN blocks, skip rescaling, FIR resampling, residual
+    input pyramid, Gaussian Fourier embedding of log(sigma), output scaled by 1/sigma: the ncsnpp
+    network's defaults."""
+    config.model = model_block(config, "ncsnpp")
+    config.model.num_res_blocks = num_res_blocks
     return config
 
 
-def ncsnpp(config, num_res_blocks: int = 4) -> ml_collections.ConfigDict:
-    """NCSN++ (score_sde ve/cifar10_ncsnpp_*): DDPM++ plus FIR resampling, residual input pyramid,
-    Gaussian Fourier embedding of log(sigma) and output scaling by 1/sigma."""
-    ddpmpp(config, num_res_blocks)
-    model = config.model
-    model.fir = True
-    model.progressive_input = "residual"
-    model.embedding_type = "fourier"
-    model.scale_by_sigma = True
+def ddpmpp(config, num_res_blocks: int = 4) -> ml_collections.ConfigDict:
+    """DDPM++ (score_sde vp/cifar10_ddpmpp_*): NCSN++ without FIR or the input pyramid, with the
+    positional embedding and no output scaling."""
+    ncsnpp(config, num_res_blocks)
+    m = config.model
+    m.fir = False
+    m.progressive_input = "none"
+    m.embedding_type = "positional"
+    m.scale_by_sigma = False
     return config
 
 

@@ -50,19 +50,18 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 # score_sde's keys whose only value diffjax implements: a config may carry them (score_sde users'
-# configs do), but another value is an error naming the key, never silently ignored.
+# configs do), but another value is an error naming the key, never silently ignored. The model
+# section's are diffjax.models.FIXED_VALUES, checked with the rest of config.model.
 FIXED_VALUES = {
-    ("model", "normalization"): ("GroupNorm",),
-    ("model", "attention_type"): ("ddpm",),
-    ("model", "conv_size"): (3,),
     ("sampling", "noise_removal"): (True,),  # every sampler ends with the denoising step to t = 0
     ("sampling", "probability_flow"): (False,),  # the probability-flow ODE is the sampler 'ode'
 }
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Refuse values diffjax cannot run: an EMA rate outside [0, 1), grad_accum_steps < 1, and
-    score_sde keys with a value diffjax does not implement (FIXED_VALUES)."""
+    """Refuse values diffjax cannot run: an EMA rate outside [0, 1), grad_accum_steps < 1, score_sde
+    keys with a value diffjax does not implement (FIXED_VALUES) and model keys the network does not
+    read (diffjax.models.network_kwargs)."""
     training = config.get("training", {})
     if "ema_rate" in training and not 0.0 <= float(training.ema_rate) < 1.0:
         raise ValueError(f"training.ema_rate={training.ema_rate} must be in [0, 1) (0: the EMA is the raw params)")
@@ -75,3 +74,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"config.{section}.{key}={config[section][key]!r} is not implemented; diffjax "
                 f"supports {', '.join(map(repr, allowed))}{hint}"
             )
+    if "model" in config:
+        from diffjax import models
+
+        models.network_kwargs(config.model)

@@ -6,15 +6,23 @@ workdirs through diffjax.trainer's checkpoint functions.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 
+from diffjax import commandline
 
-def _exit(message: str):
-    """A CLI mistake: one line on stderr, exit status 2 (as every diffjax command's usage errors)."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
+
+def written_config(config: dict) -> dict:
+    """A workdir's config.json as today's loader reads it: workdirs written before the networks took
+    explicit keyword arguments carry the whole shared model block, whose keys the network did not
+    read; they are dropped here (the same network, the same weights), not in config files."""
+    from diffjax import models
+
+    model = dict(config.get("model", {}))
+    if model.get("name") in models.available():
+        keep = set(models.parameters(model["name"])) | set(models.READ_ELSEWHERE) | set(models.FIXED_VALUES)
+        config = dict(config, model={k: v for k, v in model.items() if k in keep})
+    return config
 
 
 class Workdir:
@@ -30,8 +38,8 @@ class Workdir:
 
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
-            _exit(f"{command}: {path} not found; is {workdir!r} a diffjax train workdir?")
-        self.config = ml_collections.ConfigDict(json.loads(path.read_text()))
+            commandline.usage_error(command, f"{path} not found; is {workdir!r} a diffjax train workdir?")
+        self.config = ml_collections.ConfigDict(written_config(json.loads(path.read_text())))
         self.path, self.command = workdir, command
         mesh = trainer.make_mesh(self.config)
         if inference:  # shapes and shardings only: nothing is initialised or compiled
@@ -57,7 +65,7 @@ class Workdir:
         self.manager.reload()
         restored, step = trainer.restore(self.manager, self.shardings, self.abstract_state, only=only)
         if restored is None:
-            _exit(f"{self.command}: no readable checkpoint in {self.path}/checkpoints")
+            commandline.usage_error(self.command, f"no readable checkpoint in {self.path}/checkpoints")
         return restored, step
 
 

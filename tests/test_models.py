@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import glob
+import inspect
 import os
+import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -252,6 +255,66 @@ def test_unknown_model_name():
     with pytest.raises(ValueError, match="available models"):
         models.get("nope")
     assert models.get(cfg("configs/ddpm_cifar10.py").model) is models.DDPMUNet
+
+
+TINY_DICT = dict(name="ddpm_unet", nf=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), image_size=8)
+
+
+def test_model_keys_the_network_does_not_read_are_errors():
+    with pytest.raises(
+        ValueError, match=r"config\.model\.nff is not read by model 'ddpm_unet'; its keys are: name, prediction, nf"
+    ):
+        models.create({**TINY_DICT, "nff": 8}, 0)  # a typo
+    with pytest.raises(
+        ValueError, match=r"config\.model\.fir, config\.model\.skip_rescale are not read by model 'ddpm_unet'"
+    ):
+        models.abstract_model(ml_collections.ConfigDict({**TINY_DICT, "fir": False, "skip_rescale": True}))  # ncsnpp's
+    with pytest.raises(ValueError, match=r"config\.model\.num_groups is not read by model 'ncsnpp'"):
+        models.abstract_param_count(dict(name="ncsnpp", num_groups=32))  # ddpm_unet's
+    with pytest.raises(ValueError, match=r"config\.model\.image_size is not read by model 'mlp'"):
+        models.create(dict(name="mlp", image_size=32), 0)
+    with pytest.raises(ValueError, match="data_dim"):
+        models.network_kwargs(dict(name="ddpm_unet", data_dim=2))
+
+
+def test_score_sde_fixed_keys_pass_only_at_the_implemented_value():
+    score_sde = {**TINY_DICT, "normalization": "GroupNorm", "attention_type": "ddpm", "conv_size": 3}
+    assert models.network_kwargs(score_sde) == models.network_kwargs(TINY_DICT)
+    assert models.abstract_param_count(score_sde) == models.abstract_param_count(TINY_DICT)
+    for key, value in [("normalization", "BatchNorm"), ("attention_type", "legacy"), ("conv_size", 5)]:
+        match = re.escape(f"config.model.{key}={value!r} is not implemented; diffjax supports {models.FIXED_VALUES[key]!r}")
+        with pytest.raises(ValueError, match=match):
+            models.create({**TINY_DICT, key: value}, 0)
+
+
+def test_none_takes_the_default_and_plain_dicts_work():
+    kwargs = models.network_kwargs({**TINY_DICT, "dropout": None, "prediction": "eps"})
+    assert "dropout" not in kwargs and "name" not in kwargs and "prediction" not in kwargs
+    assert models.abstract_param_count(dict(name="mlp", nf=16)) == models.abstract_param_count(
+        ml_collections.ConfigDict(dict(name="mlp", nf=16, data_dim=2))
+    )
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_default_config_is_the_signature(name):
+    config = models.default_config(name)
+    signature = inspect.signature(models.get(name).__init__).parameters
+    assert config.name == name and set(config) == {"name", *models.parameters(name)}
+    assert set(signature) == {"self", "rngs", *models.parameters(name)}
+    for key, value in config.items():
+        if key != "name":
+            default = signature[key].default
+            assert value == default and type(value) is type(default), (key, value, default)
+    model = models.abstract_model(config)  # create(default_config(name)) builds the network
+    assert isinstance(model, models.get(name))
+
+
+def test_default_configs_are_the_papers_networks():
+    """The image networks' defaults are their CIFAR-10 networks: Ho et al.'s UNet, NCSN++ cont. (VE)."""
+    assert models.abstract_param_count(models.default_config("ddpm_unet")) == 35_746_307
+    assert models.abstract_param_count(models.default_config("ncsnpp")) == 62_758_915
+    model = models.create(models.default_config("mlp"), 0)
+    assert model(jnp.ones((3, 2)), jnp.ones((3,))).shape == (3, 2)
 
 
 def test_sharding_annotations():

@@ -27,8 +27,7 @@ def get_config():
     data.num_channels = 0
     data.random_flip = False
 
-    model = config.model
-    model.name = "mlp"
+    config.model = model = default.model_block(config, "mlp")
     model.prediction = "eps"
     model.data_dim = 2
     model.nf = 128

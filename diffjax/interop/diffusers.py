@@ -195,7 +195,9 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
 
     base (default: configs/default's) gives the blocks the model does not decide: data set,
     training, optimiser and evaluation protocol; model, process, sampling and the data's shape
-    and range come from the import."""
+    and range come from the import; of the base's model block only keys the imported network
+    takes are kept."""
+    from diffjax import models
     from diffjax.interop import default_config
 
     cfg = _read_json(src.config_path)
@@ -224,8 +226,10 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
     data.image_size, data.num_channels, data.centered = model["image_size"], model["num_channels"], centered
     data.uniform_dequantization = False
     config.process = ml_collections.ConfigDict(process)
-    merged = config.model.to_dict()
-    merged.update(model, prediction=prediction, dtype=config.model.get("dtype", "float32"))
+    # The base's model keys that the imported network also takes (dtype, say); none of another network's.
+    keys = models.parameters(model["name"])
+    merged = {"name": model["name"], **{k: v for k, v in config.model.to_dict().items() if k in keys}}
+    merged.update(model, prediction=prediction)
     config.model = ml_collections.ConfigDict(merged)
     config.sampling.update(sampling)
     return config, notes

@@ -19,6 +19,7 @@ once and every parameter of ours is filled, or ``WeightsError`` names what is mi
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import numpy as np
 
@@ -50,7 +51,9 @@ def _expect(cfg: dict, field: str, allowed: tuple, default=None, why: str = "") 
 
 
 def model_config(cfg: dict) -> tuple[dict, str]:
-    """(diffjax ``config.model`` entries, family 'ddpm' | 'ncsnpp') of a diffusers UNet2DModel config."""
+    """(diffjax ``config.model`` entries, family 'ddpm' | 'ncsnpp') of a diffusers UNet2DModel config.
+
+    The entries are name and keyword arguments of that network (diffjax.models.parameters) only."""
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
         _fail("_class_name", cfg.get("_class_name"), "only UNet2DModel is imported")
     down, up = list(cfg.get("down_block_types", ())), list(cfg.get("up_block_types", ()))
@@ -142,7 +145,6 @@ def model_config(cfg: dict) -> tuple[dict, str]:
         _check_ncsnpp_groups(cfg, channels, down_attn)
         model.update(
             name="ncsnpp",
-            num_groups=0,
             resamp_with_conv=True,
             fir=True,
             fir_kernel=(1, 3, 3, 1),
@@ -203,7 +205,7 @@ def _module_pairs(model: dict, family: str) -> list[tuple[tuple, str, str]]:
     L, nrb = len(model["ch_mult"]), int(model["num_res_blocks"])
     size = int(model["image_size"])
     attn = [size // 2**i in model["attn_resolutions"] for i in range(L)]
-    pairs = [
+    pairs: list[tuple[tuple, str, str]] = [
         (("embed", "dense0"), "time_embedding.linear_1", "time_dense"),
         (("embed", "dense1"), "time_embedding.linear_2", "dense"),
         (("conv_in",), "conv_in", "conv"),
@@ -253,7 +255,9 @@ def _conv(w):
     return np.transpose(w, (2, 3, 1, 0))  # OIHW -> HWIO
 
 
-def _leaves(ours: tuple, prefix: str, kind: str, flip_sin_cos: bool, has) -> list[tuple[tuple, list[str], object]]:
+def _leaves(
+    ours: tuple, prefix: str, kind: str, flip_sin_cos: bool, has
+) -> list[tuple[tuple, list[str], Callable[..., np.ndarray]]]:
     """(our leaf path, diffusers tensor names, fn(*tensors) -> our array) of one module."""
     if kind == "tensor":
         return [(ours, [prefix], lambda w: w)]
@@ -292,7 +296,7 @@ def _leaves(ours: tuple, prefix: str, kind: str, flip_sin_cos: bool, has) -> lis
     return out
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
+def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -302,7 +306,7 @@ def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
     return out
 
 
-def _unflatten(flat: dict[tuple, object]) -> dict:
+def _unflatten(flat: dict[tuple, Any]) -> dict:
     tree: dict = {}
     for path, v in flat.items():
         node = tree

@@ -19,14 +19,21 @@ orbax can save); ``config.model.dtype`` ('float32' / 'bfloat16') is the compute 
 outputs are float32. Large kernels carry ``out_sharding`` metadata naming their output axis
 ``'fsdp'`` (see ``fsdp_partition_specs``).
 
-Image networks read ``image_size`` and ``num_channels`` from the model config (the configs link
-them to ``config.data`` by reference) because attention placement depends on the resolution.
+Each network's ``__init__`` takes explicit keyword arguments whose defaults are the only home of
+the defaults; ``create`` passes it the model config's keys. ``name`` (the registry) and
+``prediction`` (read by diffjax.network) are consumed elsewhere; any other key the network does not
+take is an error naming it, except score_sde's ``normalization`` / ``attention_type`` /
+``conv_size`` at the one value diffjax implements (``FIXED_VALUES``). ``default_config(name)``
+gives a network's full config block. Image networks take ``image_size`` and ``num_channels``
+(the configs link them to ``config.data`` by reference) because attention placement depends on
+the resolution.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -43,9 +50,18 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "mlp": MLP,
 }
 
+# config.model keys read outside the network: the registry's name, diffjax.network's prediction.
+READ_ELSEWHERE = ("name", "prediction")
+# score_sde's keys whose only value diffjax implements: a model config may carry them (old
+# workdirs' config.json, score_sde users' configs) at that value, another value is an error.
+FIXED_VALUES: dict[str, Any] = {"normalization": "GroupNorm", "attention_type": "ddpm", "conv_size": 3}
+
 __all__ = [
     "available",
     "get",
+    "parameters",
+    "default_config",
+    "network_kwargs",
     "create",
     "abstract_model",
     "abstract_shapes",
@@ -62,20 +78,53 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(model_config_or_name) -> Callable[..., nnx.Module]:
+def get(model_config_or_name: Mapping[str, Any] | str) -> Callable[..., nnx.Module]:
     """The network class named by ``model_config.name`` (or a name string)."""
-    name = model_config_or_name if isinstance(model_config_or_name, str) else model_config_or_name.name
+    name = model_config_or_name if isinstance(model_config_or_name, str) else model_config_or_name["name"]
     try:
         return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown model name {name!r}; available models: {', '.join(available())}") from None
 
 
-def create(model_config, rngs: nnx.Rngs | int | jax.Array) -> nnx.Module:
-    """Build the network of ``model_config``; the same rngs (seed/key) give the same parameters."""
+def parameters(name: str) -> dict[str, Any]:
+    """{keyword: default} of network ``name``'s ``__init__`` (rngs left out), in signature order."""
+    signature = inspect.signature(get(name).__init__)
+    return {k: p.default for k, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY and k != "rngs"}
+
+
+def default_config(name: str) -> ml_collections.ConfigDict:
+    """``name`` plus every keyword of the network's ``__init__`` at its default: a full model block."""
+    return ml_collections.ConfigDict(dict(name=name, **parameters(name)))
+
+
+def network_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments ``create`` passes the network of ``model_config`` (a ConfigDict or dict).
+
+    READ_ELSEWHERE keys and FIXED_VALUES keys at their value are dropped, None values leave the
+    default; any other key the network does not take raises ValueError naming it."""
+    items = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+    name = items["name"]
+    params = parameters(name)
+    for key, allowed in FIXED_VALUES.items():
+        if key in items and (value := items.pop(key)) != allowed:
+            raise ValueError(f"config.model.{key}={value!r} is not implemented; diffjax supports {allowed!r}")
+    unread = sorted(k for k in items if k not in params and k not in READ_ELSEWHERE)
+    if unread:
+        raise ValueError(
+            f"{', '.join(f'config.model.{k}' for k in unread)} {'is' if len(unread) == 1 else 'are'} not read by "
+            f"model {name!r}; its keys are: {', '.join([*READ_ELSEWHERE, *params])}"
+        )
+    return {k: v for k, v in items.items() if k in params and v is not None}
+
+
+def create(model_config: Mapping[str, Any], rngs: nnx.Rngs | int | jax.Array) -> nnx.Module:
+    """Build the network of ``model_config``; the same rngs (seed/key) give the same parameters.
+
+    Keys missing from the config take the network's defaults; unknown keys are errors (network_kwargs)."""
     if not isinstance(rngs, nnx.Rngs):
         rngs = nnx.Rngs(rngs)
-    return get(model_config)(model_config, rngs=rngs)
+    return get(model_config)(**network_kwargs(model_config), rngs=rngs)
 
 
 def _with_input_shape(model_config, input_shape):

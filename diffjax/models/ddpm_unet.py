@@ -14,6 +14,8 @@ gives fewer parameters).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -23,7 +25,7 @@ from diffjax.models import layers as L
 class _Level(nnx.Module):
     """One resolution of the UNet: residual blocks, optional attention, optional resampling."""
 
-    def __init__(self, blocks, attns, resample):
+    def __init__(self, blocks: list[L.ResBlock], attns: list[L.AttnBlock], resample: L.Downsample | L.Upsample | None):
         self.blocks = nnx.List(blocks)
         self.attns = nnx.List(attns)  # empty when this resolution has no attention
         self.resample = resample
@@ -35,28 +37,50 @@ class DDPMUNet(nnx.Module):
     noise_cond is embedded directly with the sinusoidal embedding (DDPM feeds the integer
     timestep 0..T-1; continuous VP feeds 999 t)."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        g = lambda name, default: L.cfg_get(config, name, default)  # noqa: E731
-        nf, ch_mult = int(g("nf", 128)), L.as_tuple(g("ch_mult", (1, 2, 2, 2)))
-        nrb, attn_res = int(g("num_res_blocks", 2)), L.as_tuple(g("attn_resolutions", (16,)))
-        image_size, channels = int(g("image_size", 32)), int(g("num_channels", 3))
-        dropout, with_conv = float(g("dropout", 0.1)), bool(g("resamp_with_conv", True))
-        self.dtype = dtype = L.parse_dtype(g("dtype", "float32"))
-        self.act = act = L.get_act(g("nonlinearity", "swish"))
-        self.centered = bool(g("centered", True))
-        self.scale_by_sigma = bool(g("scale_by_sigma", False))
-        groups = int(g("num_groups", 0)) or None  # None: score_sde's min(C // 4, 32); diffusers: a fixed count
-        conditional = bool(g("conditional", True))
-        num_classes = int(g("num_classes", 0))
+    def __init__(
+        self,
+        *,
+        nf: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 2,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        resamp_with_conv: bool = True,
+        conditional: bool = True,
+        nonlinearity: str = "swish",
+        num_groups: int = 0,
+        embedding_type: str = "positional",
+        fourier_scale: float = 16.0,
+        scale_by_sigma: bool = False,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        dtype: str = "float32",
+        centered: bool = True,
+        image_size: int = 32,
+        num_channels: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        """Defaults: Ho et al.'s CIFAR-10 network. conditional: the time embedding is on;
+        augment_dim: 9 to condition on EDM's augmentation labels; centered: data in [-1, 1]
+        (else [0, 1], mapped to [-1, 1] first)."""
+        nf, ch_mult = int(nf), L.as_tuple(ch_mult)
+        nrb, attn_res = int(num_res_blocks), L.as_tuple(attn_resolutions)
+        channels, dropout, with_conv = int(num_channels), float(dropout), bool(resamp_with_conv)
+        self.dtype = compute_dtype = L.parse_dtype(dtype)
+        self.act = act = L.get_act(nonlinearity)
+        self.centered = bool(centered)
+        self.scale_by_sigma = bool(scale_by_sigma)
+        groups = int(num_groups) or None  # None: score_sde's min(C // 4, 32); diffusers: a fixed count
+        conditional, num_classes = bool(conditional), int(num_classes)
         self.embed = L.NoiseClassEmbedding(
             nf,
-            embedding_type=g("embedding_type", "positional"),
-            fourier_scale=float(g("fourier_scale", 16.0)),
+            embedding_type=embedding_type,
+            fourier_scale=float(fourier_scale),
             conditional=conditional,
             num_classes=num_classes,
-            augment_dim=int(g("augment_dim", 0)),
+            augment_dim=int(augment_dim),
             act=act,
-            dtype=dtype,
+            dtype=compute_dtype,
             rngs=rngs,
         )
         temb_dim = 4 * nf if (conditional or num_classes) else None
@@ -69,13 +93,13 @@ class DDPMUNet(nnx.Module):
             init_scale=0.0,
             act=act,
             groups=groups,
-            dtype=dtype,
+            dtype=compute_dtype,
             rngs=rngs,
         )
-        attn = lambda c: L.AttnBlock(c, init_scale=0.0, groups=groups, dtype=dtype, rngs=rngs)  # noqa: E731
+        attn = lambda c: L.AttnBlock(c, init_scale=0.0, groups=groups, dtype=compute_dtype, rngs=rngs)  # noqa: E731
 
-        self.conv_in = L.conv(channels, nf, dtype=dtype, rngs=rngs)
-        skip_ch, ch, res = [nf], nf, image_size
+        self.conv_in = L.conv(channels, nf, dtype=compute_dtype, rngs=rngs)
+        skip_ch, ch, res = [nf], nf, int(image_size)
         down = []
         for i, mult in enumerate(ch_mult):
             blocks, attns = [], []
@@ -87,7 +111,7 @@ class DDPMUNet(nnx.Module):
                 skip_ch.append(ch)
             resample = None
             if i != len(ch_mult) - 1:
-                resample = L.Downsample(ch, with_conv=with_conv, dtype=dtype, rngs=rngs)
+                resample = L.Downsample(ch, with_conv=with_conv, dtype=compute_dtype, rngs=rngs)
                 skip_ch.append(ch)
                 res //= 2
             down.append(_Level(blocks, attns, resample))
@@ -103,16 +127,16 @@ class DDPMUNet(nnx.Module):
                 ch = nf * mult
                 if res in attn_res:
                     attns.append(attn(ch))
-            resample = None
+            upsample = None
             if i != 0:
-                resample = L.Upsample(ch, with_conv=with_conv, dtype=dtype, rngs=rngs)
+                upsample = L.Upsample(ch, with_conv=with_conv, dtype=compute_dtype, rngs=rngs)
                 res *= 2
-            up.append(_Level(blocks, attns, resample))
+            up.append(_Level(blocks, attns, upsample))
         self.up = nnx.List(up)
         assert not skip_ch
 
-        self.norm_out = L.GroupNorm(ch, groups=groups, dtype=dtype)
-        self.conv_out = L.conv(ch, channels, init_scale=0.0, dtype=dtype, rngs=rngs)
+        self.norm_out = L.GroupNorm(ch, groups=groups, dtype=compute_dtype)
+        self.conv_out = L.conv(ch, channels, init_scale=0.0, dtype=compute_dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         kw = dict(train=train, rngs=rngs)

@@ -505,15 +505,6 @@ class ResBlock(nnx.Module):
         return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
-def cfg_get(config, name: str, default):
-    """config.name if present (ConfigDict or mapping), else default."""
-    try:
-        value = config[name]
-    except (KeyError, AttributeError, TypeError):
-        value = getattr(config, name, default)
-    return default if value is None else value
-
-
 def parse_dtype(name) -> jnp.dtype:
     table = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
     if not isinstance(name, str):

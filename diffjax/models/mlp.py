@@ -5,8 +5,9 @@
   out = Dense(nf -> D)(act(h))    (zero-ish init, like the image networks' last conv)
 
 The noise embedding is the same as the image networks' (positional or Fourier, with
-num_classes for class conditioning). Config fields: nf (width), num_res_blocks, dropout,
-embedding_type, fourier_scale, conditional, num_classes, scale_by_sigma, data_dim, dtype.
+num_classes for class conditioning). Keyword arguments: nf (width), num_res_blocks, dropout,
+conditional, nonlinearity, init_scale (of the output layer), embedding_type, fourier_scale,
+scale_by_sigma, num_classes, augment_dim, dtype, data_dim.
 """
 
 from __future__ import annotations
@@ -36,33 +37,49 @@ class _MLPBlock(nnx.Module):
 class MLP(nnx.Module):
     """model(x: (B, D), noise_cond: (B,), labels=None, *, train=False) -> (B, D) float32."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        g = lambda name, default: L.cfg_get(config, name, default)  # noqa: E731
-        nf, dim = int(g("nf", 128)), int(g("data_dim", 2))
-        self.dtype = dtype = L.parse_dtype(g("dtype", "float32"))
-        self.act = act = L.get_act(g("nonlinearity", "swish"))
-        self.scale_by_sigma = bool(g("scale_by_sigma", False))
-        conditional, num_classes = bool(g("conditional", True)), int(g("num_classes", 0))
+    def __init__(
+        self,
+        *,
+        nf: int = 128,
+        num_res_blocks: int = 3,
+        dropout: float = 0.0,
+        conditional: bool = True,
+        nonlinearity: str = "swish",
+        init_scale: float = 0.0,
+        embedding_type: str = "positional",
+        fourier_scale: float = 16.0,
+        scale_by_sigma: bool = False,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        dtype: str = "float32",
+        data_dim: int = 2,
+        rngs: nnx.Rngs,
+    ):
+        nf, dim = int(nf), int(data_dim)
+        self.dtype = compute_dtype = L.parse_dtype(dtype)
+        self.act = act = L.get_act(nonlinearity)
+        self.scale_by_sigma = bool(scale_by_sigma)
+        conditional, num_classes = bool(conditional), int(num_classes)
         self.embed = L.NoiseClassEmbedding(
             nf,
-            embedding_type=str(g("embedding_type", "positional")).lower(),
-            fourier_scale=float(g("fourier_scale", 16.0)),
+            embedding_type=str(embedding_type).lower(),
+            fourier_scale=float(fourier_scale),
             conditional=conditional,
             num_classes=num_classes,
-            augment_dim=int(g("augment_dim", 0)),
+            augment_dim=int(augment_dim),
             act=act,
-            dtype=dtype,
+            dtype=compute_dtype,
             rngs=rngs,
         )
         temb_dim = 4 * nf if (conditional or num_classes) else None
-        self.dense_in = L.dense(dim, nf, dtype=dtype, rngs=rngs)
+        self.dense_in = L.dense(dim, nf, dtype=compute_dtype, rngs=rngs)
         self.blocks = nnx.List(
             [
-                _MLPBlock(nf, temb_dim, dropout=float(g("dropout", 0.0)), act=act, dtype=dtype, rngs=rngs)
-                for _ in range(int(g("num_res_blocks", 3)))
+                _MLPBlock(nf, temb_dim, dropout=float(dropout), act=act, dtype=compute_dtype, rngs=rngs)
+                for _ in range(int(num_res_blocks))
             ]
         )
-        self.dense_out = L.dense(nf, dim, init_scale=float(g("init_scale", 0.0)), dtype=dtype, rngs=rngs)
+        self.dense_out = L.dense(nf, dim, init_scale=float(init_scale), dtype=compute_dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         temb = self.embed(noise_cond, labels, augment_labels)

@@ -1,18 +1,22 @@
 """NCSN++ / DDPM++ (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. H).
 
-Architecture of score_sde's ``ncsnpp`` model, rewritten for Flax NNX. Config fields (score_sde names):
+Architecture of score_sde's ``ncsnpp`` model, rewritten for Flax NNX. Keyword arguments (score_sde names):
   nf, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-  conditional (noise-conditional), fir, fir_kernel, skip_rescale,
+  conditional (noise-conditional), nonlinearity, fir, fir_kernel, skip_rescale,
   resblock_type 'ddpm' | 'biggan', progressive 'none' | 'output_skip' | 'residual',
   progressive_input 'none' | 'input_skip' | 'residual', progressive_combine 'sum' | 'cat',
   init_scale, embedding_type 'fourier' | 'positional', fourier_scale, scale_by_sigma,
-  plus num_classes, dtype, centered, image_size, num_channels.
+  plus num_classes, augment_dim, dtype, centered, image_size, num_channels.
+Their defaults are NCSN++ cont. (VE) on CIFAR-10 (score_sde ve/cifar10_ncsnpp_continuous);
+DDPM++ differs in fir, progressive_input, embedding_type and scale_by_sigma (configs/default.ddpmpp).
 
 Parameter counts equal score_sde's: DDPM++ cont. (VP) 61,804,419, deep 106,632,579;
 NCSN++ cont. (VE) 62,758,915, deep 107,587,075.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,10 +39,43 @@ class Combine(nnx.Module):
         return p + h if self.method == "sum" else jnp.concatenate([p, h], axis=-1)
 
 
-class _Level(nnx.Module):
-    def __init__(self, **parts):
-        for name, value in parts.items():
-            setattr(self, name, nnx.List(value) if isinstance(value, list) else value)
+class _DownLevel(nnx.Module):
+    """One resolution on the way down: residual blocks (+ attention after each), then, at all but the
+    lowest resolution, the downsampling block and the input pyramid's downsampling (+ combiner)."""
+
+    def __init__(
+        self,
+        blocks: list[L.ResBlock],
+        attns: list[L.AttnBlock],
+        resample: L.Downsample | L.ResBlock | None,
+        pyramid_down: L.Downsample | None,
+        combine: Combine | None,
+    ):
+        self.blocks, self.attns = nnx.List(blocks), nnx.List(attns)
+        self.resample, self.pyramid_down, self.combine = resample, pyramid_down, combine
+
+
+class _UpLevel(nnx.Module):
+    """One resolution on the way up: residual blocks, optional attention, the output pyramid's head
+    (norm + conv) and upsampling where ``progressive`` has them, then, below the top resolution, the upsampling block."""
+
+    def __init__(
+        self,
+        blocks: list[L.ResBlock],
+        attn: L.AttnBlock | None,
+        pyramid_norm: L.GroupNorm | None,
+        pyramid_conv: nnx.Conv | None,
+        pyramid_up: L.Upsample | None,
+        resample: L.Upsample | L.ResBlock | None,
+    ):
+        self.blocks, self.attn = nnx.List(blocks), attn
+        self.pyramid_norm, self.pyramid_conv, self.pyramid_up = pyramid_norm, pyramid_conv, pyramid_up
+        self.resample = resample
+
+    def pyramid_head(self, h, act):
+        """conv(act(norm(h))); built at every level for output_skip, at the lowest for residual."""
+        assert self.pyramid_norm is not None and self.pyramid_conv is not None
+        return self.pyramid_conv(act(self.pyramid_norm(h)))
 
 
 def _rescale(a, b, skip_rescale):
@@ -48,42 +85,70 @@ def _rescale(a, b, skip_rescale):
 class NCSNpp(nnx.Module):
     """model(x: (B,H,W,C), noise_cond: (B,), labels=None, *, train=False) -> (B,H,W,C) float32."""
 
-    def __init__(self, config, *, rngs: nnx.Rngs):
-        g = lambda name, default: L.cfg_get(config, name, default)  # noqa: E731
-        nf, ch_mult = int(g("nf", 128)), L.as_tuple(g("ch_mult", (1, 2, 2, 2)))
-        nrb, attn_res = int(g("num_res_blocks", 4)), L.as_tuple(g("attn_resolutions", (16,)))
-        res, channels = int(g("image_size", 32)), int(g("num_channels", 3))
-        dropout, with_conv = float(g("dropout", 0.1)), bool(g("resamp_with_conv", True))
-        fir, fir_kernel = bool(g("fir", False)), tuple(g("fir_kernel", (1, 3, 3, 1)))
-        skip = self.skip_rescale = bool(g("skip_rescale", True))
-        kind = str(g("resblock_type", "biggan")).lower()
-        self.progressive = prog = str(g("progressive", "none")).lower()
-        self.progressive_input = prog_in = str(g("progressive_input", "none")).lower()
-        combine = str(g("progressive_combine", "sum")).lower()
-        init_scale = float(g("init_scale", 0.0))
-        self.dtype = dtype = L.parse_dtype(g("dtype", "float32"))
-        self.act = act = L.get_act(g("nonlinearity", "swish"))
-        self.centered = bool(g("centered", True))
-        self.scale_by_sigma = bool(g("scale_by_sigma", False))
+    def __init__(
+        self,
+        *,
+        nf: int = 128,
+        ch_mult: Sequence[int] = (1, 2, 2, 2),
+        num_res_blocks: int = 4,
+        attn_resolutions: Sequence[int] = (16,),
+        dropout: float = 0.1,
+        resamp_with_conv: bool = True,
+        conditional: bool = True,
+        nonlinearity: str = "swish",
+        fir: bool = True,
+        fir_kernel: Sequence[int] = (1, 3, 3, 1),
+        skip_rescale: bool = True,
+        resblock_type: str = "biggan",
+        progressive: str = "none",
+        progressive_input: str = "residual",
+        progressive_combine: str = "sum",
+        init_scale: float = 0.0,
+        embedding_type: str = "fourier",
+        fourier_scale: float = 16.0,
+        scale_by_sigma: bool = True,
+        num_classes: int = 0,
+        augment_dim: int = 0,
+        dtype: str = "float32",
+        centered: bool = True,
+        image_size: int = 32,
+        num_channels: int = 3,
+        rngs: nnx.Rngs,
+    ):
+        nf, ch_mult = int(nf), L.as_tuple(ch_mult)
+        nrb, attn_res = int(num_res_blocks), L.as_tuple(attn_resolutions)
+        res, channels = int(image_size), int(num_channels)
+        dropout, with_conv = float(dropout), bool(resamp_with_conv)
+        fir, fir_kernel = bool(fir), tuple(fir_kernel)
+        skip = self.skip_rescale = bool(skip_rescale)
+        kind = str(resblock_type).lower()
+        self.progressive = prog = str(progressive).lower()
+        self.progressive_input = prog_in = str(progressive_input).lower()
+        combine = str(progressive_combine).lower()
+        init_scale = float(init_scale)
+        self.dtype = compute_dtype = L.parse_dtype(dtype)
+        self.act = act = L.get_act(nonlinearity)
+        self.centered = bool(centered)
+        self.scale_by_sigma = bool(scale_by_sigma)
         self.resblock_type = kind
         if prog not in ("none", "output_skip", "residual"):
             raise ValueError(f"progressive must be none/output_skip/residual, got {prog!r}")
         if prog_in not in ("none", "input_skip", "residual"):
             raise ValueError(f"progressive_input must be none/input_skip/residual, got {prog_in!r}")
-        conditional, num_classes = bool(g("conditional", True)), int(g("num_classes", 0))
+        conditional, num_classes = bool(conditional), int(num_classes)
         self.embed = L.NoiseClassEmbedding(
             nf,
-            embedding_type=str(g("embedding_type", "fourier")).lower(),
-            fourier_scale=float(g("fourier_scale", 16.0)),
+            embedding_type=str(embedding_type).lower(),
+            fourier_scale=float(fourier_scale),
             conditional=conditional,
             num_classes=num_classes,
-            augment_dim=int(g("augment_dim", 0)),
+            augment_dim=int(augment_dim),
             act=act,
-            dtype=dtype,
+            dtype=compute_dtype,
             rngs=rngs,
         )
         temb_dim = 4 * nf if (conditional or num_classes) else None
-        common = dict(dtype=dtype, rngs=rngs)
+        common = dict(dtype=compute_dtype, rngs=rngs)
         resample = dict(fir=fir, fir_kernel=fir_kernel, **common)
 
         def block(i, o=None, up=False, down=False):
@@ -105,7 +170,7 @@ class NCSNpp(nnx.Module):
 
         attn = lambda c: L.AttnBlock(c, skip_rescale=skip, init_scale=init_scale, **common)  # noqa: E731
         gn_conv = lambda c, o, scale=1.0: (
-            L.GroupNorm(c, dtype=dtype),  # noqa: E731
+            L.GroupNorm(c, dtype=compute_dtype),  # noqa: E731
             L.conv(c, o, init_scale=scale, **common),
         )
 
@@ -121,57 +186,51 @@ class NCSNpp(nnx.Module):
                 if res in attn_res:
                     attns.append(attn(ch))
                 skip_ch.append(ch)
-            parts = dict(blocks=blocks, attns=attns, resample=None, pyramid_down=None, combine=None)
+            resampler = pyramid_down = combiner = None
             if i != len(ch_mult) - 1:
-                parts["resample"] = (
-                    L.Downsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, down=True)
-                )
+                resampler = L.Downsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, down=True)
                 res //= 2
                 if prog_in == "input_skip":
-                    parts["pyramid_down"] = L.Downsample(pyr_ch, with_conv=False, **resample)
-                    parts["combine"] = Combine(pyr_ch, ch, combine, **common)
+                    pyramid_down = L.Downsample(pyr_ch, with_conv=False, **resample)
+                    combiner = Combine(pyr_ch, ch, combine, **common)
                     ch = 2 * ch if combine == "cat" else ch
                 elif prog_in == "residual":
-                    parts["pyramid_down"] = L.Downsample(pyr_ch, ch, with_conv=True, **resample)
+                    pyramid_down = L.Downsample(pyr_ch, ch, with_conv=True, **resample)
                     pyr_ch = ch
                 skip_ch.append(ch)
-            down.append(_Level(**parts))
+            down.append(_DownLevel(blocks, attns, resampler, pyramid_down, combiner))
         self.down = nnx.List(down)
 
         self.mid_block1, self.mid_attn, self.mid_block2 = block(ch), attn(ch), block(ch)
 
         # ---- upsampling path
-        up, pyr_ch = [], None
+        up = []
         for i, mult in reversed(list(enumerate(ch_mult))):
             blocks = []
             for _ in range(nrb + 1):
                 blocks.append(block(ch + skip_ch.pop(), nf * mult))
                 ch = nf * mult
-            parts = dict(
-                blocks=blocks,
-                attn=attn(ch) if res in attn_res else None,
-                pyramid_norm=None,
-                pyramid_conv=None,
-                pyramid_up=None,
-                resample=None,
-            )
+            level_attn = attn(ch) if res in attn_res else None
+            pyramid_norm = pyramid_conv = pyramid_up = resampler = None
             if prog == "output_skip":
-                parts["pyramid_norm"], parts["pyramid_conv"] = gn_conv(ch, channels, init_scale)
+                pyramid_norm, pyramid_conv = gn_conv(ch, channels, init_scale)
                 if i != len(ch_mult) - 1:
-                    parts["pyramid_up"] = L.Upsample(channels, with_conv=False, **resample)
+                    pyramid_up = L.Upsample(channels, with_conv=False, **resample)
             elif prog == "residual":
                 if i == len(ch_mult) - 1:
-                    parts["pyramid_norm"], parts["pyramid_conv"] = gn_conv(ch, ch)
+                    pyramid_norm, pyramid_conv = gn_conv(ch, ch)
                 else:
-                    parts["pyramid_up"] = L.Upsample(pyr_ch, ch, with_conv=True, **resample)
+                    pyramid_up = L.Upsample(pyr_ch, ch, with_conv=True, **resample)
                 pyr_ch = ch
             if i != 0:
-                parts["resample"] = L.Upsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, up=True)
+                resampler = L.Upsample(ch, with_conv=with_conv, **resample) if kind == "ddpm" else block(ch, up=True)
                 res *= 2
-            up.append(_Level(**parts))
+            up.append(_UpLevel(blocks, level_attn, pyramid_norm, pyramid_conv, pyramid_up, resampler))
         self.up = nnx.List(up)
         assert not skip_ch
 
+        self.norm_out: L.GroupNorm | None
+        self.conv_out: nnx.Conv | None
         self.norm_out, self.conv_out = (None, None) if prog == "output_skip" else gn_conv(ch, channels, init_scale)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
@@ -191,39 +250,41 @@ class NCSNpp(nnx.Module):
                     h = level.attns[j](h)
                 hs.append(h)
             if level.resample is not None:
-                h = level.resample(hs[-1]) if self.resblock_type == "ddpm" else level.resample(hs[-1], temb, **kw)
-                if self.progressive_input == "input_skip":
+                h = level.resample(hs[-1], temb, **kw) if isinstance(level.resample, L.ResBlock) else level.resample(hs[-1])
+                if level.pyramid_down is not None:  # progressive_input 'input_skip' or 'residual'
                     pyramid = level.pyramid_down(pyramid)
+                if level.combine is not None:  # 'input_skip'
                     h = level.combine(pyramid, h)
                 elif self.progressive_input == "residual":
-                    pyramid = _rescale(level.pyramid_down(pyramid), h, skip)
-                    h = pyramid
+                    pyramid = h = _rescale(pyramid, h, skip)
                 hs.append(h)
 
         h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb, **kw)), temb, **kw)
 
         pyramid = None
-        for level in self.up:
-            for blk in level.blocks:
+        for up_level in self.up:
+            for blk in up_level.blocks:
                 h = blk(jnp.concatenate([h, hs.pop()], axis=-1), temb, **kw)
-            if level.attn is not None:
-                h = level.attn(h)
+            if up_level.attn is not None:
+                h = up_level.attn(h)
+            if up_level.pyramid_up is not None:  # progressive 'output_skip' or 'residual', below the top level
+                pyramid = up_level.pyramid_up(pyramid)
             if self.progressive == "output_skip":
-                out = level.pyramid_conv(act(level.pyramid_norm(h)))
-                pyramid = out if pyramid is None else level.pyramid_up(pyramid) + out
+                out = up_level.pyramid_head(h, act)
+                pyramid = out if pyramid is None else pyramid + out
             elif self.progressive == "residual":
                 if pyramid is None:
-                    pyramid = level.pyramid_conv(act(level.pyramid_norm(h)))
+                    pyramid = up_level.pyramid_head(h, act)
                 else:
-                    pyramid = _rescale(level.pyramid_up(pyramid), h, skip)
-                    h = pyramid
-            if level.resample is not None:
-                h = level.resample(h) if self.resblock_type == "ddpm" else level.resample(h, temb, **kw)
+                    pyramid = h = _rescale(pyramid, h, skip)
+            if up_level.resample is not None:
+                h = up_level.resample(h, temb, **kw) if isinstance(up_level.resample, L.ResBlock) else up_level.resample(h)
         assert not hs
 
         if self.progressive == "output_skip":
             h = pyramid
         else:
+            assert self.norm_out is not None and self.conv_out is not None  # built unless output_skip
             h = self.conv_out(act(self.norm_out(h)))
         h = h.astype(jnp.float32)
         if self.scale_by_sigma:
