@@ -1,9 +1,12 @@
-"""The `diffjax` command: one subcommand per module, each with its own `main(argv) -> int`."""
+"""The `diffjax` command: one subcommand per module, each with its own `main(argv) -> int` parsing its
+flags with diffjax.commandline.Parser (one line + exit 2 for every usage mistake)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from diffjax import commandline
 
 # subcommand -> (module, one-line help). Modules are imported lazily so `diffjax --help` is instant.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -30,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"diffjax: unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
-        return 2
+        commandline.usage_error("diffjax", f"unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -16,32 +16,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffjax import commandline
 from diffjax.configuration import load_config
 
 __all__ = ["load_config", "input_shape", "training_flops", "main"]
 
-USAGE = """usage: diffjax info --config configs/X.py [--config.a.b=value ...] [--batch N]
-
-Print the network of a config, its parameter count (abstract, no weights allocated) and the
+DESCRIPTION = """Print the network of a config, its parameter count (abstract, no weights allocated) and the
 training FLOPs per example (XLA cost analysis of forward + backward of an eps-MSE loss)."""
-
-
-def _split_args(argv: Sequence[str]) -> tuple[str | None, list[str], int]:
-    path, overrides, batch, it = None, [], 1, iter(argv)
-    for arg in it:
-        if arg == "--config":
-            path = next(it, None)
-        elif arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--batch":
-            batch = int(next(it, "1"))
-        elif arg.startswith("--batch="):
-            batch = int(arg.split("=", 1)[1])
-        elif arg.startswith("--config."):
-            overrides.append(arg)
-        else:
-            raise ValueError(f"unexpected argument {arg!r}")
-    return path, overrides, batch
 
 
 def input_shape(config, batch: int = 1) -> tuple[int, ...]:
@@ -54,7 +35,8 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
     """FLOPs of one forward + backward pass of an eps-MSE loss at input `shape` (abstract)."""
     from diffjax import models
 
-    graphdef, params, rest = nnx.split(models.abstract_model(model_config), nnx.Param, ...)
+    # flax types split's states as `State, *tuple[State, ...]`, whatever the number of filters
+    graphdef, params, rest = nnx.split(models.abstract_model(model_config), nnx.Param, ...)  # type: ignore[misc]
 
     def loss(params, rest, x, noise_cond, eps, key):
         net = nnx.merge(graphdef, params, rest)
@@ -71,29 +53,25 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
     if not cost or "flops" not in cost:  # older jax: only the compiled executable has a cost model
         cost = lowered.compile().cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost is None:
+            raise RuntimeError("jax gives no cost analysis of the training step on this backend")
     return float(cost["flops"])
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
-        return 0
-    try:
-        path, overrides, batch = _split_args(argv)
-        if path is None:
-            raise ValueError("--config is required")
-        config = load_config(path, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"diffjax info: {e}\n\n{USAGE}", file=sys.stderr)
-        return 2
+    parser = commandline.Parser("diffjax info", DESCRIPTION, config_overrides=True)
+    parser.add_argument("--config", required=True, help="a config file, e.g. configs/ve/cifar10_ncsnpp.py")
+    parser.add_argument("--batch", type=commandline.positive_int, default=1, help="batch of the FLOP count")
+    args = parser.parse(argv)
+    config = parser.load_config(args.config, args.overrides)
+    path, batch = args.config, args.batch
     from diffjax import models
 
     shape = input_shape(config, batch)
     try:
         n_params = models.abstract_param_count(config.model, shape)
     except ValueError as e:
-        print(f"diffjax info: {e}", file=sys.stderr)
-        return 2
+        commandline.usage_error(parser.prog, str(e))
     flops = training_flops(config.model, shape) / batch
     print(f"config        {path}")
     print(f"network       {config.model.name}  (dtype {config.model.get('dtype', 'float32')}, input {shape[1:]})")

@@ -6,16 +6,14 @@ All functions run on every process (the arrays span all devices); only process 0
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import losses, plotting, processes, samplers
+from diffjax import commandline, losses, plotting, processes, samplers
 from diffjax.workdir import Workdir, load_workdir
 
 __all__ = [
@@ -150,11 +148,11 @@ class EvalLoss:
 
 # ---- `diffjax sample` -----------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="diffjax sample", description="Sample from the latest checkpoint (EMA).")
+    parser = commandline.Parser("diffjax sample", "Sample from the latest checkpoint (EMA).")
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--num", type=int, default=64)
+    parser.add_argument("--num", type=commandline.positive_int, default=64)
     parser.add_argument("--sampler", default=None, choices=sorted(samplers.SAMPLERS))
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=commandline.positive_int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--spacing",
@@ -171,7 +169,7 @@ def main(argv: list[str]) -> int:
         help="instead of one grid: a uint8 .npz shard set for evaluation (sharded over all devices, "
         "resumable; see diffjax.evaluation.generate)",
     )
-    parser.add_argument("--shard_size", type=int, default=1000, help="samples per shard with --out_dir")
+    parser.add_argument("--shard_size", type=commandline.positive_int, default=1000, help="samples per shard with --out_dir")
     parser.add_argument(
         "--quantize",
         default="round",
@@ -179,16 +177,10 @@ def main(argv: list[str]) -> int:
         help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)",
     )
     parser.add_argument("--no_progress", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser.parse(argv)
     from diffjax import compile_cache
 
     compile_cache.enable()
-    if args.num <= 0:
-        parser.error(f"--num must be positive, got {args.num}")
-    if args.steps is not None and args.steps <= 0:
-        parser.error(f"--steps must be positive, got {args.steps}")
-    if args.shard_size <= 0:
-        parser.error(f"--shard_size must be positive, got {args.shard_size}")
     if args.out_dir is not None:
         return _sample_set(args)
     config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",))
@@ -211,8 +203,7 @@ def main(argv: list[str]) -> int:
             **opts,
         )
     except ValueError as err:
-        print(f"diffjax sample: {err}", file=sys.stderr)
-        return 2
+        commandline.usage_error(parser.prog, str(err))
     png, npz = save_samples(x, args.out, data_range(config))
     print(f"{args.num} samples from step {step} in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
     return 0
@@ -242,8 +233,7 @@ def _sample_set(args) -> int:
             **({} if args.spacing is None else {"spacing": args.spacing}),
         )
     except ValueError as err:
-        print(f"diffjax sample: {err}", file=sys.stderr)
-        return 2
+        commandline.usage_error("diffjax sample", str(err))
     print(
         f"{args.num} samples of step {step} ({protocol['sampler']}, {protocol['steps']} steps) in "
         f"{args.out_dir} ({protocol['seconds_this_run']:.1f}s this run)"

@@ -12,7 +12,6 @@ DIFFJAX_NUM_PROCESSES, DIFFJAX_PROCESS_ID). CPU processes use gloo collectives.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -20,36 +19,41 @@ import sys
 import tempfile
 import time
 
+from diffjax import commandline
+
 USAGE_EPILOG = "Config overrides: --config.a.b=value (type-checked by ml_collections)."
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="diffjax train", description=__doc__.split("\n\n")[0], epilog=USAGE_EPILOG)
+    parser = commandline.Parser("diffjax train", __doc__.split("\n\n")[0], epilog=USAGE_EPILOG, config_overrides=True)
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/digits.py")
     parser.add_argument("--workdir", required=True, help="local path or gs:// bucket path")
     parser.add_argument("--coordinator_address", default=os.environ.get("DIFFJAX_COORDINATOR_ADDRESS"))
-    parser.add_argument("--num_processes", type=int, default=_env_int("DIFFJAX_NUM_PROCESSES"))
-    parser.add_argument("--process_id", type=int, default=_env_int("DIFFJAX_PROCESS_ID"))
+    parser.add_argument("--num_processes", type=commandline.positive_int, default=_env_int("DIFFJAX_NUM_PROCESSES"))
+    parser.add_argument("--process_id", type=commandline.non_negative_int, default=_env_int("DIFFJAX_PROCESS_ID"))
     parser.add_argument("--tpu", action="store_true", help="call jax.distributed.initialize() with no arguments")
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    parser.add_argument("--keep", type=commandline.positive_int, default=3, help="checkpoints to keep")
     parser.add_argument(
         "--data_workers",
-        type=int,
+        type=commandline.non_negative_int,
         default=0,
         help="input worker processes per host (grain); 0 = threads in the training process. "
         "Use some when per-example work (decoding, data.augment_p) limits img/s",
     )
     parser.add_argument("--no_progress", action="store_true")
-    overrides = [a for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
-    if args.data_workers < 0:
-        parser.error(f"--data_workers must be >= 0, got {args.data_workers}")
-    return args, overrides
+    args = parser.parse(argv)
+    if args.coordinator_address and (args.num_processes is None or args.process_id is None):
+        parser.error("--coordinator_address needs --num_processes and --process_id")
+    return parser, args
 
 
 def _env_int(name):
     value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
+    if value in (None, ""):
+        return None
+    if not value.isdigit():
+        commandline.usage_error("diffjax train", f"${name} must be a non-negative integer, got {value!r}")
+    return int(value)
 
 
 def init_distributed(args) -> None:
@@ -58,9 +62,8 @@ def init_distributed(args) -> None:
     if args.tpu:
         jax.distributed.initialize()
     elif args.coordinator_address:
-        if args.num_processes is None or args.process_id is None:
-            raise SystemExit("diffjax train: --coordinator_address needs --num_processes and --process_id")
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        platforms = jax.config.jax_platforms  # type: ignore[attr-defined]  # jax.Config's options are dynamic attributes
+        if platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
 
@@ -75,7 +78,7 @@ def check_workdir(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise SystemExit(f"diffjax train: cannot write to --workdir {workdir!r}: {err.strerror}") from None
+        commandline.usage_error("diffjax train", f"cannot write to --workdir {workdir!r}: {err.strerror}")
 
 
 def is_remote(workdir: str) -> bool:
@@ -153,7 +156,7 @@ class Logger:
 
 
 def main(argv: list[str]) -> int:
-    args, overrides = parse_args(argv)
+    parser, args = parse_args(argv)
     init_distributed(args)
     from diffjax import compile_cache
 
@@ -161,13 +164,9 @@ def main(argv: list[str]) -> int:
     import jax
     import numpy as np
 
-    from diffjax import configuration, data, snapshots, trainer
+    from diffjax import data, snapshots, trainer
 
-    try:
-        config = configuration.load_config(args.config, overrides)
-    except (OSError, ValueError) as err:  # a missing config file, a bad or unknown override
-        print(f"diffjax train: {err}", file=sys.stderr)
-        return 2
+    config = parser.load_config(args.config, args.overrides)
     check_workdir(args.workdir)
     is_main = jax.process_index() == 0
     mesh = trainer.make_mesh(config)
@@ -206,7 +205,7 @@ def main(argv: list[str]) -> int:
     k = max(1, int(t.n_jitted_steps))
     n_iters = int(t.n_iters)
     logger = Logger(args.workdir, is_main)
-    stop = {"signal": None}
+    stop: dict[str, int | None] = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
 
     progress = None

@@ -1,9 +1,15 @@
 """The `diffjax` command as a user runs it."""
 
+import os
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
+
+from diffjax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(*args):
@@ -30,7 +36,7 @@ def test_unknown_command_and_bad_flags():
     res = run("demo", "--sampler", "euler")
     assert res.returncode == 2 and "invalid choice: 'euler'" in res.stderr
     res = run("demo", "--num", "0")
-    assert res.returncode == 2 and "--num must be positive" in res.stderr
+    assert res.returncode == 2 and "argument --num: must be positive, got 0" in res.stderr
     res = run("--help")
     assert res.returncode == 0 and "demo" in res.stdout
 
@@ -50,3 +56,38 @@ def test_workdir_mistakes_are_one_line(tmp_path):
         res = run(command, "--workdir", str(tmp_path / "none"))
         assert res.returncode == 2 and "config.json not found" in res.stderr and "Traceback" not in res.stderr, command
         assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# Every command parses its flags with diffjax.commandline.Parser: each mistake is one line on stderr
+# naming it, exit status 2, and nothing runs (these fail before any workdir or config is opened).
+USAGE_MISTAKES = [
+    (["train", "--config", "c.py"], "the following arguments are required: --workdir"),
+    (["train", "--config", "c.py", "--workdir", "w", "--keep", "0"], "argument --keep: must be positive, got 0"),
+    (["train", "--config", "c.py", "--workdir", "w", "--coordinator_address", "h:1"], "needs --num_processes"),
+    (["train", "--config", "c.py", "--workdir", "w", "--config.training.n_iters"], "looks like --config.a.b=value"),
+    (["sample", "--workdir", "w", "--steps", "x"], "argument --steps: expected int, got 'x'"),
+    (["sample", "--workdir", "w", "--config.seed=1"], "takes no --config.a.b=value overrides"),
+    (["sample", "--workdir", "w", "--bogus"], "unrecognized arguments: --bogus"),
+    (["serve", "--workdir", "w", "--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
+    (["serve", "--workdir", "w", "--tls_cert", "c.pem"], "--tls_cert and --tls_key go together"),
+    (["client", "sample", "--option", "eta"], "argument --option: must look like NAME=NUMBER, got 'eta'"),
+    (["client", "sample", "--tls_ca", "/nonexistent.pem"], "--tls_ca /nonexistent.pem: No such file"),
+    (["eval", "frobnicate"], "unknown command 'frobnicate'"),
+    (["eval", "--workdir", "w", "--num", "-5"], "argument --num: must be positive, got -5"),
+    (["eval", "bpd", "--workdir", "w", "--passes", "0"], "argument --passes: must be positive, got 0"),
+    (["import", "diffusers", "src", "--workdir", "w", "--config.seed=1"], "overrides need --config BASE.py"),
+    (["info", "--config", "configs/nope.py"], "config file not found: configs/nope.py"),
+    (["info", "--config", "configs/digits.py", "--config.model.nff=3"], "nff"),
+    (["demo", "--steps", "0"], "argument --steps: must be positive, got 0"),
+]
+
+
+@pytest.mark.parametrize("argv,message", USAGE_MISTAKES, ids=[" ".join(a[:2]) for a, _ in USAGE_MISTAKES])
+def test_usage_mistakes_are_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT if argv[0] == "info" else tmp_path)  # info reads configs/ (a relative path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == [] or argv[0] == "info"  # nothing written

@@ -45,6 +45,21 @@ CIFAR_LAYOUT = dict(
     in_channels=3,
     out_channels=3,
 )
+NCSNPP_PORT = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 128),
+    layers_per_block=2,
+    norm_num_groups=None,
+    norm_eps=1e-6,
+    time_embedding_type="fourier",
+    mid_block_scale_factor=math.sqrt(2.0),
+    attention_head_dim=None,
+    center_input_sample=False,
+    down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"),
+    up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"),
+)  # diffusers' port of score_sde's NCSN++ (VE) at tiny width
 DDPM_SCHEDULER = {
     "_class_name": "DDPMScheduler",
     "beta_schedule": "linear",
@@ -151,22 +166,7 @@ def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
 
 def test_ncsnpp_ve_port_matches_diffusers(tmp_path):
     """diffusers' NCSN++ port (skip blocks, FIR, Fourier features, output / sigma) at tiny width."""
-    model = _unet(
-        2,
-        sample_size=16,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(32, 64, 128),
-        layers_per_block=2,
-        norm_num_groups=None,
-        norm_eps=1e-6,
-        time_embedding_type="fourier",
-        mid_block_scale_factor=math.sqrt(2.0),
-        attention_head_dim=None,
-        center_input_sample=False,
-        down_block_types=("SkipDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"),
-        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D", "SkipUpBlock2D"),
-    )
+    model = _unet(2, **NCSNPP_PORT)
     src = _save(
         model,
         tmp_path,
@@ -194,6 +194,27 @@ def test_ncsnpp_ve_port_matches_diffusers(tmp_path):
     t = np.array([1e-5, 0.1, 0.5, 1.0], np.float32)
     sigma = 0.01 * (348.0 / 0.01) ** t
     _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(t))), _torch_forward(model, x, sigma.astype(np.float32)))
+
+
+@pytest.mark.parametrize("base_path", ["configs/default.py", "configs/ve/cifar10_ncsnpp_continuous.py"])
+@pytest.mark.parametrize(
+    "unet, name",
+    [({**CIFAR_LAYOUT, **DDPM_RELEASE, "block_out_channels": (32, 64, 64, 64)}, "ddpm_unet"), (NCSNPP_PORT, "ncsnpp")],
+)
+def test_imported_model_block_holds_only_the_networks_keys(tmp_path, base_path, unet, name):
+    """Merged with a base config of either network, the model block is name, prediction and keyword
+    arguments of the imported network: no key of the base's network leaks in."""
+    from diffjax import configuration
+    from diffjax.interop import diffusers as interop_diffusers
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"_class_name": "UNet2DModel", **unet}, f)
+    base = configuration.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), base_path))
+    source = interop_diffusers.Source(str(tmp_path / "config.json"), "", None)
+    config, _ = interop_diffusers.translate(source, base)
+    assert config.model.name == name
+    assert set(config.model) == {"name", "prediction", *models.parameters(name)}
+    models.network_kwargs(config.model)
 
 
 def test_full_size_ddpm_cifar10_has_the_reference_parameter_count(tmp_path):
@@ -276,7 +297,9 @@ def _copy_source(src: str, dst) -> str:
 
 
 def _run_import(src: str, workdir, capsys) -> tuple[int, str]:
-    code = import_cli.main(["diffusers", src, "--workdir", str(workdir)])
+    with pytest.raises(SystemExit) as exc:  # a usage mistake: one line, exit status 2
+        import_cli.main(["diffusers", src, "--workdir", str(workdir)])
+    code = exc.value.code
     err = capsys.readouterr().err.strip()
     return code, err
 

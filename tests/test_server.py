@@ -294,7 +294,7 @@ def test_client_cli_writes_a_grid(server, tmp_path):
 
     assert Image.open(out).size[0] > 8 * 4
     bad = subprocess.run(
-        [sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "-1"],
+        [sys.executable, "-m", "diffjax", "client", "sample", "--addr", server.addr, "--num", "1000000"],
         cwd=ROOT,
         env=_env(),
         capture_output=True,

@@ -261,7 +261,7 @@ def test_data_workers_train_and_resume(tmp_path):
     assert "was not restored" not in again.stdout + again.stderr
     assert max(steps_in(workdir)) == 8
     bad = run(train_cmd(tmp_path / "b", "--data_workers=-1"))
-    assert bad.returncode == 2 and "--data_workers must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "argument --data_workers: must be >= 0, got -1" in bad.stderr
 
 
 def test_ema_moves_only_when_grad_accumulation_applies_an_update():

@@ -21,12 +21,12 @@ Inception weights: --inception_weights PATH, else $DIFFJAX_INCEPTION_WEIGHTS, el
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
-import sys
 
 import numpy as np
+
+from diffjax import commandline
 
 USAGE = __doc__
 
@@ -87,7 +87,7 @@ def _png_folder(path: str) -> np.ndarray:
 
 
 def cmd_digits(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval digits", description="digits-FID and classifier score")
+    p = commandline.Parser("diffjax eval digits", "digits-FID and classifier score")
     p.add_argument("set", help="a `diffjax sample --out_dir` folder, PNG folder or .npz of digits")
     p.add_argument(
         "--data_range",
@@ -97,7 +97,7 @@ def cmd_digits(argv: list[str]) -> int:
         metavar=("LO", "HI"),
         help="the range of float images in an .npz (default -1 1, the digits config's)",
     )
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import digits
 
     images = load_images(args.set, tuple(args.data_range))
@@ -123,23 +123,23 @@ def _print_digits_table(name: str, report: dict) -> None:
         print(f"| {label} | {r['num']} | {max(r['digits_fid'], 0.0):.2f} | {r['classifier_score']:.2f} |")
 
 
-def _add_weights_flag(p: argparse.ArgumentParser) -> None:
+def _add_weights_flag(p: commandline.Parser) -> None:
     p.add_argument(
         "--inception_weights", default=None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted .npz"
     )
     p.add_argument(
         "--batch_size",
-        type=int,
+        type=commandline.positive_int,
         default=None,
         help="Inception batch, sharded over all devices (default 200; 10 per device on CPUs)",
     )
 
 
 def cmd_convert(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval convert-inception", description="pytorch-fid weights -> .npz")
+    p = commandline.Parser("diffjax eval convert-inception", "pytorch-fid weights -> .npz")
     p.add_argument("src")
     p.add_argument("dst")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import inception_weights
 
     try:
@@ -151,15 +151,15 @@ def cmd_convert(argv: list[str]) -> int:
 
 
 def cmd_stats(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval stats", description="reference Inception statistics")
+    p = commandline.Parser("diffjax eval stats", "reference Inception statistics")
     p.add_argument("--config", default=None, help="a config file: its data block (dataset, size, channels)")
     p.add_argument("--data", default=None, help="dataset name as data.dataset (digits, cifar10, folder:/path, ...)")
     p.add_argument("--split", default="train")
-    p.add_argument("--image_size", type=int, default=None)
+    p.add_argument("--image_size", type=commandline.positive_int, default=None)
     p.add_argument("--data_dir", default=None, help="TFDS data dir")
     p.add_argument("--out", required=True)
     _add_weights_flag(p)
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
     if not args.out.endswith(".npz"):
@@ -174,13 +174,13 @@ def cmd_stats(argv: list[str]) -> int:
 
 
 def cmd_compare(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval compare", description="metrics between two sample sets")
+    p = commandline.Parser("diffjax eval compare", "metrics between two sample sets")
     p.add_argument("a", help="generated set: a `diffjax sample --out_dir` set, PNG folder or .npz of images")
     p.add_argument("b", help="reference set (same kinds), or a statistics .npz with mu and sigma (FID only)")
     p.add_argument("--metrics", default="fid,is,kid,pr")
     p.add_argument("--data_range", type=float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"))
     _add_weights_flag(p)
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
     try:
@@ -195,18 +195,20 @@ def cmd_compare(argv: list[str]) -> int:
 
 
 def cmd_workdir(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval", description="evaluate a workdir's newest checkpoint")
+    p = commandline.Parser("diffjax eval", "evaluate a workdir's newest checkpoint")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--num", type=int, default=None, help="samples (default: the config's eval.num_samples)")
+    p.add_argument(
+        "--num", type=commandline.positive_int, default=None, help="samples (default: the config's eval.num_samples)"
+    )
     p.add_argument("--sampler", default=None)
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=commandline.positive_int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--shard_size", type=int, default=1000)
+    p.add_argument("--shard_size", type=commandline.positive_int, default=1000)
     p.add_argument("--ref", default=None, help="reference statistics .npz (default: the config's eval.reference)")
     p.add_argument("--metrics", default=None, help="comma-separated: fid,is,kid,pr,digits (default: the config's)")
     p.add_argument("--no_progress", action="store_true")
     _add_weights_flag(p)
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
     try:
@@ -223,15 +225,17 @@ def cmd_workdir(argv: list[str]) -> int:
 
 
 def cmd_bpd(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax eval bpd", description="bits/dim of a workdir on a data split")
+    p = commandline.Parser("diffjax eval bpd", "bits/dim of a workdir on a data split")
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="eval", help="train, eval or test (eval = the dataset's test split)")
-    p.add_argument("--passes", type=int, default=None, help="passes over the split (default: eval.bpd_passes)")
-    p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--num", type=int, default=None, help="only the first N examples")
+    p.add_argument(
+        "--passes", type=commandline.positive_int, default=None, help="passes over the split (default: eval.bpd_passes)"
+    )
+    p.add_argument("--batch_size", type=commandline.positive_int, default=128)
+    p.add_argument("--num", type=commandline.positive_int, default=None, help="only the first N examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
     try:
@@ -265,13 +269,13 @@ def main(argv: list[str]) -> int:
         try:
             return cmd_workdir(argv)
         except EvalError as err:
-            print(f"diffjax eval: {err}", file=sys.stderr)
-            return 2
+            commandline.usage_error("diffjax eval", str(err))
     if argv[0] not in COMMANDS:
-        print(f"diffjax eval: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
-        return 2
+        commandline.usage_error(
+            "diffjax eval",
+            f"unknown command {argv[0]!r}; choose --workdir or one of {', '.join(COMMANDS)} (diffjax eval --help)",
+        )
     try:
         return COMMANDS[argv[0]](argv[1:])
     except EvalError as err:
-        print(f"diffjax eval {argv[0]}: {err}", file=sys.stderr)
-        return 2
+        commandline.usage_error(f"diffjax eval {argv[0]}", str(err))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -13,6 +12,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from diffjax import commandline
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
 
@@ -136,40 +136,35 @@ class Client:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="diffjax client", description="Talk to a `diffjax serve` server.")
+    p = commandline.Parser("diffjax client", "Talk to a `diffjax serve` server.")
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("sample", "info", "status", "health"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name)  # a commandline.Parser too
         s.add_argument("--addr", default="127.0.0.1:50051")
-        s.add_argument("--timeout", type=float, default=600.0)
+        s.add_argument("--timeout", type=commandline.positive_float, default=600.0)
         s.add_argument("--tls_ca", default=None, help="PEM root certificate (TLS)")
         if name == "sample":
-            s.add_argument("--num", type=int, default=16)
+            s.add_argument("--num", type=commandline.positive_int, default=16)
             s.add_argument("--sampler", default="")
-            s.add_argument("--steps", type=int, default=0)
+            s.add_argument("--steps", type=commandline.non_negative_int, default=0, help="0: the server's default")
             s.add_argument("--seed", type=int, default=0)
             s.add_argument("--labels", type=int, nargs="*", default=None)
             s.add_argument("--guidance_scale", type=float, default=None)
             s.add_argument(
                 "--option",
                 action="append",
+                type=commandline.name_number,
                 default=[],
                 metavar="NAME=VALUE",
                 help="a sampler option, repeatable: eta (ddim), snr (pc), s_churn / s_tmin / s_tmax / s_noise (heun)",
             )
             s.add_argument("--out", default="grid.png", help="PNG grid (images) or scatter (2-D); .npz beside it")
-    args = p.parse_args(argv)
-    options = {}
-    for item in getattr(args, "option", []):
-        name, sep, value = item.partition("=")
-        try:
-            options[name] = float(value) if sep and name else None
-        except ValueError:
-            options[name] = None
-        if options[name] is None:
-            p.error(f"--option must look like NAME=NUMBER, got {item!r}")
-    args.options = options
-    root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    args = p.parse(argv)
+    args.options = dict(getattr(args, "option", []))
+    try:
+        root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+    except OSError as err:
+        p.error(f"--tls_ca {args.tls_ca}: {err.strerror}")
     with Client(args.addr, timeout=args.timeout, root_certificates=root) as client:
         try:
             if args.command == "health":

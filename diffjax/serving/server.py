@@ -9,7 +9,6 @@ in-flight work, then stop. A newer checkpoint in the workdir is picked up every 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
@@ -25,6 +24,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from diffjax import commandline
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
 from diffjax.serving.engine import served_steppers
@@ -272,6 +272,7 @@ class Server:
 
     def _load(self) -> None:
         from diffjax import network
+        from diffjax.processes import DDPM
         from diffjax.serving.engine import Engine
         from diffjax.workdir import Workdir
 
@@ -280,7 +281,7 @@ class Server:
         state, step = self.source.restore(only=("ema",))
         config, process = self.source.config, self.source.process
         max_steps = self.options.max_steps
-        if process.discrete:
+        if isinstance(process, DDPM):  # the only discrete process: at most num_scales steps
             max_steps = min(max_steps, int(process.num_scales))
         shape = network.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
@@ -358,17 +359,24 @@ class Server:
 
 def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     d = ServerOptions()
-    p = argparse.ArgumentParser(prog="diffjax serve", description=__doc__.split("\n\n")[0])
+    p = commandline.Parser("diffjax serve", __doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a `diffjax train` workdir (config.json + checkpoints/)")
     p.add_argument("--host", default=d.host, help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=d.port, help="0 = any free port")
-    p.add_argument("--batch_slots", type=int, default=d.batch_slots, help="samples advanced together per step")
-    p.add_argument("--max_samples_per_request", type=int, default=d.max_samples_per_request)
-    p.add_argument("--max_queued_requests", type=int, default=d.max_queued_requests)
-    p.add_argument("--max_steps", type=int, default=d.max_steps)
-    p.add_argument("--max_message_bytes", type=int, default=d.max_message_bytes)
-    p.add_argument("--reload_s", type=float, default=d.reload_s, help="seconds between checks for a newer checkpoint")
-    p.add_argument("--grace_s", type=float, default=d.grace_s, help="shutdown drain time")
+    p.add_argument("--port", type=commandline.port, default=d.port, help="0 = any free port")
+    p.add_argument(
+        "--batch_slots", type=commandline.positive_int, default=d.batch_slots, help="samples advanced together per step"
+    )
+    p.add_argument("--max_samples_per_request", type=commandline.positive_int, default=d.max_samples_per_request)
+    p.add_argument("--max_queued_requests", type=commandline.positive_int, default=d.max_queued_requests)
+    p.add_argument("--max_steps", type=commandline.positive_int, default=d.max_steps)
+    p.add_argument("--max_message_bytes", type=commandline.positive_int, default=d.max_message_bytes)
+    p.add_argument(
+        "--reload_s",
+        type=commandline.positive_float,
+        default=d.reload_s,
+        help="seconds between checks for a newer checkpoint",
+    )
+    p.add_argument("--grace_s", type=commandline.positive_float, default=d.grace_s, help="shutdown drain time")
     p.add_argument(
         "--admission",
         choices=ADMISSION,
@@ -377,12 +385,9 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     )
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
-    args = p.parse_args(argv)
-    for name in ("batch_slots", "max_samples_per_request", "max_queued_requests", "max_steps", "max_message_bytes"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if not 0 <= args.port <= 65535:
-        p.error(f"--port must be in [0, 65535], got {args.port}")
+    args = p.parse(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls_cert and --tls_key go together")
     fields = {f.name for f in dataclasses.fields(ServerOptions)}
     return args.workdir, ServerOptions(**{k: v for k, v in vars(args).items() if k in fields})
 
