@@ -27,8 +27,9 @@ def enable() -> str | None:
     """Turn the cache on (before the first compilation); returns its directory or None."""
     import jax
 
-    if jax.config.jax_compilation_cache_dir:
-        return jax.config.jax_compilation_cache_dir
+    # jax.Config declares its options dynamically: mypy cannot see them
+    if jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
+        return jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     path = cache_dir()
     if path is None:
         return None

@@ -19,6 +19,8 @@ to train a classifier-free-guidance model.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 
@@ -71,8 +73,8 @@ def loss(
         weight = process.sde(t)[1] if likelihood_weighting else sigma**2
     elif name == "v":
         target, weight = bcast(alpha, eps) * eps - bcast(sigma, x0) * x0, jnp.ones_like(t)
-    else:
-        target, weight = x0, process.loss_weight(sigma)
+    else:  # "edm": an EDM process, checked above
+        target, weight = x0, cast(EDM, process).loss_weight(sigma)
     squared = ((out - target) ** 2).reshape(x0.shape[0], -1)
     per_example = jnp.mean(squared, axis=-1) if reduce_mean else 0.5 * jnp.sum(squared, axis=-1)
     return jnp.mean(weight * per_example)

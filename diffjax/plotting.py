@@ -53,4 +53,4 @@ def image_grid(images: np.ndarray, data_range=(-1.0, 1.0), pad: int = 2, scale: 
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i]
     img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST) if scale > 1 else img

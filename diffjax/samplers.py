@@ -97,7 +97,11 @@ def run_stepper(
     if scanned:
         i = jnp.arange(scanned)
         xs = (i, grid[jnp.maximum(i - 1, 0)], grid[:scanned], grid[1 : scanned + 1])
-        body = lambda st, inp: (one_step(st, *inp, per_example(inp[0] == num_steps - 1), stepper.evals), None)  # noqa: E731
+
+        def body(st, inp):
+            i, t_prev, t, t_next = inp
+            return one_step(st, i, t_prev, t, t_next, per_example(i == num_steps - 1), stepper.evals), None
+
         state, _ = jax.lax.scan(body, state, xs)
     if scanned < num_steps:
         n = num_steps - 1

@@ -119,6 +119,10 @@ class Stepper:
     def prepare(self, process: Process, state: dict, sub, step: Step, noise: Noise):
         return state, state["x"], step.t
 
+    def update(self, process: Process, state: dict, out: Array, sub, step: Step, noise: Noise) -> dict:
+        """The step, given the network's prediction `out` (of kind `kind`) at evaluation `sub`."""
+        raise NotImplementedError
+
     def output(self, state: dict) -> Array:
         return state["x"]
 

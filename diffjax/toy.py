@@ -146,7 +146,7 @@ def sliced_wasserstein(x: Array, y: Array, key: Array, num_projections: int = 25
     return jnp.sqrt(jnp.mean((px - py) ** 2))
 
 
-def mode_statistics(mixture: GaussianMixture, x: Array) -> dict[str, np.ndarray]:
+def mode_statistics(mixture: GaussianMixture, x: Array | np.ndarray) -> dict[str, np.ndarray]:
     """Assign each sample to its nearest mode; per-mode weight, mean and per-axis std."""
     x = np.asarray(x)
     means = np.asarray(mixture.means)

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypedDict, Unpack
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.typing import PrecisionLike  # what nnx.Conv / nnx.Linear take (lax's also admits DotAlgorithm)
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -56,8 +57,8 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         w1 = (src - i0).astype(np.float32)
         shape = [1] * x.ndim
         shape[axis] = out
-        w1 = jnp.asarray(w1.reshape(shape))
-        return jnp.take(x, i0, axis=axis) * (1 - w1) + jnp.take(x, i1, axis=axis) * w1
+        w = jnp.asarray(w1.reshape(shape))
+        return jnp.take(x, i0, axis=axis) * (1 - w) + jnp.take(x, i1, axis=axis) * w
 
     # Width first, then height: torch's h0 * (w0 * x00 + w1 * x01) + h1 * (...) order.
     return along(along(x, 2, size[1]), 1, size[0])
@@ -77,6 +78,11 @@ def _avg_pool_valid_only(x: jax.Array) -> jax.Array:
     return window_sum(x) / window_sum(jnp.ones((1, *x.shape[1:3], 1), x.dtype))
 
 
+class _LayerArgs(TypedDict):
+    precision: PrecisionLike
+    rngs: nnx.Rngs
+
+
 class BasicConv2d(nnx.Module):
     """Conv without bias, BatchNorm (eps 1e-3, running statistics), ReLU."""
 
@@ -88,7 +94,7 @@ class BasicConv2d(nnx.Module):
         stride: int = 1,
         padding: int | Sequence[int] = 0,
         *,
-        precision: lax.PrecisionLike,
+        precision: PrecisionLike,
         rngs: nnx.Rngs,
     ):
         ph, pw = _pair(padding)
@@ -97,12 +103,14 @@ class BasicConv2d(nnx.Module):
         # 147x147 and 71x71 stem layers): pad as 'same' and crop instead (identical values).
         self.crop = ((kh - 1) // 2, (kw - 1) // 2) if (sh, sw, ph, pw) == (1, 1, 0, 0) else (0, 0)
         ch, cw = self.crop
+        self.strides = (sh, sw)
+        self.padding = ((ph + ch, ph + ch), (pw + cw, pw + cw))
         self.conv = nnx.Conv(
             cin,
             cout,
             (kh, kw),
-            (sh, sw),
-            padding=((ph + ch, ph + ch), (pw + cw, pw + cw)),
+            self.strides,
+            padding=self.padding,
             use_bias=False,
             precision=precision,
             rngs=rngs,
@@ -112,13 +120,14 @@ class BasicConv2d(nnx.Module):
     def folded(self) -> tuple[jax.Array, jax.Array]:
         """(kernel, bias) with BatchNorm's running statistics folded in: one pass less per layer."""
         bn = self.bn
+        assert bn.scale is not None and bn.bias is not None  # BatchNorm's defaults use_scale, use_bias
         scale = bn.scale[...] * lax.rsqrt(bn.var[...] + bn.epsilon)
         return self.conv.kernel[...] * scale, bn.bias[...] - bn.mean[...] * scale
 
     def apply(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
         conv = self.conv
         y = lax.conv_general_dilated(
-            x, kernel, conv.strides, conv.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision
+            x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv.precision
         )
         ch, cw = self.crop
         if ch or cw:
@@ -140,7 +149,7 @@ def _parallel_1x1(x: jax.Array, *convs: BasicConv2d) -> list[jax.Array]:
 class InceptionA(nnx.Module):
     """35x35 block (pytorch-fid's FIDInceptionA): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
 
-    def __init__(self, cin: int, pool_features: int, **kw):
+    def __init__(self, cin: int, pool_features: int, **kw: Unpack[_LayerArgs]):
         self.branch1x1 = BasicConv2d(cin, 64, 1, **kw)
         self.branch5x5_1 = BasicConv2d(cin, 48, 1, **kw)
         self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2, **kw)
@@ -160,7 +169,7 @@ class InceptionA(nnx.Module):
 class InceptionB(nnx.Module):
     """35 -> 17 reduction (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2."""
 
-    def __init__(self, cin: int, **kw):
+    def __init__(self, cin: int, **kw: Unpack[_LayerArgs]):
         self.branch3x3 = BasicConv2d(cin, 384, 3, stride=2, **kw)
         self.branch3x3dbl_1 = BasicConv2d(cin, 64, 1, **kw)
         self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1, **kw)
@@ -174,7 +183,7 @@ class InceptionB(nnx.Module):
 class InceptionC(nnx.Module):
     """17x17 block (FIDInceptionC) with factorised 7x7 convs and a pad-excluding avgpool."""
 
-    def __init__(self, cin: int, channels_7x7: int, **kw):
+    def __init__(self, cin: int, channels_7x7: int, **kw: Unpack[_LayerArgs]):
         c7 = channels_7x7
         self.branch1x1 = BasicConv2d(cin, 192, 1, **kw)
         self.branch7x7_1 = BasicConv2d(cin, c7, 1, **kw)
@@ -199,7 +208,7 @@ class InceptionC(nnx.Module):
 class InceptionD(nnx.Module):
     """17 -> 8 reduction (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2."""
 
-    def __init__(self, cin: int, **kw):
+    def __init__(self, cin: int, **kw: Unpack[_LayerArgs]):
         self.branch3x3_1 = BasicConv2d(cin, 192, 1, **kw)
         self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2, **kw)
         self.branch7x7x3_1 = BasicConv2d(cin, 192, 1, **kw)
@@ -219,7 +228,7 @@ class InceptionE(nnx.Module):
     """8x8 block: Mixed_7b (FIDInceptionE_1) average-pools without the padding, Mixed_7c
     (FIDInceptionE_2) max-pools, as in the TF graph."""
 
-    def __init__(self, cin: int, pool: str, **kw):
+    def __init__(self, cin: int, pool: str, **kw: Unpack[_LayerArgs]):
         self.pool = pool
         self.branch1x1 = BasicConv2d(cin, 320, 1, **kw)
         self.branch3x3_1 = BasicConv2d(cin, 384, 1, **kw)
@@ -261,8 +270,8 @@ class InceptionV3(nnx.Module):
     matching the reference float32 computation).
     """
 
-    def __init__(self, *, precision: lax.PrecisionLike = "highest", rngs: nnx.Rngs):
-        kw = dict(precision=precision, rngs=rngs)
+    def __init__(self, *, precision: PrecisionLike = "highest", rngs: nnx.Rngs):
+        kw = _LayerArgs(precision=precision, rngs=rngs)
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2, **kw)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3, **kw)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1, **kw)
@@ -313,7 +322,7 @@ _TORCH_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "r
 
 
 @functools.lru_cache(maxsize=4)
-def _skeleton(precision: lax.PrecisionLike) -> tuple[nnx.GraphDef, nnx.State]:
+def _skeleton(precision: PrecisionLike) -> tuple[nnx.GraphDef, nnx.State]:
     """The network's structure with abstract (shape-only) variables; tracing it takes seconds."""
     return nnx.split(nnx.eval_shape(lambda: InceptionV3(precision=precision, rngs=nnx.Rngs(0))))
 
@@ -321,7 +330,7 @@ def _skeleton(precision: lax.PrecisionLike) -> tuple[nnx.GraphDef, nnx.State]:
 def _variables(model: InceptionV3) -> dict[str, nnx.Variable]:
     """torch state-dict key -> the model's variable."""
     return {
-        ".".join(map(str, path[:-1] + (_TORCH_NAME[path[-1]],))): var
+        ".".join(map(str, path[:-1] + (_TORCH_NAME[str(path[-1])],))): var
         for path, var in nnx.iter_graph(model)
         if isinstance(var, nnx.Variable)
     }
@@ -336,7 +345,7 @@ def state_dict_shapes() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def create(weights: Mapping[str, np.ndarray], *, precision: lax.PrecisionLike = "highest") -> InceptionV3:
+def create(weights: Mapping[str, np.ndarray], *, precision: PrecisionLike = "highest") -> InceptionV3:
     """Build ``InceptionV3`` from pytorch-fid's state dict (``load_pytorch_fid_weights``).
 
     Every array of ``state_dict_shapes()`` must be present with that shape and no other key may

@@ -18,7 +18,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Literal
 
 import numpy as np
 
@@ -182,7 +182,7 @@ def _read_torch_legacy(f: BinaryIO) -> dict[str, np.ndarray]:
         raise InceptionWeightsError("not a torch file (wrong magic number)")
     _StateDictUnpickler(f).load()  # protocol version
     sys_info = _StateDictUnpickler(f).load()
-    byteorder = "little" if sys_info.get("little_endian", True) else "big"
+    byteorder: Literal["little", "big"] = "little" if sys_info.get("little_endian", True) else "big"
     unpickler = _StateDictUnpickler(f)
     obj = unpickler.load()
     keys = _StateDictUnpickler(f).load()
@@ -221,7 +221,7 @@ def convert(src_pth: str | os.PathLike, dst_npz: str | os.PathLike) -> str:
     tmp = f"{dst}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz"
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might also fill allow_pickle
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

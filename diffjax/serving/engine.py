@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from functools import partial
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ def served_steppers(
     corrector, corrector steps; clip_x0 for DDIM / ancestral). The adaptive ODE is offline-only, and
     PC with the Euler-Maruyama predictor needs an SDE (not served on the discrete ddpm process)."""
     s = config_sampling
-    pc = dict(norm="example")
+    pc: dict[str, Any] = {"norm": "example"}
     if s is not None:
         pc.update(
             predictor=s.get("predictor", "reverse_diffusion"),
@@ -53,15 +54,16 @@ def served_steppers(
             snr=float(s.get("snr", 0.16)),
             n_steps_each=int(s.get("n_steps_each", 1)),
         )
-    clip = {} if clip_x0 is None else {"clip_x0": tuple(float(v) for v in clip_x0)}
-    served = {
+    clip: dict[str, Any] = {} if clip_x0 is None else {"clip_x0": tuple(float(v) for v in clip_x0)}
+    pc_stepper = steppers.PC(**pc)
+    served: dict[str, steppers.Stepper] = {
         "ddim": steppers.DDIM(**clip),
         "ancestral": steppers.Ancestral(**clip),
-        "pc": steppers.PC(**pc),
+        "pc": pc_stepper,
         "dpm_solver++": steppers.DPMSolverPP(),
         "heun": steppers.Heun(),
     }
-    if process is not None and process.discrete and served["pc"].predictor == "euler_maruyama":
+    if process is not None and process.discrete and pc_stepper.predictor == "euler_maruyama":
         del served["pc"]
     return served
 
@@ -273,19 +275,19 @@ class Engine:
     def set_denoiser(self, denoiser: Denoiser) -> None:
         """New weights (same network): takes effect at the next step, no recompilation."""
         leaves, tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
-        if tree != self._den_tree:
+        if tree != self._den_tree:  # type: ignore[operator]  # jaxlib ships no stub for PyTreeDef
             raise ValueError("set_denoiser: the new denoiser's structure differs from the served one")
         self._den_leaves = leaves
 
     def free_slots(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.busy)]
 
-    def step(self, admissions: list[Admission] = (), free: list[int] = ()) -> list[tuple[int, np.ndarray]]:
+    def step(self, admissions: Sequence[Admission] = (), free: Sequence[int] = ()) -> list[tuple[int, np.ndarray]]:
         """Admit, free, advance one evaluation; returns (slot, sample) for every slot that finished."""
         b = self.batch_slots
         ints = np.zeros((b, len(_INT_COLUMNS)), np.int32)
-        for slot in free:
-            self.busy[slot] = False
+        for freed in free:
+            self.busy[freed] = False
         for a in admissions:
             if self.busy[a.slot]:
                 raise RuntimeError(f"slot {a.slot} is busy")
@@ -313,6 +315,7 @@ class Engine:
             n = int(self.slot_steps[slot])
             i, sub = slot_position(self.served[self.slot_sampler[slot]], n, int(self.calls_done[slot]))
             grid = self.grids[slot]
+            assert grid is not None  # set when the slot was admitted
             ints[slot, 1], ints[slot, 7:12] = 1, (i, sub, n, int(i == n - 1), self.noisy[slot])
             self.floats[slot, 1:4] = grid[max(i - 1, 0)], grid[i], grid[i + 1]
         # A copy: on the CPU device_put may alias the numpy buffer, and the step runs asynchronously

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from diffjax.denoiser import Denoiser
 from diffjax.serving.engine import Admission, Engine, request_key
 
 ADMISSION = ("fifo", "fair")
@@ -69,10 +70,10 @@ class Scheduler:
         self._pending: collections.deque[Job] = collections.deque()
         self._owner: dict[int, tuple[Job, int]] = {}  # slot -> (job, sample index)
         self._to_free: list[int] = []
-        self._staged: tuple[object, int] | None = None  # (denoiser, step) waiting for the slots to drain
+        self._staged: tuple[Denoiser, int] | None = None  # (denoiser, step) waiting for the slots to drain
         self._cond = threading.Condition()
         self._accepting, self._running = True, True
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
         self._thread = threading.Thread(target=self._loop, name="diffjax-scheduler", daemon=True)
 
     def start(self) -> "Scheduler":
@@ -106,7 +107,7 @@ class Scheduler:
                     self._to_free.append(slot)
             self._cond.notify()
 
-    def stage_weights(self, denoiser, step: int) -> None:
+    def stage_weights(self, denoiser: Denoiser, step: int) -> None:
         """Swap in new weights once the busy slots drain (admissions pause until then)."""
         with self._cond:
             self._staged = (denoiser, step)
@@ -174,6 +175,7 @@ class Scheduler:
                     slot, index = slots.pop(0), job.admitted
                     if job.checkpoint_step is None:
                         job.checkpoint_step = self.checkpoint_step
+                    assert job.key is not None  # request_key(seed), set by submit
                     admissions.append(
                         Admission(
                             slot,

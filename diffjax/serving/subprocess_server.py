@@ -25,9 +25,11 @@ class ServerProcess:
             text=True,
         )
         self.lines: list[str] = []
-        self.port = None
+        self.port: int | None = None
+        stdout = self.proc.stdout
+        assert stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + timeout
-        for line in self.proc.stdout:
+        for line in stdout:
             self.lines.append(line)
             if "SERVING on" in line:
                 self.port = int(line.rsplit(":", 1)[1])
@@ -37,7 +39,7 @@ class ServerProcess:
                 raise TimeoutError("server not SERVING in time:\n" + "".join(self.lines))
         if not self.port:
             raise RuntimeError("server exited before SERVING:\n" + "".join(self.lines))
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        threading.Thread(target=lambda: self.lines.extend(stdout), daemon=True).start()
         self.addr = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
