@@ -1,16 +1,17 @@
 # Two entry points of the README quick start: `make demo` and `make test`.
-# Each creates .venv if missing and installs the package (editable) into it.
+# Each creates .venv if missing and installs the package (editable) into it, every dependency at
+# the exact version in requirements.lock (`make lock` regenerates it: tools/lock.sh).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 LINT_PATHS := diffjax tests benchmarks tools launch configs
 
-.PHONY: demo test lint format bench bench-accel accel-wheels install clean bazel-test bazel-test-all
+.PHONY: demo test lint format lock bench bench-accel accel-wheels install clean bazel-test bazel-test-all
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,13 +32,14 @@ test: lint
 lint: $(VENV)/.installed
 	$(PY) -m ruff check $(LINT_PATHS)
 	$(PY) -m ruff format --check $(LINT_PATHS)
+	$(PY) -m mypy
 
 format: $(VENV)/.installed
 	$(PY) -m ruff format $(LINT_PATHS)
 	$(PY) -m ruff check --fix $(LINT_PATHS)
 
 $(VENV)/.bench: $(VENV)/.installed
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -c requirements.lock -e '.[bench]'
 	touch $@
 
 bench: $(VENV)/.bench
@@ -68,6 +70,9 @@ bazel-test: $(VENV)/.installed
 bazel-test-all: $(VENV)/.installed
 	$(BAZEL) build $(BAZEL_FLAGS) //...
 	$(BAZEL) test $(BAZEL_FLAGS) //tests:all
+
+lock:
+	bash tools/lock.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info
