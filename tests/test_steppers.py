@@ -101,13 +101,13 @@ def test_engine_serves_every_fixed_step_sampler_as_offline(process_name):
     den = NARROW.denoiser(process, "eps")
     served = served_steppers(None, process=process)
     served["pc"] = steppers.PC(norm="example", **PC_CONFIG)
-    engine_of = lambda: Engine(den, process, (3,), batch_slots=8, served=served, devices=jax.devices()[:1])  # noqa: E731
-    mixed = _engine_run(engine_of(), REQUESTS)
+    engine = Engine(den, process, (3,), batch_slots=8, served=served, devices=jax.devices()[:1])
+    mixed = _engine_run(engine, REQUESTS)
     for request, got in zip(REQUESTS, mixed):
         want, nfe = _offline(den, process, *request)
         assert nfe == served[request[0]].nfe(request[1])
         np.testing.assert_allclose(got, want, atol=2e-4, rtol=2e-4, err_msg=str(request))
-        alone = _engine_run(engine_of(), [request])[0]  # same slot count: the same compiled program
+        alone = _engine_run(engine, [request])[0]  # the same engine, now with no neighbours
         np.testing.assert_allclose(got, alone, atol=1e-6, rtol=1e-6, err_msg=str(request))
 
 
