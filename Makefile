@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 # make test: lint (ruff check: pyflakes, pycodestyle, import order; ruff format --check; pyproject
 # [tool.ruff]), then the suite. `make format` rewrites the files ruff format would change.
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check $(LINT_PATHS)

@@ -57,6 +57,17 @@ class Parser(argparse.ArgumentParser):
             usage_error(self.prog, str(err))
 
 
+def add_ema_flag(parser: argparse.ArgumentParser) -> None:
+    """`--ema RATE` on a command that reads a workdir's weights: args.ema for diffjax.workdir.Workdir(ema=...)."""
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="which EMA of the weights to use: training.ema_rate (the default) or one of training.ema_rates",
+    )
+
+
 def _number(kind, test, what: str):
     def parse(text: str):
         try:

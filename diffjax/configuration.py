@@ -58,13 +58,31 @@ FIXED_VALUES = {
 }
 
 
+def _validate_ema_rates(training) -> None:
+    """training.ema_rates: each in (0, 1), no duplicates, none equal to training.ema_rate."""
+    rates = training.get("ema_rates", ()) or ()
+    if not isinstance(rates, (tuple, list)):
+        raise ValueError(f"training.ema_rates={rates!r} must be a tuple of rates, e.g. (0.999,)")
+    seen: set[float] = set()
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < float(rate) < 1.0:
+            raise ValueError(f"training.ema_rates: {rate!r} must be a number in (0, 1)")
+        if float(rate) in seen:
+            raise ValueError(f"training.ema_rates: {rate!r} is listed twice")
+        if "ema_rate" in training and float(rate) == float(training.ema_rate):
+            raise ValueError(f"training.ema_rates: {rate!r} is training.ema_rate already (kept in state['ema'])")
+        seen.add(float(rate))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Refuse values diffjax cannot run: an EMA rate outside [0, 1), grad_accum_steps < 1, score_sde
+    """Refuse values diffjax cannot run: an EMA rate outside [0, 1) (training.ema_rates: (0, 1),
+    distinct, none equal to ema_rate), grad_accum_steps < 1, score_sde
     keys with a value diffjax does not implement (FIXED_VALUES) and model keys the network does not
     read (diffjax.models.network_kwargs)."""
     training = config.get("training", {})
     if "ema_rate" in training and not 0.0 <= float(training.ema_rate) < 1.0:
         raise ValueError(f"training.ema_rate={training.ema_rate} must be in [0, 1) (0: the EMA is the raw params)")
+    _validate_ema_rates(training)
     if int(training.get("grad_accum_steps", 1)) < 1:
         raise ValueError(f"training.grad_accum_steps={training.grad_accum_steps} must be >= 1")
     for (section, key), allowed in FIXED_VALUES.items():

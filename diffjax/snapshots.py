@@ -177,13 +177,14 @@ def main(argv: list[str]) -> int:
         help="uint8 rounding with --out_dir: round (EDM, diffusers) or floor (score_sde)",
     )
     parser.add_argument("--no_progress", action="store_true")
+    commandline.add_ema_flag(parser)
     args = parser.parse(argv)
     from diffjax import compile_cache
 
     compile_cache.enable()
     if args.out_dir is not None:
         return _sample_set(args)
-    config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",))
+    config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",), ema=args.ema)
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
     opts = {} if args.spacing is None else {"spacing": args.spacing}
     start = time.perf_counter()
@@ -205,7 +206,8 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         commandline.usage_error(parser.prog, str(err))
     png, npz = save_samples(x, args.out, data_range(config))
-    print(f"{args.num} samples from step {step} in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
+    rate = config.training.ema_rate if args.ema is None else args.ema
+    print(f"{args.num} samples from step {step} (EMA {rate}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}")
     return 0
 
 
@@ -213,7 +215,7 @@ def _sample_set(args) -> int:
     """`diffjax sample --out_dir`: the evaluation-scale shard set."""
     from diffjax.evaluation import generate
 
-    w = Workdir(args.workdir, inference=True)
+    w = Workdir(args.workdir, inference=True, ema=args.ema)
     state, step = w.restore(only=("ema",))
     try:
         protocol = generate.write_samples(
@@ -235,7 +237,7 @@ def _sample_set(args) -> int:
     except ValueError as err:
         commandline.usage_error("diffjax sample", str(err))
     print(
-        f"{args.num} samples of step {step} ({protocol['sampler']}, {protocol['steps']} steps) in "
+        f"{args.num} samples of step {step} (EMA {w.ema_rate}, {protocol['sampler']}, {protocol['steps']} steps) in "
         f"{args.out_dir} ({protocol['seconds_this_run']:.1f}s this run)"
     )
     return 0

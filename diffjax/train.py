@@ -12,6 +12,7 @@ DIFFJAX_NUM_PROCESSES, DIFFJAX_PROCESS_ID). CPU processes use gloo collectives.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -66,6 +67,25 @@ def init_distributed(args) -> None:
         if platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+
+
+class FinishedSteps:
+    """How many training steps have finished on the device, without waiting for any: dispatch runs
+    ahead of the device, so counting dispatched steps makes a progress bar jump in bursts and its
+    rate and ETA swing. Each dispatch's losses are the last thing it computes; `is_ready()` on them
+    tells (non-blocking) that its steps are done."""
+
+    def __init__(self, step: int):
+        self.done = step
+        self.in_flight: collections.deque = collections.deque()  # (step reached, its losses)
+
+    def dispatched(self, step: int, losses) -> None:
+        self.in_flight.append((step, losses))
+
+    def count(self, wait: bool = False) -> int:
+        while self.in_flight and (wait or self.in_flight[0][1].is_ready()):
+            self.done = self.in_flight.popleft()[0]
+        return self.done
 
 
 def check_workdir(workdir: str) -> None:
@@ -213,6 +233,7 @@ def main(argv: list[str]) -> int:
         from tqdm import tqdm
 
         progress = tqdm(total=n_iters, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    finished = FinishedSteps(step)  # the bar counts steps whose losses are computed, not dispatched
     pending: list[tuple[int, object]] = []  # (first step, device losses) not yet checked
     last_log_time, last_log_step = time.perf_counter(), step
     batch_size = int(t.batch_size)
@@ -246,6 +267,7 @@ def main(argv: list[str]) -> int:
             state, step_losses = train_step(state, batches)
             pending.append((step, step_losses))
             before, step = step, step + n
+            finished.dispatched(step, step_losses)
             if crossed(t.log_freq, before, step) or step == n_iters:
                 loss = check_finite()
                 now = time.perf_counter()
@@ -255,7 +277,7 @@ def main(argv: list[str]) -> int:
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * batch_size:.0f}")
             if progress is not None:
-                progress.update(step - before)
+                progress.update(finished.count() - progress.n)
             if crossed(t.eval_freq, before, step):  # every process: the eval batch spans all devices
                 evaluate = evaluate or snapshots.EvalLoss(config, graphdef, rest, process)
                 eval_loss = evaluate(state)
@@ -278,6 +300,7 @@ def main(argv: list[str]) -> int:
     finally:
         manager.wait_until_finished()
         if progress is not None:
+            progress.update(finished.count(wait=True) - progress.n)
             progress.close()
         logger.close()
     print(f"done: step {step}; checkpoints in {args.workdir}/checkpoints", flush=True)

@@ -5,8 +5,10 @@
 - `make_mesh`, `state_shardings`: a Mesh ("data", "fsdp") over all devices of all processes;
   the batch is split over both axes, params are replicated or FSDP-sharded by their
   `out_sharding` annotations (`config.training.fsdp`).
-- `init_state`, `make_train_step`: state = {step, params, ema, opt_state, rng}; one jitted
-  program runs `n` fused steps with lax.scan (loss, grad, optax chain, EMA), buffers donated.
+- `init_state`, `make_train_step`: state = {step, params, ema, opt_state, rng} (+ ema_extra:
+  {ema_key(r): EMA at rate r} for each of `training.ema_rates`, only when there are any); one
+  jitted program runs `n` fused steps with lax.scan (loss, grad, optax chain, EMAs), buffers donated.
+- `ema_rates`, `ema_key`: the EMA rates a config tracks and their keys in state["ema_extra"].
 - `checkpoint_manager`, `save`, `restore`: orbax CheckpointManager in workdir/checkpoints with
   the state and the grain iterator state; restore falls back to the previous good step.
 """
@@ -99,6 +101,21 @@ def param_shardings(config, mesh: Mesh, params_state) -> Any:
 
 
 # ---- optimiser and state ------------------------------------------------------------------------
+def ema_key(rate: float) -> str:
+    """The canonical key of an extra EMA rate in state["ema_extra"]: the float's repr ("0.999")."""
+    return repr(float(rate))
+
+
+def extra_ema_rates(config) -> tuple[float, ...]:
+    """`training.ema_rates`: the EMAs kept in state["ema_extra"] beside state["ema"] (training.ema_rate)."""
+    return tuple(float(r) for r in config.training.get("ema_rates", ()) or ())
+
+
+def ema_rates(config) -> tuple[float, ...]:
+    """Every EMA rate the config tracks: training.ema_rate (state["ema"]) first, then training.ema_rates."""
+    return (float(config.training.ema_rate), *extra_ema_rates(config))
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
     o = config.optim
     if o.optimizer not in ("adam", "adamw"):
@@ -119,6 +136,7 @@ def state_layout(config, mesh: Mesh):
     p_shard = param_shardings(config, mesh, abstract_params)
     tx = make_optimizer(config)
     replicated = NamedSharding(mesh, P())
+    extra = extra_ema_rates(config)
 
     def create(seed_key):
         model = models.create(config.model, nnx.Rngs(seed_key))
@@ -131,6 +149,8 @@ def state_layout(config, mesh: Mesh):
             "opt_state": tx.init(pure),
             "rng": jax.random.fold_in(seed_key, 1),
         }
+        if extra:
+            state["ema_extra"] = {ema_key(r): jax.tree.map(jnp.copy, pure) for r in extra}
         return state, rest
 
     abstract_state, _ = jax.eval_shape(create, jax.random.PRNGKey(0))
@@ -146,8 +166,8 @@ def init_state(config, mesh: Mesh):
 
 
 def _state_shardings(abstract_state, p_shard, replicated):
-    """params, ema and the param-shaped optimiser moments (matched by path suffix) follow the
-    params' shardings; everything else is replicated."""
+    """params, the EMAs and the param-shaped optimiser moments (matched by path suffix) follow
+    the params' shardings; everything else is replicated."""
     flat_p = [(tuple(path), s) for path, s in jax.tree_util.tree_flatten_with_path(p_shard)[0]]
 
     def match(path, leaf):
@@ -157,7 +177,10 @@ def _state_shardings(abstract_state, p_shard, replicated):
         return replicated
 
     opt = jax.tree_util.tree_map_with_path(match, abstract_state["opt_state"])
-    return {"step": replicated, "params": p_shard, "ema": p_shard, "opt_state": opt, "rng": replicated}
+    shardings = {"step": replicated, "params": p_shard, "ema": p_shard, "opt_state": opt, "rng": replicated}
+    if "ema_extra" in abstract_state:
+        shardings["ema_extra"] = {k: p_shard for k in abstract_state["ema_extra"]}
+    return shardings
 
 
 def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: Mesh):
@@ -165,6 +188,7 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
     tx = make_optimizer(config)
     t = config.training
     ema_rate = float(t.ema_rate)
+    extra = {ema_key(r): r for r in extra_ema_rates(config)}
 
     def one_step(state, batch):
         rng, k_loss, k_drop = jax.random.split(state["rng"], 3)
@@ -187,11 +211,23 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        ema = jax.tree.map(lambda e, p: ema_rate * e + (1.0 - ema_rate) * p, state["ema"], params)
-        if isinstance(tx, optax.MultiSteps):  # grad accumulation: the EMA moves only when params do
-            applied = tx.has_updated(opt_state)
-            ema = jax.tree.map(lambda new, old: jnp.where(applied, new, old), ema, state["ema"])
-        new = {"step": state["step"] + 1, "params": params, "ema": ema, "opt_state": opt_state, "rng": rng}
+        applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else None
+
+        def move(old, rate):
+            ema = jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, old, params)
+            if applied is not None:  # grad accumulation: the EMAs move only when params do
+                ema = jax.tree.map(lambda new, prev: jnp.where(applied, new, prev), ema, old)
+            return ema
+
+        new = {
+            "step": state["step"] + 1,
+            "params": params,
+            "ema": move(state["ema"], ema_rate),
+            "opt_state": opt_state,
+            "rng": rng,
+        }
+        if extra:
+            new["ema_extra"] = {k: move(state["ema_extra"][k], r) for k, r in extra.items()}
         return new, loss
 
     # XLA:CPU runs conv gradients inside a while loop ~20x slower than the same ops unrolled

@@ -1,6 +1,9 @@
 """A training (or imported) workdir opened for reading: config, network definition, process and
 checkpoints. Used by `diffjax sample`, `serve`, `eval` and the import's tests; training writes
 workdirs through diffjax.trainer's checkpoint functions.
+
+Which EMA a reader uses is chosen here, once: `Workdir(..., ema=RATE)` (the commands' `--ema RATE`;
+default training.ema_rate) and `restore` hands that EMA back as state["ema"], reading only it.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ def written_config(config: dict) -> dict:
 class Workdir:
     """A training workdir opened for reading: config, network definition, process and its checkpoints."""
 
-    def __init__(self, workdir: str, *, command: str = "diffjax sample", inference: bool = False):
+    def __init__(self, workdir: str, *, command: str = "diffjax sample", inference: bool = False, ema: float | None = None):
         """inference=True: for eval-mode use of restore(only=("ema",)) (sample, serve); the
-        network's dropout RNG state is a placeholder instead of the trained run's."""
+        network's dropout RNG state is a placeholder instead of the trained run's.
+
+        ema: the EMA rate whose weights restore() returns as state["ema"] (None: training.ema_rate);
+        a rate the run did not track (training.ema_rate, training.ema_rates) is a usage error."""
         import ml_collections
         from etils import epath
 
@@ -41,6 +47,16 @@ class Workdir:
             commandline.usage_error(command, f"{path} not found; is {workdir!r} a diffjax train workdir?")
         self.config = ml_collections.ConfigDict(written_config(json.loads(path.read_text())))
         self.path, self.command = workdir, command
+        tracked = trainer.ema_rates(self.config)
+        self.ema_rate = tracked[0] if ema is None else float(ema)
+        if self.ema_rate not in tracked:
+            commandline.usage_error(
+                command,
+                f"--ema {ema}: {workdir} tracked no EMA at rate {ema}; its EMA rates: "
+                f"{', '.join(map(repr, tracked))} (training.ema_rate, training.ema_rates)",
+            )
+        # None: the selected EMA is state["ema"]; else its key in state["ema_extra"]
+        self._ema_key = None if self.ema_rate == tracked[0] else trainer.ema_key(self.ema_rate)
         mesh = trainer.make_mesh(self.config)
         if inference:  # shapes and shardings only: nothing is initialised or compiled
             self.abstract_state, self.shardings, self.graphdef, _ = trainer.state_layout(self.config, mesh)
@@ -59,19 +75,37 @@ class Workdir:
 
     def restore(self, only: tuple[str, ...] | None = None):
         """(state, step) of the newest readable checkpoint (just the `only` entries if given);
-        exits with a message if there is none."""
+        exits with a message if there is none. state["ema"] is the selected EMA (see __init__'s
+        `ema`); with only=("ema",) just that EMA is read."""
+        key = self._ema_key
+        if key is None or (only is not None and "ema" not in only):
+            return self._restore(self.abstract_state, self.shardings, only)
+        if only is None:  # the whole state (every EMA), with the selected one as "ema"
+            state, step = self._restore(self.abstract_state, self.shardings, None)
+            return dict(state, ema=state["ema_extra"][key]), step
+        # read ema_extra[key] (alone of the extra EMAs) in place of ema
+        keys = [k for k in only if k != "ema"]
+        abstract = {k: self.abstract_state[k] for k in keys}
+        shardings = {k: self.shardings[k] for k in keys}
+        abstract["ema_extra"] = {key: self.abstract_state["ema_extra"][key]}
+        shardings["ema_extra"] = {key: self.shardings["ema_extra"][key]}
+        state, step = self._restore(abstract, shardings, (*keys, "ema_extra"))
+        return dict({k: state[k] for k in keys}, ema=state["ema_extra"][key]), step
+
+    def _restore(self, abstract, shardings, only):
         from diffjax import trainer
 
         self.manager.reload()
-        restored, step = trainer.restore(self.manager, self.shardings, self.abstract_state, only=only)
+        restored, step = trainer.restore(self.manager, shardings, abstract, only=only)
         if restored is None:
             commandline.usage_error(self.command, f"no readable checkpoint in {self.path}/checkpoints")
         return restored, step
 
 
-def load_workdir(workdir: str, only: tuple[str, ...] | None = None):
+def load_workdir(workdir: str, only: tuple[str, ...] | None = None, *, ema: float | None = None):
     """(config, graphdef, rest, process, state, step) from the latest readable checkpoint
-    (just the `only` entries of the state if given, e.g. ("ema",))."""
-    w = Workdir(workdir, inference=only == ("ema",))
+    (just the `only` entries of the state if given, e.g. ("ema",)); state["ema"] is the EMA at
+    rate `ema` (default training.ema_rate)."""
+    w = Workdir(workdir, inference=only == ("ema",), ema=ema)
     state, step = w.restore(only=only)
     return w.config, w.graphdef, w.rest, w.process, state, step

@@ -153,6 +153,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
         (["--config.data.augment_p=2", "--config.model.augment_dim=9"], 1, "data.augment_p must be in [0, 1]"),
         (["--config.training.ema_rate=1.5"], 1, "training.ema_rate=1.5 must be in [0, 1)"),
         (["--config.training.grad_accum_steps=0"], 1, "training.grad_accum_steps=0 must be >= 1"),
+        (["--config.training.ema_rates=(0.5, 1.0)"], 1, "training.ema_rates: 1.0 must be a number in (0, 1)"),
     ],
 )
 def test_bad_input_errors(tmp_path, extra, devices, message):
@@ -264,9 +265,32 @@ def test_data_workers_train_and_resume(tmp_path):
     assert bad.returncode == 2 and "argument --data_workers: must be >= 0, got -1" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    "rates,bad",
+    [
+        ("(1.0,)", "1.0"),
+        ("(0.0,)", "0.0"),
+        ("(0.5, 0.5)", "0.5 is listed twice"),
+        ("(0.5, 0.9)", "0.9 is training.ema_rate"),
+    ],
+)
+def test_bad_ema_rates_are_refused(rates, bad):
+    """training.ema_rates: each in (0, 1) (ema_rate itself may be 0), distinct, none equal to ema_rate."""
+    from diffjax.configuration import load_config
+
+    with pytest.raises(ValueError, match="training.ema_rates") as err:
+        load_config(
+            f"{ROOT}/configs/toy/eight_gaussians.py",
+            [f"--config.training.ema_rates={rates}", "--config.training.ema_rate=0.9"],
+        )
+    assert bad in str(err.value)
+    load_config(f"{ROOT}/configs/toy/eight_gaussians.py", ["--config.training.ema_rate=0.0"])  # still allowed
+
+
 def test_ema_moves_only_when_grad_accumulation_applies_an_update():
     """grad_accum_steps=4: params change at micro-steps 4 and 8 only, and the EMA equals the one
-    computed from those two applied updates (it used to move at every micro-step)."""
+    computed from those two applied updates (it used to move at every micro-step); so does each
+    extra EMA of training.ema_rates, kept in state["ema_extra"] (same shardings as the params)."""
     from diffjax import trainer
     from diffjax.configuration import load_config
 
@@ -276,13 +300,16 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
             "--config.training.batch_size=32",
             "--config.training.grad_accum_steps=4",
             "--config.training.ema_rate=0.9",
+            "--config.training.ema_rates=(0.5,)",
             "--config.optim.warmup=0",
         ],
     )
     mesh = trainer.make_mesh(config)
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
+    assert set(state["ema_extra"]) == {"0.5"} and shardings["ema_extra"]["0.5"] == shardings["params"]
     step = trainer.make_train_step(config, graphdef, rest, trainer.build_process(config), shardings, mesh)
     ema = jax.tree.map(np.asarray, state["ema"])
+    fast = jax.tree.map(np.asarray, state["ema_extra"]["0.5"])
     params = [jax.tree.map(np.asarray, state["params"])]
     rng = np.random.default_rng(0)
     for _ in range(8):
@@ -297,4 +324,64 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
     assert moved == [4, 8]
     for i in moved:
         ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, ema, params[i])
+        fast = jax.tree.map(lambda e, p: 0.5 * e + 0.5 * p, fast, params[i])
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7), state["ema"], ema)
+    got = state["ema_extra"]["0.5"]
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7), got, fast)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
+    # no ema_extra entry when ema_rates is empty: old checkpoints restore as before
+    plain = load_config(f"{ROOT}/configs/toy/eight_gaussians.py", ["--config.training.batch_size=32"])
+    assert "ema_extra" not in trainer.state_layout(plain, mesh)[0]
+
+
+def test_sample_picks_the_ema_with_ema_flag(tmp_path):
+    """A real run tracking ema_rates=(0.5,) beside ema_rate=0.9: `diffjax sample --ema` reads either
+    EMA (just that one), the samples differ, and an untracked rate is one line naming it, exit 2."""
+    from diffjax.workdir import Workdir, load_workdir
+
+    workdir = tmp_path / "w"
+    # 16 steps at lr 1e-2: enough for samples inside the data range (an untrained MLP's are all clipped)
+    flags = ["--config.training.n_iters=16", "--config.training.snapshot_freq=16", "--config.optim.lr=1e-2"]
+    rates = ["--config.training.ema_rate=0.9", "--config.training.ema_rates=(0.5,)"]
+    res = run(train_cmd(workdir, *flags, *rates))
+    assert res.returncode == 0, res.stderr[-2000:]
+    *_, full, _ = load_workdir(str(workdir))
+    assert set(full["ema_extra"]) == {"0.5"}
+    fast, _ = Workdir(str(workdir), inference=True, ema=0.5).restore(only=("ema",))
+    assert set(fast) == {"ema"}
+    jax.tree.map(np.testing.assert_array_equal, fast["ema"], full["ema_extra"]["0.5"])
+    default, _ = Workdir(str(workdir), inference=True).restore(only=("ema",))
+    jax.tree.map(np.testing.assert_array_equal, default["ema"], full["ema"])
+
+    def sample(*flags):
+        cmd = [sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=16", *flags]
+        return run(cmd, cwd=tmp_path)
+
+    samples = {}
+    for rate in ("0.5", "0.9"):
+        res = sample(f"--ema={rate}", f"--out={tmp_path}/{rate}.png")
+        assert res.returncode == 0 and f"(EMA {rate})" in res.stdout, res.stderr[-2000:]
+        samples[rate] = np.load(tmp_path / f"{rate}.npz")["samples"]
+    assert not np.allclose(samples["0.5"], samples["0.9"])
+    bad = sample("--ema=0.7")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0
+    assert "0.7" in bad.stderr and "0.9, 0.5" in bad.stderr, bad.stderr
+
+
+def test_progress_counts_finished_steps_not_dispatched_ones():
+    """train.FinishedSteps: a dispatched step still computing (here ~1 s of matmuls, checked right
+    after dispatch) is not counted, nor any after it; once it finishes every step is, in order."""
+    import jax.numpy as jnp
+
+    from diffjax.train import FinishedSteps
+
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 100, lambda i, y: jnp.tanh(y @ y), x))
+    x = jnp.full((512, 512), 0.01)
+    slow(x).block_until_ready()  # compiled
+    counter = FinishedSteps(10)
+    counter.dispatched(15, jnp.ones(5))  # steps 11-15, computed
+    counter.dispatched(20, slow(x))  # steps 16-20, still running
+    counter.dispatched(25, jnp.ones(5))  # computed, but after a running one
+    assert counter.count() == 15
+    assert counter.count(wait=True) == 25 and counter.count() == 25

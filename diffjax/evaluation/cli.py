@@ -208,6 +208,7 @@ def cmd_workdir(argv: list[str]) -> int:
     p.add_argument("--metrics", default=None, help="comma-separated: fid,is,kid,pr,digits (default: the config's)")
     p.add_argument("--no_progress", action="store_true")
     _add_weights_flag(p)
+    commandline.add_ema_flag(p)
     args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
@@ -235,6 +236,7 @@ def cmd_bpd(argv: list[str]) -> int:
     p.add_argument("--num", type=commandline.positive_int, default=None, help="only the first N examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
+    commandline.add_ema_flag(p)
     args = p.parse(argv)
     from diffjax.evaluation import evaluate
 

@@ -166,6 +166,7 @@ def compare(
             mu, sigma = stats.feature_statistics(pool_a)
             result["fid"] = m.frechet_distance(mu, sigma, ref.mu, ref.sigma)
         return result
+    assert not isinstance(b, str)  # a statistics file returned above
     pool_b, _ = extractor.features(b)
     result["num_reference"] = int(len(b))
     if "fid" in metrics:
@@ -201,7 +202,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     from diffjax.workdir import Workdir
 
     start = time.perf_counter()
-    w = Workdir(args.workdir, command="diffjax eval", inference=True)
+    w = Workdir(args.workdir, command="diffjax eval", inference=True, ema=args.ema)
     ev = w.config.get("eval", {})
     num = int(args.num or ev.get("num_samples", 50000))
     metrics = parse_metrics(args.metrics or ev.get("metrics", "fid,is"))
@@ -221,7 +222,8 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     steps = int(args.steps or w.config.sampling.num_steps)
     seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
     rule = ev.get("quantize", "round")
-    out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}")
+    ema = "" if w.ema_rate == float(w.config.training.ema_rate) else f"_ema{w.ema_rate!r}"  # --ema: another set
+    out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}{ema}")
     protocol = generate.write_samples(
         w,
         state,
@@ -238,12 +240,15 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     images, _ = generate.read_set(out_dir)
     result = compare(images, ref or images, metrics, extractor=extractor)
     protocol.update(samples=out_dir, metrics=list(metrics), wall_s=round(time.perf_counter() - start, 2))
-    default = (sampler, steps, num) == (
+    default = (sampler, steps, num, ema) == (
         w.config.sampling.sampler,
         int(w.config.sampling.num_steps),
         int(ev.get("num_samples", 50000)),
+        "",
     )
-    name = f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}.json"  # the config's protocol or not
+    name = (
+        f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}{ema}.json"
+    )  # the config's protocol or not
     return _write_record(os.path.join(args.workdir, "eval", name), step, result, protocol)
 
 
@@ -276,7 +281,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     from diffjax.workdir import Workdir
 
     start = time.perf_counter()
-    w = Workdir(args.workdir, command="diffjax eval bpd", inference=True)
+    w = Workdir(args.workdir, command="diffjax eval bpd", inference=True, ema=args.ema)
     args.passes = int(args.passes or w.config.get("eval", {}).get("bpd_passes", 1))
     if args.passes < 1 or args.batch_size < 1:
         raise ValueError(f"--passes and --batch_size must be positive, got {args.passes}, {args.batch_size}")
@@ -317,7 +322,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
         workdir=str(args.workdir),
         checkpoint_step=int(step),
         weights="ema",
-        ema_rate=float(w.config.training.ema_rate),
+        ema_rate=float(w.ema_rate),
         split=args.split,
         seed=int(args.seed),
         dequantization="uniform",
@@ -329,7 +334,8 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
         data_range=[lo, hi],
         wall_s=round(time.perf_counter() - start, 2),
     )
-    return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}.json"), step, result, protocol)
+    ema = "" if w.ema_rate == float(w.config.training.ema_rate) else f"_ema{w.ema_rate!r}"
+    return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}{ema}.json"), step, result, protocol)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -82,7 +82,7 @@ def _agree_protocol(out_dir: str, protocol: dict) -> None:
 
 def _write_shard(out_dir: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might also fill allow_pickle
     final = shard_path(out_dir, shard)
     tmp = final.parent / f".{final.name}.tmp{os.getpid()}"
     tmp.write_bytes(buf.getvalue())
@@ -129,7 +129,7 @@ def write_samples(
         workdir=str(workdir.path),
         checkpoint_step=int(step),
         weights="ema",
-        ema_rate=float(config.training.ema_rate),
+        ema_rate=float(workdir.ema_rate),  # the EMA chosen with --ema (default training.ema_rate)
         sampler=sampler,
         steps=steps,
         options={k: v for k, v in sorted(opts.items())},

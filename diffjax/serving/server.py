@@ -48,6 +48,7 @@ class ServerOptions:
     admission: str = "fifo"  # or "fair" (scheduler.ADMISSION)
     tls_cert: str | None = None
     tls_key: str | None = None
+    ema: float | None = None  # the EMA rate served (None: training.ema_rate; --ema picks one of training.ema_rates)
 
 
 class Model:
@@ -277,7 +278,7 @@ class Server:
         from diffjax.workdir import Workdir
 
         t0 = time.perf_counter()
-        self.source = Workdir(self.workdir, command="diffjax serve", inference=True)
+        self.source = Workdir(self.workdir, command="diffjax serve", inference=True, ema=self.options.ema)
         state, step = self.source.restore(only=("ema",))
         config, process = self.source.config, self.source.process
         max_steps = self.options.max_steps
@@ -302,7 +303,8 @@ class Server:
         )
         self.servicer = Servicer(self.model, self.scheduler, self.options)
         self.log(
-            f"diffjax serve: loaded step {step} of {self.workdir} ({process.name}, samples {list(shape)}, "
+            f"diffjax serve: loaded step {step} of {self.workdir} (EMA {self.source.ema_rate}, {process.name}, "
+            f"samples {list(shape)}, "
             f"{self.options.batch_slots} slots) in {time.perf_counter() - t0:.1f}s"
         )
 
@@ -385,6 +387,7 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     )
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
+    commandline.add_ema_flag(p)
     args = p.parse(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls_cert and --tls_key go together")
