@@ -81,7 +81,7 @@ def generation_row(num: int, shard_size: int, steps: int):
     from server import ensure_workdir
 
     from diffjax.evaluation import generate
-    from diffjax.snapshots import Workdir
+    from diffjax.workdir import Workdir
 
     workdir = ensure_workdir(None)
     w = Workdir(workdir, inference=True)

@@ -89,9 +89,10 @@ def offline(workdir: str, batch: int, steps: int, total: int) -> float:
     ceiling the server's continuous batching is measured against (compile excluded)."""
     import jax
 
-    from diffjax import network, samplers, snapshots
+    from diffjax import network, samplers
+    from diffjax.workdir import load_workdir
 
-    config, graphdef, rest, process, state, _ = snapshots.load_workdir(workdir, only=("ema",))
+    config, graphdef, rest, process, state, _ = load_workdir(workdir, only=("ema",))
     den = network.network_denoiser(graphdef, rest, process, config, state["ema"])
     shape = (batch, *network.data_shape(config))
     run = lambda seed: samplers.sample("ddim", den, process, jax.random.PRNGKey(seed), shape, steps)[0]  # noqa: E731

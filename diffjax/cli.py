@@ -13,7 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("diffjax.demo", "sample the 8-Gaussians oracle and write a scatter PNG"),
     "info": ("diffjax.info", "print a config's network, parameter count and training FLOPs"),
     "train": ("diffjax.train", "train a config into a workdir (sharded, checkpointed, resumable)"),
-    "sample": ("diffjax.snapshots", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
+    "sample": ("diffjax.sample", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
     "eval": ("diffjax.evaluation.cli", "metrics of sample sets: FID / IS / KID / precision-recall, digits-FID"),
     "import": ("diffjax.interop.cli", "import released weights (diffusers UNet2DModel) as a workdir"),
     "serve": ("diffjax.serving.server", "serve a workdir's checkpoint over gRPC (continuous batching)"),

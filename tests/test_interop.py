@@ -25,6 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffjax import models  # noqa: E402
 from diffjax.interop import cli as import_cli  # noqa: E402
 from diffjax.interop import load_diffusers, load_params  # noqa: E402
+from diffjax.workdir import Workdir  # noqa: E402
 
 DDPM_RELEASE = dict(
     act_fn="silu",
@@ -228,7 +229,7 @@ def test_full_size_ddpm_cifar10_has_the_reference_parameter_count(tmp_path):
 def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, capsys):
     """`diffjax import` + `diffjax sample --sampler ddim --spacing leading` vs diffusers' DDIMPipeline
     (timestep_spacing 'leading', eta 0, x0 clipped) from the same initial noise."""
-    from diffjax import samplers, snapshots
+    from diffjax import sample, samplers
 
     model, src = cifar_ddpm
     workdir = tmp_path / "imported"
@@ -237,7 +238,7 @@ def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, 
     num, steps, seed = 3, 10, 7
     out = tmp_path / "grid.png"
     assert (
-        snapshots.main(
+        sample.main(
             [
                 "--workdir",
                 str(workdir),
@@ -282,7 +283,7 @@ def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, 
     np.testing.assert_allclose((ours + 1) / 2, theirs, atol=2e-4)
 
     # The workdir is a whole training workdir: the full state restores (fine-tuning resumes from it).
-    w = snapshots.Workdir(str(workdir))
+    w = Workdir(str(workdir))
     state, step = w.restore()
     assert step == 0 and set(state) == {"step", "params", "ema", "opt_state", "rng"}
     jax.tree.map(np.testing.assert_array_equal, state["params"], state["ema"])

@@ -106,12 +106,12 @@ def test_matches_the_offline_sampler(workdir, client):
     """The server's continuous batching reproduces samplers.sample with the same weights and seed."""
     import jax
 
-    from diffjax import snapshots
+    from diffjax import sample
 
-    config, graphdef, rest, process, state, _ = snapshots.load_workdir(str(workdir))
+    config, graphdef, rest, process, state, _ = sample.load_workdir(str(workdir))
     labels = np.arange(6, dtype=np.int32) % 10
     for sampler in ("ddim", "ancestral", "dpm_solver++", "heun"):
-        want = snapshots.generate(
+        want = sample.generate(
             config,
             graphdef,
             rest,
@@ -127,7 +127,7 @@ def test_matches_the_offline_sampler(workdir, client):
         assert got.nfe == (23 if sampler == "heun" else 12)
         np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg=sampler)
     # a per-request option: DDIM at eta 0.5
-    want = snapshots.generate(
+    want = sample.generate(
         config,
         graphdef,
         rest,
@@ -319,7 +319,7 @@ def test_tls_and_reload_of_a_newer_checkpoint(tmp_path, workdir):
     """A TLS server (self-signed cert for 127.0.0.1) picks up a checkpoint trained after it started."""
     import shutil
 
-    from diffjax import snapshots
+    from diffjax import sample
 
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
@@ -360,8 +360,8 @@ def test_tls_and_reload_of_a_newer_checkpoint(tmp_path, workdir):
             assert c.status().reloads == 1 and c.model_info().checkpoint_step == 4
             response = c.sample_response(3, sampler="ddim", num_steps=4, seed=5)
             assert response.checkpoint_step == 4
-            config, graphdef, rest, process, state, step = snapshots.load_workdir(str(served))
-            want = snapshots.generate(config, graphdef, rest, process, state["ema"], 3, sampler="ddim", steps=4, seed=5)
+            config, graphdef, rest, process, state, step = sample.load_workdir(str(served))
+            want = sample.generate(config, graphdef, rest, process, state["ema"], 3, sampler="ddim", steps=4, seed=5)
             assert step == 4
             np.testing.assert_allclose(np.frombuffer(response.samples.data, "<f4").reshape(first.shape), want, atol=2e-4)
     finally:

@@ -47,9 +47,9 @@ def steps_in(workdir):
 
 def final_params(workdir):
     """The latest checkpoint's params as numpy, read back through the trainer's own restore."""
-    from diffjax import snapshots
+    from diffjax.workdir import load_workdir
 
-    *_, state, step = snapshots.load_workdir(str(workdir))
+    *_, state, step = load_workdir(str(workdir))
     return step, [np.asarray(x) for x in jax.tree.leaves(state["params"])], np.asarray(state["rng"])
 
 
@@ -190,9 +190,9 @@ def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
     ]
     res = run(cmd, devices=8)
     assert res.returncode == 0, res.stderr[-3000:]
-    from diffjax import snapshots
+    from diffjax.workdir import load_workdir
 
-    config, _, _, _, state, step = snapshots.load_workdir(str(workdir))  # this process has 8 devices too
+    config, _, _, _, state, step = load_workdir(str(workdir))  # this process has 8 devices too
     assert step == 2 and config.training.fsdp
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(state["params"])]
     assert any("fsdp" in str(s) for s in specs)  # large kernels are split over the fsdp axis

@@ -277,7 +277,8 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     devices; mean and standard error over examples; writes W/eval/bpd_step_N.json."""
     import jax
 
-    from diffjax import likelihood, network, snapshots, trainer
+    from diffjax import likelihood, network, trainer
+    from diffjax.sample import data_range, host_array
     from diffjax.workdir import Workdir
 
     start = time.perf_counter()
@@ -291,7 +292,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     mesh = trainer.make_mesh(w.config)
     n_dev = mesh.devices.size
     batch = -(-args.batch_size // n_dev) * n_dev
-    lo, hi = snapshots.data_range(w.config)
+    lo, hi = data_range(w.config)
     den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
     sharding = trainer.batch_sharding(mesh)
     per_pass = np.zeros((args.passes, len(images)))
@@ -305,7 +306,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
             x = jax.device_put(lo + (hi - lo) * padded.astype(np.float32) / 255.0, sharding)
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), p), b0)
             bpd, info = likelihood.bits_per_dim(den, w.process, key, x, data_range=(lo, hi))
-            per_pass[p, b0 : b0 + n] = snapshots._host(bpd)[:n]
+            per_pass[p, b0 : b0 + n] = host_array(bpd)[:n]
             nfe.append(info["nfe"])
             if bar is not None:
                 bar.update(n)
@@ -376,12 +377,12 @@ class TrainingFID:
         self.ref = (ref.mu, ref.sigma)
 
     def __call__(self, state, step: int) -> dict[str, float]:
-        from diffjax import snapshots
         from diffjax.evaluation import metrics, stats
         from diffjax.evaluation.generate import quantize
+        from diffjax.sample import data_range, generate
 
-        x = snapshots.generate(self.config, self.graphdef, self.rest, self.process, state["ema"], self.num, seed=step)
-        images = quantize(x, snapshots.data_range(self.config), self.config.eval.quantize)
+        x = generate(self.config, self.graphdef, self.rest, self.process, state["ema"], self.num, seed=step)
+        images = quantize(x, data_range(self.config), self.config.eval.quantize)
         if self.extractor is None:
             from diffjax.evaluation import digits
 

@@ -109,14 +109,16 @@ def write_samples(
     """Draw `num` samples of the EMA weights in `state` into `out_dir` (see the module docstring).
 
     `workdir` is a diffjax.workdir.Workdir; returns the protocol dict (also DIR/protocol.json)."""
-    from diffjax import network, snapshots, trainer
+    from diffjax import network, trainer
+    from diffjax.sample import config_sampler, host_array
+    from diffjax.sample import data_range as config_data_range
 
     if num <= 0 or shard_size <= 0:
         raise ValueError(f"num and shard_size must be positive, got num={num}, shard_size={shard_size}")
     if quantize_rule not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize_rule!r}")
     config, process = workdir.config, workdir.process
-    sampler, steps, opts = snapshots.config_sampler(config, sampler, steps, opts)
+    sampler, steps, opts = config_sampler(config, sampler, steps, opts)
     num_classes = int(config.model.get("num_classes", 0))
     shape = tuple(network.data_shape(config))
     if len(shape) != 3:
@@ -124,7 +126,7 @@ def write_samples(
     mesh = trainer.make_mesh(config)
     n_dev = mesh.devices.size
     batch = math.ceil(shard_size / n_dev) * n_dev  # one sampler call per shard, padded to the device count
-    data_range = snapshots.data_range(config)
+    data_range = config_data_range(config)
     protocol = dict(
         workdir=str(workdir.path),
         checkpoint_step=int(step),
@@ -187,9 +189,9 @@ def write_samples(
             **opts,
         )
         nfe = info["nfe"]
-        arrays = {"images": quantize(snapshots._host(x)[:n], data_range, quantize_rule), "indices": host_idx[:n]}
+        arrays = {"images": quantize(host_array(x)[:n], data_range, quantize_rule), "indices": host_idx[:n]}
         if labels is not None:
-            arrays["labels"] = snapshots._host(labels)[:n]
+            arrays["labels"] = host_array(labels)[:n]
         if jax.process_index() == 0:
             _write_shard(out_dir, s, arrays)
         if bar is not None:

@@ -189,7 +189,7 @@ def main(argv: list[str]) -> int:
 
 def _sample(client: Client, args) -> int:
     """Streams the samples (any count fits), then writes the PNG grid / scatter and the .npz."""
-    from diffjax import snapshots
+    from diffjax.sample import save_samples
 
     start = time.perf_counter()
     info = client.model_info()
@@ -204,7 +204,7 @@ def _sample(client: Client, args) -> int:
         options=args.options,
     ):
         x[indices] = batch
-    png, npz = snapshots.save_samples(x, args.out, (info.data_min, info.data_max))
+    png, npz = save_samples(x, args.out, (info.data_min, info.data_max))
     print(
         f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
         f"checkpoint step {info.checkpoint_step}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}"

@@ -55,11 +55,11 @@ class Model:
     """What the servicer knows of the model: shapes, classes, data range, defaults."""
 
     def __init__(self, config, process, sample_shape, max_steps: int):
-        from diffjax import snapshots
+        from diffjax.sample import data_range
 
         self.config, self.process, self.sample_shape = config, process, tuple(sample_shape)
         self.num_classes = int(config.model.get("num_classes", 0) or 0)
-        self.data_min, self.data_max = snapshots.data_range(config)
+        self.data_min, self.data_max = data_range(config)
         self.max_steps = max_steps
         clip_x0 = self.data_min, self.data_max
         self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None, process)
