@@ -69,6 +69,38 @@ def init_distributed(args) -> None:
         jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
 
 
+class PreemptionAgreement:
+    """`preempted()`: whether to save and stop before the next step (SIGTERM: TPU maintenance,
+    Spot/preemptible VMs, SLURM). One process alone: its own SIGTERM handler. Several: JAX's
+    preemption service (started by jax.distributed.initialize) catches SIGTERM on any of them and
+    agrees on one sync point, so all processes save the same step and exit 0 even when the signal
+    reaches one host only or the hosts at different moments. Every process calls it once per loop
+    iteration, as the service requires (the iteration count is passed: every process starts a run
+    at the same step and takes the same fused steps)."""
+
+    def __init__(self):
+        import jax
+
+        self.stopping, self.iteration = False, 0
+        self.service = jax.process_count() > 1 and _preemption_service()
+        if not self.service:
+            signal.signal(signal.SIGTERM, lambda signum, frame: setattr(self, "stopping", True))
+
+    def __call__(self) -> bool:
+        if self.service and not self.stopping:
+            from jax.experimental import multihost_utils
+
+            self.stopping = multihost_utils.reached_preemption_sync_point(self.iteration)
+        self.iteration += 1
+        return self.stopping
+
+
+def _preemption_service() -> bool:
+    from jax._src import distributed  # the service's handle; no public accessor
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
 class FinishedSteps:
     """How many training steps have finished on the device, without waiting for any: dispatch runs
     ahead of the device, so counting dispatched steps makes a progress bar jump in bursts and its
@@ -225,8 +257,7 @@ def main(argv: list[str]) -> int:
     k = max(1, int(t.n_jitted_steps))
     n_iters = int(t.n_iters)
     logger = Logger(args.workdir, is_main)
-    stop: dict[str, int | None] = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    preempted = PreemptionAgreement()
 
     progress = None
     if is_main and not args.no_progress:
@@ -257,7 +288,7 @@ def main(argv: list[str]) -> int:
         return freq > 0 and after // freq > before // freq
 
     try:
-        while step < n_iters and stop["signal"] is None:
+        while step < n_iters and not preempted():
             n = min(k, n_iters - step)
             local = [next(train_iter) for _ in range(n)]
             batches = {key: np.stack([b[key] for b in local]) for key in local[0]}  # x, label (, augment)
@@ -290,7 +321,7 @@ def main(argv: list[str]) -> int:
                 path = snapshots.sample_grid(config, graphdef, rest, process, state, logger.samples_dir(), step)
                 if path:
                     logger.image(step, "samples", path)
-        if stop["signal"] is not None:
+        if preempted.stopping:
             check_finite()
             print(f"\nSIGTERM at step {step}: saving a checkpoint before exiting", flush=True)
             trainer.save(manager, step, state, train_iter, force=True)

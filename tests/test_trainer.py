@@ -385,3 +385,51 @@ def test_progress_counts_finished_steps_not_dispatched_ones():
     counter.dispatched(25, jnp.ones(5))  # computed, but after a running one
     assert counter.count() == 15
     assert counter.count(wait=True) == 25 and counter.count() == 25
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both(tmp_path):
+    """Multi-host preemption: SIGTERM reaches process 1 only; JAX's preemption service makes both
+    processes agree on the step, both save it (orbax: each writes its part) and exit 0, and a
+    resume continues from it."""
+    import socket
+
+    workdir = tmp_path / "pre"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["--config.training.n_iters=100000", "--config.training.snapshot_freq=100000"]
+    procs = [
+        subprocess.Popen(
+            [
+                *train_cmd(workdir, *common),
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ],
+            cwd=ROOT,
+            env=env(devices=2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not os.path.exists(workdir / "metrics.jsonl"):
+            time.sleep(0.1)
+        while time.time() < deadline and len(open(workdir / "metrics.jsonl").readlines()) < 3:
+            time.sleep(0.1)  # training is under way on both processes
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    (saved,) = steps_in(workdir)  # one checkpoint: the agreed step, written by both processes
+    assert 0 < saved < 100000
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(workdir / "checkpoints" / str(saved) / "data"))
+    assert all(f"SIGTERM at step {saved}" in out for out in outputs), outputs
+    res = run(train_cmd(workdir, f"--config.training.n_iters={saved + 4}", "--config.training.snapshot_freq=100000"))
+    assert res.returncode == 0 and f"resumed from step {saved}" in res.stdout, res.stderr[-2000:]
+    assert steps_in(workdir)[-1] == saved + 4
