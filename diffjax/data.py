@@ -20,46 +20,30 @@ score_sde), then mapped to [-1, 1] when `data.centered`.
 
 Pipeline (per process): source -> shuffle(seed) -> repeat (train) -> per-example random_map (flip,
 dequantization; randomness is a function of (seed, global position), so it does not depend on the
-sharding or the worker count) -> take positions `shard_index::shard_count` -> batch(local batch,
-drop_remainder) -> iterator (thread prefetch; `worker_count > 0` adds multiprocessing prefetch).
-Process i's k-th local batch is `global_batch_k[i::shard_count]` of the unsharded pipeline, so the
-processes together see exactly the global shuffled order and their slices of every epoch are disjoint.
+sharding or the worker count) -> this process's rows of every global batch (default: block i of
+shard_count; the trainer passes the rows its devices hold) -> batch(local batch, drop_remainder) ->
+iterator (thread prefetch; `worker_count > 0` adds multiprocessing prefetch). Row r of global
+batch k is global position k * global_batch + r on every topology, so the processes together
+see exactly the global shuffled order, their parts of every epoch are disjoint, and the global
+array the trainer assembles is the same array whatever the number of processes.
 
-Checkpointing. The iterator is a `grain.DatasetIterator`; `it.get_state()` / `it.set_state(...)` resume
-it exactly (`iterator_state` / `restore_iterator` wrap them; the state is a small JSON-able dict).
-grain 0.2.18 ships an orbax handler (`grain.checkpoint.CheckpointHandler`) with registered args
-`grain.checkpoint.CheckpointSave` / `CheckpointRestore`; every process writes its own
-`process_<i>-of-<n>.json`, so multi-host training must call `save` / `restore` on all processes
-(which orbax's CheckpointManager does anyway). The trainer registers it as one composite item:
-
-    import orbax.checkpoint as ocp
-    from diffjax import data
-
-    it = data.make_iterator(config, "train")
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(train_state),
-        data=data.checkpoint_save_args(it)))
-    ...
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_train_state),
-        data=data.checkpoint_restore_args(it)))     # restores `it` in place
-    train_state = restored.state
-
-A state restores into an iterator built with the same config, split, seed, shard_index/shard_count
-and worker_count (the state of a multi-worker iterator records every worker's position); restoring
-with a different process count fails (no process_<i>-of-<n>.json to read).
-The iterator state is read synchronously inside `save` (grain's handler is a blocking handler), so the
-trainer may keep drawing batches while orbax finishes an async save of the train state.
+Resuming. The order is a pure function of (seed, global position), so the trainer needs no iterator
+state: step k reads global batch k (`make_iterator(..., start_batch=k)`), on any number of processes,
+devices or workers, and `GlobalOrder` names the source examples of any global batch without reading
+data (the trainer logs their `fingerprint` in metrics.jsonl). The iterator is also a
+`grain.DatasetIterator` with exact `get_state()` / `set_state()` (`iterator_state` /
+`restore_iterator`; `checkpoint_save_args` / `checkpoint_restore_args` wrap grain's orbax handler,
+one `process_<i>-of-<n>.json` per process) for pipelines that are not positioned by a step.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import grain
 import jax
@@ -97,6 +81,22 @@ class ArraySource:
 
     def __repr__(self) -> str:
         return f"ArraySource(n={len(self)}, x={self.x.shape[1:]} {self.x.dtype})"
+
+
+class IndexedSource:
+    """A source whose elements also carry their source index, as "index"."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i):
+        return dict(self.source[i], index=i)
+
+    def __repr__(self) -> str:
+        return f"IndexedSource({self.source!r})"
 
 
 class TfdsSource:
@@ -296,7 +296,10 @@ class _Preprocess:
             x = np.asarray(example["x"], np.float32)
         else:
             x = _image_to_unit(example["x"], self.size, self.channels, self.name)
-        return {"x": x, "label": np.int32(example["label"])}
+        out = {"x": x, "label": np.int32(example["label"])}
+        if "index" in example:
+            out["index"] = np.int64(example["index"])
+        return out
 
 
 class _Augment:
@@ -316,7 +319,7 @@ class _Augment:
                 x = (x * 255.0 + rng.random(x.shape, dtype=np.float32)) / 256.0
             if self.centered:
                 x = x * 2.0 - 1.0
-        out = {"label": example["label"]}
+        out = {k: example[k] for k in ("label", "index") if k in example}
         if self.edm_p > 0:
             x, out["augment"] = augment.augment(np.asarray(x, np.float32), rng, self.edm_p)
         return {"x": np.ascontiguousarray(x, np.float32), **out}
@@ -336,6 +339,9 @@ def make_dataset(
     shard_count: int | None = None,
     shuffle: bool | None = None,
     repeat: bool | None = None,
+    start_batch: int = 0,
+    with_index: bool = False,
+    rows: Sequence[int] | None = None,
 ) -> grain.MapDataset:
     """The batched per-process grain MapDataset behind `make_iterator` (same arguments)."""
     _check_split(split)
@@ -369,13 +375,9 @@ def make_dataset(
             f"split {split!r}; no full batch could be formed"
         )
 
-    ds = grain.MapDataset.source(source)
-    if shuffle:
-        ds = ds.shuffle(seed=_derived_seed(seed, 0))
-    if repeat:
-        ds = ds.repeat()  # reshuffles every epoch
-    else:
-        ds = ds[: (n // global_batch) * global_batch]  # every process gets the same number of batches
+    ds = _global_order(
+        grain.MapDataset.source(IndexedSource(source) if with_index else source), seed, shuffle, repeat, global_batch
+    )
     ds = ds.map(_Preprocess(kind, size, channels, name))
     data = config.data
     edm_p = float(data.get("augment_p", 0.0))
@@ -391,9 +393,79 @@ def make_dataset(
         edm_p if split == "train" else 0.0,
     )
     ds = ds.random_map(randomise, seed=_derived_seed(seed, 1))
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    return ds.batch(local_batch, drop_remainder=True)
+    rows = local_rows(global_batch, shard_index, shard_count) if rows is None else [int(r) for r in rows]
+    if len(rows) != local_batch or not all(0 <= r < global_batch for r in rows):
+        raise ValueError(f"rows must be {local_batch} rows of the global batch of {global_batch}, got {rows[:8]}...")
+    if rows != list(range(global_batch)):
+        ds = grain.MapDataset.source(_Rows(ds, rows, global_batch))
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds[start_batch:] if start_batch else ds
+
+
+def local_rows(global_batch: int, shard_index: int, shard_count: int) -> list[int]:
+    """The rows of every global batch that process `shard_index` of `shard_count` reads: a
+    contiguous block (the rows a data-parallel mesh puts on its devices)."""
+    size = global_batch // shard_count
+    return list(range(shard_index * size, (shard_index + 1) * size))
+
+
+class _Rows:
+    """Local example m = global position (m // R) * G + rows[m % R] of the ordered dataset (R rows
+    of each global batch of G): a process reads its rows of every global batch, nothing else."""
+
+    def __init__(self, ds: grain.MapDataset, rows: list[int], global_batch: int):
+        self.ds, self.rows, self.global_batch = ds, rows, global_batch
+
+    def __len__(self) -> int:
+        return (len(self.ds) // self.global_batch) * len(self.rows)
+
+    def __getitem__(self, m: int):
+        k, j = divmod(m, len(self.rows))
+        return self.ds[k * self.global_batch + self.rows[j]]
+
+
+def _global_order(ds: grain.MapDataset, seed: int, shuffle: bool, repeat: bool, global_batch: int) -> grain.MapDataset:
+    """The global example order: a pure function of (seed, position), whatever the topology."""
+    if shuffle:
+        ds = ds.shuffle(seed=_derived_seed(seed, 0))
+    if repeat:
+        return ds.repeat()  # reshuffles every epoch
+    return ds[: (len(ds) // global_batch) * global_batch]  # every process gets the same number of batches
+
+
+class GlobalOrder:
+    """Which source examples form each global batch of `split`: the pipeline's order applied to the
+    indices alone (no data read), the same on every topology. `indices(first, num)` ->
+    (num, global batch) int64 source indices of global batches first, ..., first + num - 1."""
+
+    def __init__(self, config, split: str = "train", seed: int | None = None):
+        self.global_batch = int(config.training.batch_size if split == "train" else config.eval.batch_size)
+        self.order = _global_order(
+            grain.MapDataset.range(len(_source(config, split)[0])),
+            int(config.seed if seed is None else seed),
+            shuffle=split == "train",
+            repeat=split == "train",
+            global_batch=self.global_batch,
+        )
+
+    def indices(self, first_batch: int, num_batches: int) -> np.ndarray:
+        start, stop = first_batch * self.global_batch, (first_batch + num_batches) * self.global_batch
+        return np.array([self.order[i] for i in range(start, stop)], np.int64).reshape(num_batches, self.global_batch)
+
+    def check(self, batch: int, read: np.ndarray, rows: Sequence[int]):
+        """Raise if `read` (a batch's "index", from make_iterator(with_index=True)) is not `rows`
+        of global batch `batch`: the order the fingerprints describe is the one read."""
+        want = self.indices(batch, 1)[0][np.asarray(rows)]
+        if not np.array_equal(np.asarray(read), want):
+            raise RuntimeError(
+                f"input order mismatch at global batch {batch} on process {jax.process_index()}: read examples "
+                f"{np.asarray(read)[:8].tolist()}..., the order says {want[:8].tolist()}..."
+            )
+
+
+def fingerprint(indices: np.ndarray) -> str:
+    """A short hash of example indices (e.g. example_indices of the steps since the last log line)."""
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 def make_iterator(
@@ -408,6 +480,9 @@ def make_iterator(
     repeat: bool | None = None,
     num_threads: int | None = None,
     prefetch_batches: int | None = None,
+    start_batch: int = 0,
+    with_index: bool = False,
+    rows: Sequence[int] | None = None,
 ) -> grain.DatasetIterator:
     """Iterator over this process's batches {"x": float32 (B, H, W, C) or (B, 2), "label": int32 (B,)},
     plus "augment": float32 (B, 9), EDM's augmentation labels, for 'train' when data.augment_p > 0.
@@ -416,10 +491,23 @@ def make_iterator(
     shard_index / shard_count default to jax.process_index() / jax.process_count(). 'train' is shuffled
     with `seed` (default config.seed) and repeats forever; other splits are one ordered pass unless asked.
     `worker_count > 0` reads in that many worker processes (same batches, same order).
+    `start_batch` = k starts at global batch k: the trainer resumes step k there, on any topology.
+    `with_index` adds "index": int64 (B,), each example's source index (see GlobalOrder).
+    `rows`: which rows of every global batch this process reads (default: block shard_index of
+    shard_count, `local_rows`); the trainer passes the rows its devices hold in the batch sharding.
     The iterator supports exact `get_state()` / `set_state()`.
     """
     ds = make_dataset(
-        config, split, seed=seed, shard_index=shard_index, shard_count=shard_count, shuffle=shuffle, repeat=repeat
+        config,
+        split,
+        seed=seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        shuffle=shuffle,
+        repeat=repeat,
+        start_batch=start_batch,
+        with_index=with_index,
+        rows=rows,
     )
     if num_threads is None:
         num_threads = max(1, min(8, os.cpu_count() or 1))

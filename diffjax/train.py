@@ -166,6 +166,8 @@ class Logger:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
+            if isinstance(v, str):  # the data fingerprint: metrics.jsonl only
+                continue
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
         self._upload()
@@ -228,14 +230,21 @@ def main(argv: list[str]) -> int:
     t = config.training
 
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
-    train_iter = data.make_iterator(config, "train", seed=int(config.seed), worker_count=args.data_workers)
     manager = trainer.checkpoint_manager(args.workdir, keep=args.keep)
     abstract = jax.eval_shape(lambda s: s, state)
-    restored, start = trainer.restore(manager, shardings, abstract, train_iter)
+    restored, start = trainer.restore(manager, shardings, abstract)
     if restored is not None:
         state = restored
         print(f"resumed from step {start} in {args.workdir}", flush=True)
     step = int(start or 0)
+    # Step k reads global batch k of an order that is a pure function of (seed, position): a resume
+    # on any number of processes or devices continues the exact sequence.
+    rows = trainer.batch_rows(config, mesh)
+    train_iter = data.make_iterator(
+        config, "train", seed=int(config.seed), worker_count=args.data_workers, start_batch=step, with_index=True, rows=rows
+    )
+    order = data.GlobalOrder(config, "train", seed=int(config.seed))  # the fingerprints in metrics.jsonl
+    start_step = step
     if is_main:
         from etils import epath
 
@@ -267,6 +276,7 @@ def main(argv: list[str]) -> int:
     finished = FinishedSteps(step)  # the bar counts steps whose losses are computed, not dispatched
     pending: list[tuple[int, object]] = []  # (first step, device losses) not yet checked
     last_log_time, last_log_step = time.perf_counter(), step
+    last_fp_step = step  # "data" in a log line: the fingerprint of the global batches since the last one
     batch_size = int(t.batch_size)
 
     def check_finite() -> float | None:
@@ -291,6 +301,9 @@ def main(argv: list[str]) -> int:
         while step < n_iters and not preempted():
             n = min(k, n_iters - step)
             local = [next(train_iter) for _ in range(n)]
+            read = local[-1].pop("index")  # which examples this process read for step `step + n`
+            for b in local[:-1]:
+                b.pop("index")
             batches = {key: np.stack([b[key] for b in local]) for key in local[0]}  # x, label (, augment)
             batches = jax.tree.map(lambda a: jax.make_array_from_process_local_data(fused_sharding, a), batches)
             if not config.model.get("num_classes", 0):
@@ -299,12 +312,16 @@ def main(argv: list[str]) -> int:
             pending.append((step, step_losses))
             before, step = step, step + n
             finished.dispatched(step, step_losses)
+            if crossed(t.log_freq, before, step) or step == n_iters or before == start_step:
+                order.check(step - 1, read, rows)  # the examples read are this process's slice of the order
             if crossed(t.log_freq, before, step) or step == n_iters:
                 loss = check_finite()
                 now = time.perf_counter()
                 rate = (step - last_log_step) / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
-                logger.write(step, {"loss": loss, "steps_per_sec": rate, "img_per_sec": rate * batch_size})
+                fp = data.fingerprint(order.indices(last_fp_step, step - last_fp_step)) if is_main else ""
+                last_fp_step = step
+                logger.write(step, {"loss": loss, "steps_per_sec": rate, "img_per_sec": rate * batch_size, "data": fp})
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * batch_size:.0f}")
             if progress is not None:
@@ -317,14 +334,14 @@ def main(argv: list[str]) -> int:
                 logger.write(step, training_fid(state, step))
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
                 check_finite()
-                trainer.save(manager, step, state, train_iter)
+                trainer.save(manager, step, state)
                 path = snapshots.sample_grid(config, graphdef, rest, process, state, logger.samples_dir(), step)
                 if path:
                     logger.image(step, "samples", path)
         if preempted.stopping:
             check_finite()
             print(f"\nSIGTERM at step {step}: saving a checkpoint before exiting", flush=True)
-            trainer.save(manager, step, state, train_iter, force=True)
+            trainer.save(manager, step, state, force=True)
     except FloatingPointError as err:
         print(f"\ndiffjax train: {err}", file=sys.stderr, flush=True)
         return 3

@@ -10,7 +10,8 @@
   jitted program runs `n` fused steps with lax.scan (loss, grad, optax chain, EMAs), buffers donated.
 - `ema_rates`, `ema_key`: the EMA rates a config tracks and their keys in state["ema_extra"].
 - `checkpoint_manager`, `save`, `restore`: orbax CheckpointManager in workdir/checkpoints with
-  the state and the grain iterator state; restore falls back to the previous good step.
+  the train state (the input position is the step: diffjax.data); restore falls back to the
+  previous good step.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def make_mesh(config) -> Mesh:
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """Examples split over all devices; `leading` unsharded axes in front (fused steps)."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
+
+
+def batch_rows(config, mesh: Mesh) -> list[int]:
+    """The rows of the global training batch held by this process's devices (in global order):
+    the rows diffjax.data reads here, so the assembled global batch is the same on any topology."""
+    global_batch = int(config.training.batch_size)
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    rows: set[int] = set()
+    for index in index_map.values():
+        if index is not None:  # (slice of the batch axis,)
+            rows.update(range(global_batch)[index[0]])
+    return sorted(rows)
 
 
 def check_batch_size(config, mesh: Mesh) -> None:
@@ -243,39 +256,29 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
 
 # ---- checkpoints --------------------------------------------------------------------------------
 def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
-    import grain
-
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     directory = f"{workdir}/checkpoints" if "://" in workdir else os.path.abspath(os.path.join(workdir, "checkpoints"))
     return ocp.CheckpointManager(
         directory,
         options=options,
-        item_names=("state", "data"),
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+        item_names=("state",),  # checkpoints written before positions came from the step also hold "data"
+        item_handlers={"state": ocp.StandardCheckpointHandler()},
     )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, data_iter, *, force: bool = False) -> bool:
-    import grain
-
-    return manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-        force=force,
-    )
+def save(manager: ocp.CheckpointManager, step: int, state, *, force: bool = False) -> bool:
+    """Save the train state at `step` (all processes). The input position needs no saving: step k
+    reads global batch k (diffjax.data), whatever the topology."""
+    return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
 
 
-def restore(
-    manager: ocp.CheckpointManager, shardings, abstract_state, data_iter=None, *, only: tuple[str, ...] | None = None
-):
+def restore(manager: ocp.CheckpointManager, shardings, abstract_state, *, only: tuple[str, ...] | None = None):
     """Restore the newest readable step onto `shardings`; (state, step) or (None, None).
 
     A step that fails to restore (truncated or corrupted files) is reported and skipped, and the
     previous one is tried. `only` restores just those entries of the state (e.g. ("ema",) to serve:
     the optimiser state is neither read nor required to match).
     """
-    import grain
-
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     if only is not None:  # read just these entries, through the PyTree handler's partial restore
         target = {k: target[k] for k in only}
@@ -301,15 +304,5 @@ def restore(
                 flush=True,
             )
             continue
-        if data_iter is not None:
-            try:
-                manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except Exception as err:  # noqa: BLE001
-                print(
-                    f"warning: the input iterator state of step {step} was not restored ({type(err).__name__}: "
-                    f"{str(err)[:200]}; e.g. a different process count); the input order restarts from its "
-                    "seed",
-                    flush=True,
-                )
         return state, step
     return None, None

@@ -88,10 +88,10 @@ def test_shards_partition_the_global_batches():
     s1 = take(data.make_iterator(config, "train", shard_index=1, shard_count=2), 15)
     for f, a, b in zip(full, s0, s1):
         assert a["x"].shape == b["x"].shape == (50, 8, 8, 1)
-        # process i's local batch is global_batch[i::2]
-        np.testing.assert_array_equal(a["x"], f["x"][0::2])
-        np.testing.assert_array_equal(b["x"], f["x"][1::2])
-        np.testing.assert_array_equal(a["label"], f["label"][0::2])
+        # process i's local batch is block i of the global batch (the rows its devices hold)
+        np.testing.assert_array_equal(a["x"], f["x"][:50])
+        np.testing.assert_array_equal(b["x"], f["x"][50:])
+        np.testing.assert_array_equal(a["label"], f["label"][:50])
     # one epoch (15 global batches): the shards are disjoint and together cover the epoch
     h0 = set(row_hashes(np.concatenate([b["x"] for b in s0])))
     h1 = set(row_hashes(np.concatenate([b["x"] for b in s1])))
@@ -99,6 +99,33 @@ def test_shards_partition_the_global_batches():
     n_distinct = len(set(row_hashes(data.make_dataset(digits_config(1500), "train", shard_count=1, shard_index=0)[0]["x"])))
     assert len(epoch) == n_distinct  # the global order is a permutation of the train images
     assert not h0 & h1 and h0 | h1 == epoch
+
+
+def test_start_batch_and_indices_follow_the_global_order_on_any_shard_count():
+    """Global batch k is the same examples, with the same augmentation draws, whether read from the
+    start or from start_batch=k, by 1, 2 or 4 processes (across an epoch boundary: 15 batches of
+    100 per epoch); "index" names them and GlobalOrder gives them without reading data."""
+    config = digits_config(100, random_flip=True, uniform_dequantization=True)
+    order = data.GlobalOrder(config)
+    full = take(data.make_iterator(config, "train", shard_index=0, shard_count=1, with_index=True), 18)
+    np.testing.assert_array_equal(np.stack([b["index"] for b in full]), order.indices(0, 18))
+    assert sorted(order.indices(0, 15).ravel()) == list(range(1500))  # one epoch: a permutation
+    for count in (1, 2, 4):
+        for i in range(count):
+            it = data.make_iterator(config, "train", shard_index=i, shard_count=count, start_batch=13, with_index=True)
+            rows = data.local_rows(100, i, count)
+            for k, b in zip(range(13, 18), take(it, 5)):
+                order.check(k, b["index"], rows)
+                np.testing.assert_array_equal(b["x"], full[k]["x"][rows])
+    # any rows (a mesh whose devices interleave processes): row r is still global position k G + r
+    rows = list(range(1, 100, 4)) + list(range(3, 100, 4))
+    it = data.make_iterator(config, "train", start_batch=2, with_index=True, rows=rows, shard_index=0, shard_count=2)
+    for k, b in zip(range(2, 4), take(it, 2)):
+        order.check(k, b["index"], rows)
+        np.testing.assert_array_equal(b["x"], full[k]["x"][rows])
+    with pytest.raises(RuntimeError, match="input order mismatch at global batch 14"):
+        order.check(14, full[13]["index"], range(100))
+    assert data.fingerprint(order.indices(3, 2)) != data.fingerprint(order.indices(4, 2))
 
 
 def test_default_shards_from_jax_process():

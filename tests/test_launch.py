@@ -497,7 +497,6 @@ def test_local_launcher_trains_with_two_processes(tmp_path):
     assert "[proc 0] done: step 4" in res.stdout and "[proc 1] done: step 4" in res.stdout
     steps = sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*") if os.path.basename(p).isdigit())
     assert steps == [2, 4]
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(workdir / "checkpoints" / "4" / "data"))
     assert [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")] == [2, 4]  # process 0 logs
 
 
