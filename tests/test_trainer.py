@@ -54,20 +54,24 @@ def final_params(workdir):
 
 
 def test_kill9_and_resume_is_bit_identical(tmp_path):
+    """Killed with kill -9 three times at random moments and resumed: bit-identical to an uninterrupted run."""
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     common = ["--config.training.n_iters=40", "--config.training.snapshot_freq=4"]
     # The reference run also evaluates (eval must not touch the training state or its RNG).
     res = run(train_cmd("ref", *common, "--config.training.eval_freq=10"), cwd=tmp_path)  # relative workdir
     assert res.returncode == 0, res.stderr[-2000:]
-    proc = subprocess.Popen(
-        train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 240
-    while time.time() < deadline and not any(s >= 12 for s in steps_in(killed)):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 0 < max(steps_in(killed)) < 40, "the kill must land mid-run"
+    moments = np.random.default_rng(0)
+    for at_least in (8, 16, 24):  # three kill -9s, each a random moment after that step is saved
+        proc = subprocess.Popen(
+            train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(s >= at_least for s in steps_in(killed)):
+            time.sleep(0.05)
+        time.sleep(moments.uniform(0.0, 0.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert 0 < max(steps_in(killed)) < 40, "the kill must land mid-run"
     res = run(train_cmd(killed, *common))
     assert res.returncode == 0 and "resumed from step" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
     step_a, params_a, rng_a = final_params(ref)
@@ -310,10 +314,12 @@ def test_bad_ema_rates_are_refused(rates, bad):
     load_config(f"{ROOT}/configs/toy/eight_gaussians.py", ["--config.training.ema_rate=0.0"])  # still allowed
 
 
-def test_ema_moves_only_when_grad_accumulation_applies_an_update():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ema_moves_only_when_grad_accumulation_applies_an_update(dtype):
     """grad_accum_steps=4: params change at micro-steps 4 and 8 only, and the EMA equals the one
     computed from those two applied updates (it used to move at every micro-step); so does each
-    extra EMA of training.ema_rates, kept in state["ema_extra"] (same shardings as the params)."""
+    extra EMA of training.ema_rates, kept in state["ema_extra"] (same shardings as the params).
+    bfloat16 compute keeps params and every EMA in float32."""
     from diffjax import trainer
     from diffjax.configuration import load_config
 
@@ -325,6 +331,7 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
             "--config.training.ema_rate=0.9",
             "--config.training.ema_rates=(0.5,)",
             "--config.optim.warmup=0",
+            f"--config.model.dtype={dtype}",
         ],
     )
     mesh = trainer.make_mesh(config)
@@ -351,7 +358,7 @@ def test_ema_moves_only_when_grad_accumulation_applies_an_update():
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7), state["ema"], ema)
     got = state["ema_extra"]["0.5"]
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7), got, fast)
-    assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves((got, state["ema"], state["params"])))
     # no ema_extra entry when ema_rates is empty: old checkpoints restore as before
     plain = load_config(f"{ROOT}/configs/toy/eight_gaussians.py", ["--config.training.batch_size=32"])
     assert "ema_extra" not in trainer.state_layout(plain, mesh)[0]
