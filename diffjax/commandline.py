@@ -85,6 +85,7 @@ def _number(kind, test, what: str):
 positive_int = _number(int, lambda v: v > 0, "positive")
 non_negative_int = _number(int, lambda v: v >= 0, ">= 0")
 positive_float = _number(float, lambda v: v > 0, "positive")
+non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
 port = _number(int, lambda v: 0 <= v <= 65535, "in [0, 65535]")
 
 

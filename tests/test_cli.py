@@ -70,6 +70,7 @@ USAGE_MISTAKES = [
     (["sample", "--workdir", "w", "--bogus"], "unrecognized arguments: --bogus"),
     (["serve", "--workdir", "w", "--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
     (["serve", "--workdir", "w", "--tls_cert", "c.pem"], "--tls_cert and --tls_key go together"),
+    (["serve", "--workdir", "w", "--reload_s", "-1"], "argument --reload_s: must be >= 0, got -1"),
     (["client", "sample", "--option", "eta"], "argument --option: must look like NAME=NUMBER, got 'eta'"),
     (["client", "sample", "--tls_ca", "/nonexistent.pem"], "--tls_ca /nonexistent.pem: No such file"),
     (["eval", "frobnicate"], "unknown command 'frobnicate'"),

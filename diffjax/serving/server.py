@@ -374,11 +374,11 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     p.add_argument("--max_message_bytes", type=commandline.positive_int, default=d.max_message_bytes)
     p.add_argument(
         "--reload_s",
-        type=commandline.positive_float,
+        type=commandline.non_negative_float,
         default=d.reload_s,
-        help="seconds between checks for a newer checkpoint",
+        help="seconds between checks for a newer checkpoint (0: never)",
     )
-    p.add_argument("--grace_s", type=commandline.positive_float, default=d.grace_s, help="shutdown drain time")
+    p.add_argument("--grace_s", type=commandline.non_negative_float, default=d.grace_s, help="shutdown drain time")
     p.add_argument(
         "--admission",
         choices=ADMISSION,
