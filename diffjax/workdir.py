@@ -73,6 +73,11 @@ class Workdir:
         self.manager.reload()
         return self.manager.latest_step()
 
+    @property
+    def ema_suffix(self) -> str:
+        """'' for training.ema_rate's EMA, else '_ema<RATE>': results of another EMA get other file names."""
+        return "" if self._ema_key is None else f"_ema{self.ema_rate!r}"
+
     def restore(self, only: tuple[str, ...] | None = None):
         """(state, step) of the newest readable checkpoint (just the `only` entries if given);
         exits with a message if there is none. state["ema"] is the selected EMA (see __init__'s

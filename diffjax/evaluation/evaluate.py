@@ -222,7 +222,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     steps = int(args.steps or w.config.sampling.num_steps)
     seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
     rule = ev.get("quantize", "round")
-    ema = "" if w.ema_rate == float(w.config.training.ema_rate) else f"_ema{w.ema_rate!r}"  # --ema: another set
+    ema = w.ema_suffix  # --ema: another set
     out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}{ema}")
     protocol = generate.write_samples(
         w,
@@ -335,7 +335,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
         data_range=[lo, hi],
         wall_s=round(time.perf_counter() - start, 2),
     )
-    ema = "" if w.ema_rate == float(w.config.training.ema_rate) else f"_ema{w.ema_rate!r}"
+    ema = w.ema_suffix
     return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}{ema}.json"), step, result, protocol)
 
 
