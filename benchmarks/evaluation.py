@@ -37,43 +37,53 @@ def _best(fn, repeats):
     return min(times), statistics.median(times)
 
 
-def inception_rows(num: int, batch: int, repeats: int, skip_torch: bool):
+def inception_rows(num: int, batch: int, repeats: int, skip_torch: bool, precisions: list[str]):
+    """One (ours, pytorch-fid) pair of rows per precision: 'highest' is exact f32 (cuDNN TF32 off in
+    torch); 'default' lets both use TF32 convolutions where the GPU has them (torch's own default)."""
     import torch
     from torch_peers import fid_inception_peer
 
     from diffjax.evaluation import inception, inception_weights
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count())
     net, inner = fid_inception_peer(seed=0)
+    net = net.to(device)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "random_inception.pth")
         torch.save(inner.state_dict(), path)
-        model = inception.create(inception_weights.load_pytorch_fid_weights(path))
+        weights = inception_weights.load_pytorch_fid_weights(path)
     images = np.random.default_rng(0).integers(0, 256, (num, 32, 32, 3), dtype=np.uint8)
-    ours = lambda: inception.features(model, images, batch)  # noqa: E731
-    t0 = time.perf_counter()
-    pool_ours, _ = ours()
-    first = time.perf_counter() - t0
-    best, med = _best(ours, repeats)
-    rows = [("diffjax (JAX, jit, NHWC)", num / med, num / best, first)]
-    if skip_torch:
-        return rows, None
+    rows, diffs = [], {}
+    for precision in precisions:
+        model = inception.create(weights, precision=precision)
+        ours = lambda: inception.features(model, images, batch)  # noqa: E731
+        t0 = time.perf_counter()
+        pool_ours, _ = ours()
+        first = time.perf_counter() - t0
+        best, med = _best(ours, repeats)
+        rows.append((f"diffjax (JAX, jit, NHWC), precision {precision}", num / med, num / best, first))
+        if skip_torch:
+            continue
+        torch.backends.cudnn.allow_tf32 = precision != "highest"
+        torch.backends.cuda.matmul.allow_tf32 = False  # torch's default: the fc stays f32
 
-    def peer():
-        out = []
-        with torch.no_grad():
-            for i in range(0, num, batch):
-                x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float() / 255
-                out.append(net(x)[0].flatten(1))
-        return torch.cat(out).numpy()
+        def peer():
+            out = []
+            with torch.no_grad():
+                for i in range(0, num, batch):
+                    x = torch.from_numpy(images[i : i + batch]).to(device).permute(0, 3, 1, 2).float() / 255
+                    out.append(net(x)[0].flatten(1))
+                return torch.cat(out).cpu().numpy()  # synchronises, as our features() returns host arrays
 
-    t0 = time.perf_counter()
-    pool_peer = peer()
-    first = time.perf_counter() - t0
-    best, med = _best(peer, repeats)
-    rows.append((f"pytorch-fid (torch {torch.__version__})", num / med, num / best, first))
-    diff = float(np.max(np.abs(pool_ours - pool_peer)) / np.max(np.abs(pool_peer)))
-    return rows, diff
+        t0 = time.perf_counter()
+        pool_peer = peer()
+        first = time.perf_counter() - t0
+        best, med = _best(peer, repeats)
+        tf32 = "TF32 convs" if torch.backends.cudnn.allow_tf32 and device == "cuda" else "f32"
+        rows.append((f"pytorch-fid (torch {torch.__version__}, {device}, {tf32})", num / med, num / best, first))
+        diffs[precision] = float(np.max(np.abs(pool_ours - pool_peer)) / np.max(np.abs(pool_peer)))
+    return rows, diffs
 
 
 def generation_row(num: int, shard_size: int, steps: int):
@@ -103,20 +113,24 @@ def main() -> None:
     p.add_argument("--gen_num", type=int, default=2000, help="samples of the generation row (0: skip)")
     p.add_argument("--gen_steps", type=int, default=100)
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument(
+        "--precisions", default="highest", help="comma-separated inception.create precisions (GPU: highest,default)"
+    )
     args = p.parse_args()
     import jax
 
     print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} devices, {os.cpu_count()} cpus)")
-    rows, diff = inception_rows(args.num, args.batch, args.repeats, args.skip_torch)
+    precisions = args.precisions.split(",")
+    rows, diffs = inception_rows(args.num, args.batch, args.repeats, args.skip_torch, precisions)
     print(f"\nFID Inception-v3, {args.num} random 32x32 uint8 images -> 299x299, batch {args.batch}, float32\n")
     print("| implementation | features/s (median) | features/s (best) | first run incl. compile (s) |")
     print("|---|---:|---:|---:|")
     for name, med, best, first in rows:
         print(f"| {name} | {med:.1f} | {best:.1f} | {first:.1f} |")
-    if diff is not None:
+    for i, precision in enumerate(diffs):
         print(
-            f"\nratio diffjax / pytorch-fid (median): {rows[0][1] / rows[1][1]:.2f}; "
-            f"max |pool3 difference| / max |pool3| = {diff:.1e}"
+            f"\nprecision {precision}: ratio diffjax / pytorch-fid (median) {rows[2 * i][1] / rows[2 * i + 1][1]:.2f}; "
+            f"max |pool3 difference| / max |pool3| = {diffs[precision]:.1e}"
         )
     if args.gen_num:
         g = generation_row(args.gen_num, min(1000, args.gen_num), args.gen_steps)

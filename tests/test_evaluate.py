@@ -71,7 +71,8 @@ def test_workdir_eval_writes_numbers_with_protocol_and_reuses_the_set(workdir):
     assert images.shape == (300, 8, 8, 1)
     res2 = _diffjax("eval", f"--workdir={workdir}", "--num=300", "--shard_size=100", "--no_progress")
     assert res2.returncode == 0 and "3 of 3 shards already written" in res2.stdout
-    assert json.loads((workdir / "eval" / "step_2_ddim4_n300.json").read_text())["metrics"] == m
+    again = json.loads((workdir / "eval" / "step_2_ddim4_n300.json").read_text())
+    assert again["metrics"] == m and again["protocol"]["nfe"] == 4  # the reused set's NFE, from its protocol.json
 
 
 def test_digits_command_scores_real_digits_near_the_floor(tmp_path):

@@ -130,6 +130,16 @@ def test_restart_with_other_settings_is_refused(workdir, reference, tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_same_settings_with_tuples_resume(tmp_path):
+    """Options such as clip_x0=(-1, 1) come back from protocol.json as lists: still the same set
+    (`diffjax eval` re-run on a ddpm_cifar10 workdir was refused before)."""
+    protocol = dict(num=8, sampler="ancestral", options={"clip_x0": (-1.0, 1.0)}, data_range=(-1.0, 1.0))
+    generate._agree_protocol(str(tmp_path), protocol)
+    generate._agree_protocol(str(tmp_path), dict(protocol))  # the same set: accepted
+    with pytest.raises(ValueError, match="clip_x0"):
+        generate._agree_protocol(str(tmp_path), dict(protocol, options={"clip_x0": (0.0, 1.0)}))
+
+
 def test_read_set_reports_missing_shards(tmp_path):
     with pytest.raises(FileNotFoundError, match="protocol.json"):
         generate.read_set(str(tmp_path))

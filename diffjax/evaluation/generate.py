@@ -66,7 +66,8 @@ def _agree_protocol(out_dir: str, protocol: dict) -> None:
     path = epath.Path(out_dir) / PROTOCOL_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in protocol.items() if old.get(k) != v}
+        ours = json.loads(json.dumps(protocol))  # as written: tuples (clip_x0's range) read back as lists
+        diff = {k: (old.get(k), v) for k, v in ours.items() if old.get(k) != v}
         if diff:
             raise ValueError(
                 f"{out_dir} already holds a different sample set; differing settings (theirs, yours): "
@@ -74,10 +75,15 @@ def _agree_protocol(out_dir: str, protocol: dict) -> None:
             )
         return
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{PROTOCOL_FILE}.tmp"
-        tmp.write_text(json.dumps(protocol, indent=1))
-        tmp.rename(path)
+        _write_protocol(out_dir, protocol)
+
+
+def _write_protocol(out_dir: str, protocol: dict) -> None:
+    path = epath.Path(out_dir) / PROTOCOL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{PROTOCOL_FILE}.tmp"
+    tmp.write_text(json.dumps(protocol, indent=1))
+    tmp.replace(path)
 
 
 def _write_shard(out_dir: str, shard: int, arrays: dict[str, np.ndarray]) -> None:
@@ -198,6 +204,12 @@ def write_samples(
             bar.update(n)
     if bar is not None:
         bar.close()
+    path = epath.Path(out_dir) / PROTOCOL_FILE
+    written = json.loads(path.read_text()) if path.exists() else {}  # only process 0 writes it
+    if nfe is None:  # every shard was there already: the NFE the set was drawn with
+        nfe = written.get("nfe")
+    elif jax.process_index() == 0 and written.get("nfe") != nfe:
+        _write_protocol(out_dir, dict(written, nfe=nfe))
     protocol["nfe"] = nfe
     protocol["seconds_this_run"] = round(time.perf_counter() - start, 3)
     return protocol
