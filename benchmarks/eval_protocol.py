@@ -63,6 +63,21 @@ def random_inception_weights(path: str) -> None:
         np.savez(f, **arrays)
 
 
+def setup(tmp: str, config: str, ref_num: int, overrides: list[str]) -> None:
+    import jax
+
+    from diffjax.evaluation import evaluate
+
+    params = random_workdir(config, os.path.join(tmp, "workdir"), overrides)
+    weights = os.path.join(tmp, "inception.npz")
+    random_inception_weights(weights)
+    images = np.random.default_rng(1).integers(0, 256, (ref_num, 32, 32, 3), dtype=np.uint8)
+    evaluate.write_reference_stats(images, os.path.join(tmp, "reference.npz"), "random", "none", weights)
+    info = dict(params=params, backend=jax.default_backend(), device=jax.devices()[0].device_kind)
+    with open(os.path.join(tmp, "setup.json"), "w") as f:
+        json.dump(dict(info, devices=jax.device_count(), jax=jax.__version__), f)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(ROOT, "configs/edm/cifar10_ddpmpp.py"))
@@ -72,22 +87,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="default: the config's")
     p.add_argument("--shard_size", type=int, default=5000)
     p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--setup", default=None, help=argparse.SUPPRESS)  # the child process that builds the inputs
     args, overrides = p.parse_known_args()  # --config.a.b=value: the workdir config's overrides
-    import jax
-
-    from diffjax.evaluation import evaluate
-
+    if args.setup:
+        return setup(args.setup, args.config, args.ref_num, overrides)
+    # Every JAX computation runs in a child process: this one holds no accelerator memory.
     tmp = tempfile.mkdtemp(prefix="diffjax-protocol-")
-    workdir, weights, ref = (os.path.join(tmp, n) for n in ("workdir", "inception.npz", "reference.npz"))
-    info = dict(backend=jax.default_backend(), device=jax.devices()[0].device_kind, devices=jax.device_count())
-    print(f"jax {jax.__version__} on {info['devices']} x {info['device']}", flush=True)
+    workdir, ref = os.path.join(tmp, "workdir"), os.path.join(tmp, "reference.npz")
+    weights = os.path.join(tmp, "inception.npz")
     t0 = time.perf_counter()
-    params = random_workdir(args.config, workdir, overrides)
-    random_inception_weights(weights)
-    images = np.random.default_rng(1).integers(0, 256, (args.ref_num, 32, 32, 3), dtype=np.uint8)
-    evaluate.write_reference_stats(images, ref, "random", "none", weights)
-    setup_s = time.perf_counter() - t0
-    print(f"workdir ({params:,} params), weights and reference statistics in {setup_s:.1f} s", flush=True)
+    setup_cmd = [sys.executable, __file__, f"--setup={tmp}", f"--config={args.config}", f"--ref_num={args.ref_num}"]
+    subprocess.run([*setup_cmd, *overrides], check=True, cwd=ROOT)
+    with open(os.path.join(tmp, "setup.json")) as f:
+        info = json.load(f)
+    params = info.pop("params")
+    print(f"workdir ({params:,} params), weights and reference statistics in {time.perf_counter() - t0:.1f} s")
 
     cmd = [sys.executable, "-m", "diffjax", "eval", f"--workdir={workdir}", f"--num={args.num}", f"--ref={ref}"]
     cmd += [f"--inception_weights={weights}", f"--shard_size={args.shard_size}", "--no_progress"]
