@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"ddpm_cifar10": "configs/ddpm_cifar10.py", "ddpmpp_vp": "configs/vp/cifar10_ddpmpp_continuous.py"}
 # --quick: the same code paths on networks small enough for a CPU
 QUICK_MODEL = {
-    "ddpm_cifar10": ["--config.model.nf=32"],
+    "ddpm_cifar10": ["--config.model.nf=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1"],
     "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"],
 }
 # Datasheet dense peaks in FLOP/s: (bfloat16, float32 as the device runs it by default).

@@ -15,6 +15,9 @@ from flax import nnx
 from diffjax import info, likelihood, models, processes, samplers, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import accelerator  # noqa: E402  (benchmarks/accelerator.py: its quick model sizes)
+
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)\b[^\n]*")
 
 
@@ -67,8 +70,10 @@ def test_training_flops_are_counted_on_the_cpu_whatever_the_backend():
 
 
 def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
-    """The benchmark's CPU smoke run: a bf16 train step of the DDPM UNet (shrunk), Heun sampling and
-    the inception row, one JSON with sane numbers; bf16 compute keeps f32 params, EMA, moments."""
+    """The benchmark's CPU smoke run: a bf16 train step of the DDPM UNet (shrunk: 2 levels, 1 block)
+    and Heun sampling, one JSON with sane numbers; bf16 compute keeps f32 params, EMA, moments. (The
+    inception case is left out here: its network is tested in test_inception, and compiling it on the
+    CPU takes ~25 s.)"""
     out = tmp_path / "accel.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     proc = subprocess.run(
@@ -77,7 +82,7 @@ def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
             "benchmarks/accelerator.py",
             "--quick",
             "--only",
-            "train,sample,inception",
+            "train,sample",
             "--dtypes",
             "bfloat16",
             "--train_configs",
@@ -101,14 +106,14 @@ def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
     rows = {" ".join(r["case"]): r["result"] for r in report["results"]}
     train = rows["train ddpm_cifar10 bfloat16"]
     assert train["params"] == models.abstract_param_count(
-        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), ["--config.model.nf=32"]).model, (1, 32, 32, 3)
+        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), accelerator.QUICK_MODEL["ddpm_cifar10"]).model,
+        (1, 32, 32, 3),
     )
     assert train["batch"] == 2 and train["img_s"] > 0 and train["compile_s"] > 0
-    assert 0 < train["mfu"] < 1 and train["flops_per_img"] > 1e9
+    assert 0 < train["mfu"] < 1 and train["flops_per_img"] > 1e8
     assert train["state_dtypes"] == ["float32"]
     heun = rows["sample heun bfloat16"]
     assert heun["nfe"] == 2 * 3 - 1 and heun["samples_s"] > 0
-    assert rows["inception"]["features_s"] > 0 and rows["inception"]["num"] == 8
     assert "| train ddpm_cifar10 bfloat16 |" in proc.stdout  # the printed table
 
 
