@@ -101,6 +101,11 @@ class Process:
         return -0.5 * d * math.log(2 * math.pi * std**2) - 0.5 * sq / std**2
 
     # ---- time -----------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int | None:
+        """The most network evaluations a sampling grid can have: None (any) in continuous time."""
+        return None
+
     def time_grid(self, num_steps: int, spacing: str = "default", rho: float = 7.0) -> Array:
         """num_steps decreasing times from t_max to t_min, then the clean time 0.
 
@@ -112,6 +117,8 @@ class Process:
         'leading' (DDIM's ``range(0, T, T // N)`` skip: diffusers' timestep_spacing='leading').
         """
         check_steps(num_steps)
+        if self.max_steps is not None and num_steps > self.max_steps:
+            raise ValueError(f"num_steps must be <= num_scales={self.max_steps} for {self.name}, got {num_steps}")
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         with jax.ensure_compile_time_eval():  # the grid is a constant, also when traced under jit
@@ -234,6 +241,10 @@ class DDPM(Process):
     def t_max(self) -> float:  # type: ignore[override]
         return float(self.num_scales)
 
+    @property
+    def max_steps(self) -> int | None:
+        return self.num_scales  # one network evaluation per step of the chain at most
+
     def betas(self) -> np.ndarray:
         """beta_1..beta_T as float64 numpy (the schedule is a constant of the model)."""
         T = self.num_scales
@@ -259,14 +270,10 @@ class DDPM(Process):
 
     def _default_grid(self, num_steps: int) -> Array:
         """num_steps integer steps evenly spaced from T down to 1 (DDIM's subsequence)."""
-        if num_steps > self.num_scales:
-            raise ValueError(f"num_steps must be <= num_scales={self.num_scales} for ddpm, got {num_steps}")
         return jnp.asarray(np.round(np.linspace(self.num_scales, 1, num_steps)), jnp.float32)
 
     def _leading_grid(self, num_steps: int) -> Array:
         """DDIM's steps i * (T // N) for i = N-1..0, as times t = step + 1."""
-        if num_steps > self.num_scales:
-            raise ValueError(f"num_steps must be <= num_scales={self.num_scales} for ddpm, got {num_steps}")
         return jnp.asarray(np.arange(num_steps)[::-1] * (self.num_scales // num_steps) + 1.0, jnp.float32)
 
     def sample_train_time(self, key, batch):

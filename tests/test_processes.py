@@ -118,8 +118,10 @@ def test_bad_input_errors():
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps must be a positive integer"):
             processes.get("vp").time_grid(bad)
-    with pytest.raises(ValueError, match="num_steps must be <= num_scales"):
-        processes.get("ddpm").time_grid(1001)
+    for spacing in ("default", "leading", "karras", "logsnr"):  # every grid of the chain: at most T steps
+        with pytest.raises(ValueError, match="num_steps must be <= num_scales=1000 for ddpm"):
+            processes.get("ddpm").time_grid(1001, spacing)
+    assert processes.get("ddpm", num_scales=20).max_steps == 20 and processes.get("vp").max_steps is None
     with pytest.raises(ValueError, match="spacing must be one of"):
         processes.get("vp").time_grid(10, "cubic")
     with pytest.raises(ValueError, match="prediction must be one of"):

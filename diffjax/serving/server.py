@@ -273,7 +273,6 @@ class Server:
 
     def _load(self) -> None:
         from diffjax import network
-        from diffjax.processes import DDPM
         from diffjax.serving.engine import Engine
         from diffjax.workdir import Workdir
 
@@ -282,8 +281,8 @@ class Server:
         state, step = self.source.restore(only=("ema",))
         config, process = self.source.config, self.source.process
         max_steps = self.options.max_steps
-        if isinstance(process, DDPM):  # the only discrete process: at most num_scales steps
-            max_steps = min(max_steps, int(process.num_scales))
+        if process.max_steps is not None:  # ddpm: at most num_scales steps
+            max_steps = min(max_steps, process.max_steps)
         shape = network.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
         engine = Engine(
