@@ -9,25 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from tiny_configs import DIGITS
 
 from diffjax.evaluation import digits, evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    f"--config={ROOT}/configs/digits.py",
-    "--config.training.n_iters=2",
-    "--config.training.snapshot_freq=2",
-    "--config.training.eval_freq=0",
-    "--config.training.batch_size=16",
-    "--config.training.n_jitted_steps=1",
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
-    "--config.sampling.sampler=ddim",
-    "--config.sampling.num_steps=4",
-    "--no_progress",
-]
+TINY = DIGITS
 
 
 def _env(devices=1):

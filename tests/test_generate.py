@@ -10,27 +10,13 @@ import time
 
 import numpy as np
 import pytest
+from tiny_configs import DIGITS
 
 from diffjax.evaluation import generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny class-conditional digits UNet trained for 2 steps: a real checkpoint, fast to sample.
-TINY = [
-    f"--config={ROOT}/configs/digits.py",
-    "--config.training.n_iters=2",
-    "--config.training.snapshot_freq=2",
-    "--config.training.eval_freq=0",
-    "--config.training.batch_size=16",
-    "--config.training.n_jitted_steps=1",
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
-    "--config.sampling.sampler=ddim",
-    "--config.sampling.num_steps=4",
-    "--config.model.num_classes=10",
-    "--no_progress",
-]
+TINY = [*DIGITS, "--config.model.num_classes=10"]
 SAMPLE = ["--sampler=ancestral", "--steps=4", "--seed=3", "--no_progress"]
 
 

@@ -12,6 +12,7 @@ import textwrap
 import time
 
 import pytest
+from tiny_configs import TOY
 
 from launch import gpu, local, tpu
 
@@ -456,18 +457,7 @@ def test_slurm_template_runs_one_identical_task_per_node(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Local multi-process launcher.
 
-TINY = [
-    f"--config={ROOT}/configs/toy/eight_gaussians.py",
-    "--config.training.batch_size=32",
-    "--config.training.n_jitted_steps=2",
-    "--config.training.log_freq=2",
-    "--config.training.eval_freq=0",
-    "--config.sampling.sampler=ddim",
-    "--config.sampling.num_steps=4",
-    "--config.model.nf=32",
-    "--config.optim.warmup=0",
-    "--no_progress",
-]
+TINY = TOY
 
 
 def test_local_launcher_trains_with_two_processes(tmp_path):

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from tiny_configs import DIGITS, config_file_and_overrides
 
 from diffjax.serving import Client, protos, subprocess_server
 from diffjax.serving import sampling_pb2 as pb
@@ -19,23 +20,7 @@ from diffjax.serving.client import tensor_to_numpy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOTS = 8
 # A tiny class-conditional digits UNet, trained for 2 steps: enough for a real checkpoint.
-TINY = [
-    f"--config={ROOT}/configs/digits.py",
-    "--config.training.n_iters=2",
-    "--config.training.snapshot_freq=2",
-    "--config.training.eval_freq=0",
-    "--config.training.batch_size=16",
-    "--config.training.n_jitted_steps=1",
-    "--config.model.nf=8",
-    "--config.model.ch_mult=(1,)",
-    "--config.model.num_res_blocks=1",
-    "--config.model.attn_resolutions=()",
-    "--config.sampling.sampler=ddim",
-    "--config.model.num_classes=10",
-    "--config.training.label_dropout=0.2",
-    "--config.sampling.num_steps=4",
-    "--no_progress",
-]
+TINY = [*DIGITS, "--config.model.num_classes=10", "--config.training.label_dropout=0.2"]
 
 
 def _env():
@@ -381,7 +366,7 @@ def test_admission_policy_with_a_huge_request_ahead(admission):
     from diffjax.serving.engine import Engine
     from diffjax.serving.scheduler import Job, Scheduler, wait_events
 
-    config = load_config(TINY[0].split("=", 1)[1], [a for a in TINY[1:] if a.startswith("--config.")])
+    config = load_config(*config_file_and_overrides(TINY))
     graphdef, params, rest = nnx.split(models.create(config.model, 0), nnx.Param, ...)
     process = trainer.build_process(config)
     den = trainer.network_denoiser(graphdef, rest, process, config, params)

@@ -11,21 +11,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from tiny_configs import TOY, config_file_and_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny, fast config: the MLP on the 8-Gaussians, cheap snapshots.
-TINY = [
-    f"--config={ROOT}/configs/toy/eight_gaussians.py",
-    "--config.training.batch_size=32",
-    "--config.training.n_jitted_steps=2",
-    "--config.training.log_freq=2",
-    "--config.training.eval_freq=0",
-    "--config.sampling.sampler=ddim",
-    "--config.sampling.num_steps=4",
-    "--config.model.nf=32",
-    "--config.optim.warmup=0",
-    "--no_progress",
-]
+TINY = TOY
 
 
 def train_cmd(workdir, *extra):
@@ -288,7 +278,7 @@ def test_data_workers_train_and_resume(tmp_path):
     again = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4", "--data_workers=2"))
     assert again.returncode == 0 and "resumed from step 4" in again.stdout, again.stderr[-2000:]
     assert max(steps_in(workdir)) == 8
-    order = data.GlobalOrder(load_config(TINY[0].split("=", 1)[1], [a for a in TINY if a.startswith("--config.")]))
+    order = data.GlobalOrder(load_config(*config_file_and_overrides(TINY)))
     assert data_fingerprints(workdir) == {s: data.fingerprint(order.indices(s - 2, 2)) for s in (2, 4, 6, 8)}
     bad = run(train_cmd(tmp_path / "b", "--data_workers=-1"))
     assert bad.returncode == 2 and "argument --data_workers: must be >= 0, got -1" in bad.stderr
