@@ -196,15 +196,14 @@ def case_sample(sampler: str, dtype: str, args) -> dict:
     )
 
 
-def case_workdir(name: str, directory: str, quick: bool) -> dict:
-    """A servable workdir (config.json + an orbax checkpoint of freshly initialised weights): the
-    server's speed does not depend on the weights' values."""
+def random_workdir(config, directory: str) -> int:
+    """config.json + an orbax checkpoint (step 0) of freshly initialised weights (speed does not
+    depend on the weights' values); returns the parameter count."""
     import jax
     import orbax.checkpoint as ocp
 
     from diffjax import trainer
 
-    config = _config(name, quick)
     state, *_ = trainer.init_state(config, trainer.make_mesh(config))
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -212,7 +211,12 @@ def case_workdir(name: str, directory: str, quick: bool) -> dict:
     with ocp.CheckpointManager(os.path.abspath(os.path.join(directory, "checkpoints")), item_names=("state",)) as manager:
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         manager.wait_until_finished()
-    return dict(params=int(sum(a.size for a in jax.tree.leaves(state["params"]))))
+    return int(sum(a.size for a in jax.tree.leaves(state["params"])))
+
+
+def case_workdir(name: str, directory: str, quick: bool) -> dict:
+    """A servable workdir of random weights: the server's speed does not depend on their values."""
+    return dict(params=random_workdir(_config(name, quick), directory))
 
 
 def case_server(model: str, args) -> dict:
@@ -284,6 +288,22 @@ def case_torch(mode: str, args) -> dict:
     )
 
 
+def random_inception_weights() -> dict:
+    """The FID Inception's state dict (the published file's keys and shapes) with random values of a
+    realistic scale (BatchNorm variances near 1)."""
+    import numpy as np
+
+    from diffjax.evaluation import inception
+
+    rng = np.random.default_rng(0)
+    return {
+        k: (rng.uniform(0.5, 1.5, s) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, s)).astype(
+            np.float32
+        )
+        for k, s in inception.state_dict_shapes().items()
+    }
+
+
 def case_inception(args) -> dict:
     """FID Inception-v3 features/s at random weights (speed does not depend on their values)."""
     import numpy as np
@@ -291,13 +311,7 @@ def case_inception(args) -> dict:
     from diffjax.evaluation import inception
 
     rng = np.random.default_rng(0)
-    weights = {
-        k: (rng.uniform(0.5, 1.5, s) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, s)).astype(
-            np.float32
-        )
-        for k, s in inception.state_dict_shapes().items()
-    }
-    model = inception.create(weights)
+    model = inception.create(random_inception_weights())
     batch = 8 if args.quick else args.inception_batch
     images = rng.integers(0, 256, (batch * (1 if args.quick else 4), 32, 32, 3), dtype=np.uint8)
     t0 = time.perf_counter()

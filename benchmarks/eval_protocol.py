@@ -27,50 +27,20 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-
-def random_workdir(config_path: str, directory: str, overrides: list[str]) -> int:
-    """config.json + an orbax checkpoint (step 0) of freshly initialised weights; returns the
-    parameter count."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from diffjax import trainer
-    from diffjax.configuration import load_config
-
-    config = load_config(config_path, overrides)
-    state, *_ = trainer.init_state(config, trainer.make_mesh(config))
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(directory), "checkpoints"), item_names=("state",)) as m:
-        m.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        m.wait_until_finished()
-    return int(sum(a.size for a in jax.tree.leaves(state["params"])))
-
-
-def random_inception_weights(path: str) -> None:
-    """A torch-free weights file (.npz, the published file's keys and shapes) with random values of a
-    realistic scale (BatchNorm variances near 1)."""
-    from diffjax.evaluation import inception
-
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for k, shape in inception.state_dict_shapes().items():
-        v = rng.uniform(0.5, 1.5, shape) if k.endswith(("running_var", "bn.weight")) else rng.normal(0, 0.05, shape)
-        arrays[k] = v.astype(np.float32)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # accelerator.py: random weights
 
 
 def setup(tmp: str, config: str, ref_num: int, overrides: list[str]) -> None:
     import jax
+    from accelerator import random_inception_weights, random_workdir
 
+    from diffjax.configuration import load_config
     from diffjax.evaluation import evaluate
 
-    params = random_workdir(config, os.path.join(tmp, "workdir"), overrides)
+    params = random_workdir(load_config(config, overrides), os.path.join(tmp, "workdir"))
     weights = os.path.join(tmp, "inception.npz")
-    random_inception_weights(weights)
+    with open(weights, "wb") as f:  # a torch-free weights file, as `diffjax eval convert-inception` writes
+        np.savez(f, **random_inception_weights())
     images = np.random.default_rng(1).integers(0, 256, (ref_num, 32, 32, 3), dtype=np.uint8)
     evaluate.write_reference_stats(images, os.path.join(tmp, "reference.npz"), "random", "none", weights)
     info = dict(params=params, backend=jax.default_backend(), device=jax.devices()[0].device_kind)
