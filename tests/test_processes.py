@@ -118,7 +118,8 @@ def test_bad_input_errors():
     for bad in (0, -3, 2.5):
         with pytest.raises(ValueError, match="num_steps must be a positive integer"):
             processes.get("vp").time_grid(bad)
-    for spacing in ("default", "leading", "karras", "logsnr"):  # every grid of the chain: at most T steps
+    # at most T steps, checked before the spacing (karras / logsnr then fail on ddpm for their own reason)
+    for spacing in ("default", "leading", "karras", "logsnr"):
         with pytest.raises(ValueError, match="num_steps must be <= num_scales=1000 for ddpm"):
             processes.get("ddpm").time_grid(1001, spacing)
     assert processes.get("ddpm", num_scales=20).max_steps == 20 and processes.get("vp").max_steps is None
