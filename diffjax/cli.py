@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         commandline.usage_error("diffjax", f"unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
+    from diffjax import storage
+
+    storage.configure()  # $STORAGE_EMULATOR_HOST reaches every GCS client in the process
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -42,14 +42,13 @@ import functools
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from diffjax import augment
+from diffjax import augment, storage
 
 TOY_DATASETS = ("eight_gaussians", "swiss_roll", "two_moons")
 TOY_SIZES = {"train": 65536, "eval": 4096, "test": 4096}
@@ -128,7 +127,7 @@ class FolderSource:
     def __getitem__(self, i):
         from PIL import Image
 
-        with Image.open(self.files[i]) as img:
+        with storage.path(self.files[i]).open("rb") as f, Image.open(f) as img:  # local or gs://
             x = np.asarray(img.convert(self.mode), np.uint8)
         return {"x": x[..., None] if x.ndim == 2 else x, "label": 0}
 
@@ -171,10 +170,10 @@ def _toy(name: str, split: str) -> np.ndarray:
 
 
 def _folder_files(name: str) -> list[str]:
-    root = Path(name[len(FOLDER_PREFIX) :]).expanduser()
+    root = storage.path(name[len(FOLDER_PREFIX) :]).expanduser()
     if not root.is_dir():
         raise ValueError(f"data.dataset={name!r}: {str(root)!r} is not a directory")
-    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not files:
         raise ValueError(f"data.dataset={name!r}: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
     return files
@@ -234,8 +233,33 @@ def _source(config, split: str):
         raise ValueError(
             f"TFDS dataset {name!r} has {channels}-channel images but data.num_channels is {config.data.num_channels}"
         )
-    source = tfds.data_source(name, split=_tfds_split(builder, split), data_dir=data_dir)
+    try:  # download=False: a worker never downloads (every host of a pod would start the same download)
+        source = tfds.data_source(name, split=_tfds_split(builder, split), data_dir=data_dir, download=False)
+    except (AssertionError, NotImplementedError, FileNotFoundError):
+        check_array_record(builder, name)  # says what to run
+        raise
     return TfdsSource(source, has_label), kind
+
+
+def _build_command(builder, name: str) -> str:
+    return f"tfds build {name} --data_dir={builder._data_dir_root} --file_format=array_record"
+
+
+def check_array_record(builder, name: str) -> None:
+    """A ValueError saying what to run unless the dataset is prepared in ArrayRecord, the only
+    format tfds.data_source (random access) reads."""
+    if not builder.is_prepared():
+        raise ValueError(
+            f"data.dataset={name!r} is not prepared in {builder.data_dir}; prepare it once, on one host, with "
+            f"`{_build_command(builder, name)}` (workers never download)"
+        )
+    formats = {f.value for f in builder.info.available_file_formats()}
+    if "array_record" not in formats:
+        raise ValueError(
+            f"data.dataset={name!r} in {builder.data_dir} is prepared as {'/'.join(sorted(formats))}, but random "
+            f"access needs ArrayRecord: convert it with `tfds convert_format --dataset_version_dir={builder.data_dir} "
+            f"--out_file_format=array_record` or rebuild it with `{_build_command(builder, name)}`"
+        )
 
 
 def _num_channels(config) -> int:
@@ -591,7 +615,7 @@ def dataset_info(config) -> dict:
             try:
                 import tensorflow_datasets as tfds
 
-                num_examples[split] = len(tfds.data_source(name, split=tfds_split, data_dir=data_dir))
+                num_examples[split] = len(tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False))
             except Exception:  # split absent or data not prepared
                 pass
     return dict(shape=shape, num_classes=num_classes, num_examples=num_examples)

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
 
 _COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
-def scatter_png(panels: list[tuple[str, np.ndarray]], path: str | Path, size: int = 360, lim: float | None = None) -> Path:
+def scatter_png(panels: list[tuple[str, np.ndarray]], path, size: int = 360, lim: float | None = None) -> epath.Path:
     """Side-by-side scatter plots of 2-D point sets [(title, (N, 2)), ...] on shared axes."""
     arrays = [np.asarray(p, np.float64) for _, p in panels]
     lim = lim or 1.1 * max(float(np.abs(a).max()) for a in arrays)
@@ -29,10 +29,18 @@ def scatter_png(panels: list[tuple[str, np.ndarray]], path: str | Path, size: in
         color = _COLORS[i % len(_COLORS)]
         for u, v in zip(px, py):
             draw.point([(u, v), (u + 1, v), (u, v + 1), (u + 1, v + 1)], fill=color)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+    return save_png(img, path)
+
+
+def save_png(img: Image.Image, path) -> epath.Path:
+    """A Pillow image -> a PNG at `path` (local or gs://, written atomically)."""
+    import io
+
+    from diffjax import storage
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return storage.write_bytes(path, buf.getvalue())
 
 
 def to_uint8(images: np.ndarray, data_range=(-1.0, 1.0)) -> np.ndarray:

@@ -6,11 +6,9 @@ Sampling itself (and `diffjax sample`) is diffjax.sample; opening a workdir is d
 
 from __future__ import annotations
 
-import os
-
 import jax
 
-from diffjax import losses
+from diffjax import losses, storage
 from diffjax.sample import data_range, generate, host_array, save_samples
 
 __all__ = ["sample_grid", "EvalLoss"]
@@ -21,8 +19,7 @@ def sample_grid(config, graphdef, rest, process, state, workdir: str, step: int,
     x = generate(config, graphdef, rest, process, state["ema"], num, seed=step)
     if jax.process_index() != 0:
         return None
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    return save_samples(x, os.path.join(workdir, "samples", f"step_{step:08d}.png"), data_range(config))[0]
+    return save_samples(x, str(storage.path(workdir) / "samples" / f"step_{step:08d}.png"), data_range(config))[0]
 
 
 class EvalLoss:

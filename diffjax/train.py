@@ -41,6 +41,12 @@ def parse_args(argv: list[str]):
         help="input worker processes per host (grain); 0 = threads in the training process. "
         "Use some when per-example work (decoding, data.augment_p) limits img/s",
     )
+    parser.add_argument(
+        "--log_upload_s",
+        type=commandline.positive_float,
+        default=30.0,
+        help="remote (gs://) workdir: seconds between background uploads of metrics.jsonl / TensorBoard files",
+    )
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse(argv)
     if args.coordinator_address and (args.num_processes is None or args.process_id is None):
@@ -121,16 +127,11 @@ class FinishedSteps:
 
 
 def check_workdir(workdir: str) -> None:
-    if "://" in workdir:
-        return  # remote (gs://): orbax / etils report permission problems themselves
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        commandline.usage_error("diffjax train", f"cannot write to --workdir {workdir!r}: {err.strerror}")
+    """Exit 2 with one line unless the workdir can be written (a local folder, or a bucket that
+    exists and that the credentials can write), before anything is built."""
+    from diffjax import storage
+
+    storage.check_writable(workdir, "diffjax train", "--workdir")
 
 
 def is_remote(workdir: str) -> bool:
@@ -140,14 +141,24 @@ def is_remote(workdir: str) -> bool:
 class Logger:
     """JSONL metrics, TensorBoard event files and sample grids in workdir (process 0 only).
 
-    A remote workdir (gs://...) cannot be appended to: files are staged in a local directory and
-    copied to the workdir through etils.epath at every write (metrics.jsonl is rewritten whole).
+    A remote workdir (gs://...) cannot be appended to, and uploading inside the step loop would
+    stall every host of a pod: files are written to a local staging directory, and a background
+    thread ships the ones that changed every `upload_s` seconds (whole-file uploads; GCS objects
+    are replaced atomically), and once more at close (end of run, preemption). A resume from step
+    S drops the lines logged after S by the interrupted run: they are logged again.
     """
 
-    def __init__(self, workdir: str, active: bool, *, remote: bool | None = None):
+    def __init__(
+        self, workdir: str, active: bool, *, remote: bool | None = None, resume_step: int = 0, upload_s: float = 30.0
+    ):
+        import threading
+
         self.active, self.workdir = active, workdir
         self.remote = is_remote(workdir) if remote is None else remote
         self._uploaded: dict[str, tuple[int, int]] = {}  # staged file -> (mtime, size) last copied
+        self._lock = threading.Lock()  # one upload at a time (the thread's and close()'s)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if not active:
             return
         from etils import epath
@@ -155,10 +166,14 @@ class Logger:
 
         self.local = tempfile.mkdtemp(prefix="diffjax-logs-") if self.remote else workdir
         jsonl = epath.Path(workdir) / "metrics.jsonl"
-        if self.remote and jsonl.exists():  # resume: keep what earlier runs logged
-            epath.Path(os.path.join(self.local, "metrics.jsonl")).write_text(jsonl.read_text())
-        self.jsonl = open(os.path.join(self.local, "metrics.jsonl"), "a")
+        if jsonl.exists():  # resume: keep what earlier runs logged up to the restored step
+            kept = [line for line in jsonl.read_text().splitlines(keepends=True) if _logged_step(line) <= resume_step]
+            epath.Path(self.local, "metrics.jsonl").write_text("".join(kept))
+        self.jsonl = epath.Path(self.local, "metrics.jsonl").open("a")
         self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
+        if self.remote:
+            self._thread = threading.Thread(target=self._ship_every, args=(upload_s,), name="log-upload", daemon=True)
+            self._thread.start()
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.active:
@@ -169,8 +184,8 @@ class Logger:
             if isinstance(v, str):  # the data fingerprint: metrics.jsonl only
                 continue
             self.tb.add_scalar(k, v, step)
-        self.tb.flush()
-        self._upload()
+        if not self.remote:
+            self.tb.flush()
 
     def image(self, step: int, tag: str, path: str) -> None:
         if self.active:
@@ -178,35 +193,56 @@ class Logger:
             from PIL import Image
 
             self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
-            self.tb.flush()
-            self._upload()
+            if not self.remote:
+                self.tb.flush()
 
     def samples_dir(self) -> str:
         """Where sample grids are written first (the workdir itself unless it is remote)."""
         return self.local if self.active else self.workdir
 
-    def _upload(self) -> None:
+    def _ship_every(self, seconds: float) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                self.upload()
+            except Exception as err:  # noqa: BLE001 - a failed upload is retried at the next tick / close
+                print(
+                    f"warning: uploading logs to {self.workdir} failed ({type(err).__name__}: {err}); will retry", flush=True
+                )
+
+    def upload(self) -> None:
         """Copy the staged files that changed since the last upload to the remote workdir."""
         if not (self.active and self.remote):
             return
         from etils import epath
 
-        for root, _, files in os.walk(self.local):
-            for name in files:
-                src = os.path.join(root, name)
-                stat = os.stat(src)
-                if self._uploaded.get(src) == (stat.st_mtime_ns, stat.st_size):
-                    continue  # unchanged since the last copy (earlier sample grids, closed event files)
-                self._uploaded[src] = (stat.st_mtime_ns, stat.st_size)
-                dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                epath.Path(src).copy(dst, overwrite=True)
+        with self._lock:
+            self.tb.flush()
+            for root, _, files in os.walk(self.local):
+                for name in files:
+                    src = os.path.join(root, name)
+                    stat = os.stat(src)
+                    if self._uploaded.get(src) == (stat.st_mtime_ns, stat.st_size):
+                        continue  # unchanged since the last copy (earlier sample grids, closed event files)
+                    dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    epath.Path(src).copy(dst, overwrite=True)
+                    self._uploaded[src] = (stat.st_mtime_ns, stat.st_size)
 
     def close(self):
         if self.active:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
             self.jsonl.close()
             self.tb.close()
-            self._upload()
+            self.upload()
+
+
+def _logged_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return float("inf")  # a torn last line (kill -9 mid-write): dropped
 
 
 def main(argv: list[str]) -> int:
@@ -265,7 +301,7 @@ def main(argv: list[str]) -> int:
     fused_sharding = trainer.batch_sharding(mesh, leading=1)
     k = max(1, int(t.n_jitted_steps))
     n_iters = int(t.n_iters)
-    logger = Logger(args.workdir, is_main)
+    logger = Logger(args.workdir, is_main, resume_step=step, upload_s=args.log_upload_s)
     preempted = PreemptionAgreement()
 
     progress = None

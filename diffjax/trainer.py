@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
@@ -29,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import losses, models
+from diffjax import losses, models, storage
 from diffjax.augment import AUGMENT_DIM
 from diffjax.network import NetworkApply, abstract_model, build_process, data_shape, inference_rest, network_denoiser  # noqa: F401
 from diffjax.processes import Process
@@ -257,9 +256,8 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
 # ---- checkpoints --------------------------------------------------------------------------------
 def checkpoint_manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    directory = f"{workdir}/checkpoints" if "://" in workdir else os.path.abspath(os.path.join(workdir, "checkpoints"))
     return ocp.CheckpointManager(
-        directory,
+        storage.absolute(workdir) / "checkpoints",
         options=options,
         item_names=("state",),  # checkpoints written before positions came from the step also hold "data"
         item_handlers={"state": ocp.StandardCheckpointHandler()},

@@ -303,3 +303,21 @@ def test_missing_folder_and_unknown_split():
         data.make_iterator(digits_config(dataset="folder:/nonexistent/dir"), "train")
     with pytest.raises(ValueError, match="split"):
         data.make_iterator(digits_config(), "validation")
+
+
+def test_tfds_not_prepared_or_tfrecord_says_what_to_run(tmp_path):
+    """Workers never download (download=False); a TFRecord-only dataset (what `tfds build` writes by
+    default) gets one line saying how to convert it to ArrayRecord, the format random access reads."""
+    config = digits_config(8, dataset="mnist", image_size=28, num_channels=1)
+    config.data.data_dir = str(tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"not prepared in .*tfds build mnist --data_dir=.*--file_format=array_record"):
+        data.make_iterator(config, "train")
+    version_dir = tmp_path / "tfr" / "mnist" / "3.0.1"
+    version_dir.mkdir(parents=True)
+    split = {"name": "train", "numBytes": "10", "shardLengths": ["5"]}
+    info = {"name": "mnist", "version": "3.0.1", "fileFormat": "tfrecord", "splits": [split]}
+    (version_dir / "dataset_info.json").write_text(json.dumps(info))
+    config.data.data_dir = str(tmp_path / "tfr")
+    with pytest.raises(ValueError, match=r"prepared as tfrecord.*tfds convert_format --dataset_version_dir=.*array_record"):
+        data.make_iterator(config, "train")
+    assert not (tmp_path / "empty" / "downloads").exists()  # nothing was downloaded

@@ -215,27 +215,41 @@ def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state["params"]))
 
 
-def test_remote_workdir_logs_are_staged_and_copied(tmp_path):
-    """gs:// workdirs cannot be appended to: the logger stages files locally and copies them over
-    (exercised here with remote=True on a local directory standing in for the bucket)."""
+def test_remote_workdir_logs_are_staged_and_shipped_in_the_background(tmp_path):
+    """gs:// workdirs cannot be appended to: the logger stages files locally and a background thread
+    ships them (never inside write()); a resume from step S drops the lines the interrupted run logged
+    after S (exercised here with remote=True on a local directory standing in for the bucket; the
+    GCS emulator tests run the real thing)."""
     from diffjax import plotting
     from diffjax.train import Logger
 
     bucket = tmp_path / "bucket"
     bucket.mkdir()
-    (bucket / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")  # an earlier run
-    logger = Logger(str(bucket), True, remote=True)
+    earlier = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}, {"step": 3, "loss": 0.8}]
+    torn = '{"step": 4, "lo'  # the interrupted run was killed mid-line
+    (bucket / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier) + torn)
+    logger = Logger(str(bucket), True, remote=True, resume_step=2, upload_s=3600)  # resumed from step 2
     assert logger.samples_dir() != str(bucket)
-    logger.write(2, {"loss": 0.5})
-    assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2]
-    assert glob.glob(str(bucket / "tensorboard" / "events.out.tfevents.*"))
-    png = os.path.join(logger.samples_dir(), "samples", "step_00000002.png")
-    plotting.scatter_png([("x", np.zeros((4, 2)))], png)
-    logger.image(2, "samples", png)
-    logger.write(3, {"loss": 0.25})
-    logger.close()
-    assert (bucket / "samples" / "step_00000002.png").exists()
+    logger.write(3, {"loss": 0.5})
+    assert len(open(bucket / "metrics.jsonl").readlines()) == 4  # nothing shipped by write()
+    logger.upload()  # what the thread does every upload_s
     assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2, 3]
+    assert glob.glob(str(bucket / "tensorboard" / "events.out.tfevents.*"))
+    png = os.path.join(logger.samples_dir(), "samples", "step_00000003.png")
+    plotting.scatter_png([("x", np.zeros((4, 2)))], png)
+    logger.image(3, "samples", png)
+    logger.write(4, {"loss": 0.25})
+    logger.close()  # the last upload
+    assert (bucket / "samples" / "step_00000003.png").exists()
+    assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2, 3, 4]
+
+    ticking = Logger(str(bucket), True, remote=True, resume_step=4, upload_s=0.05)
+    ticking.write(5, {"loss": 0.125})
+    deadline = time.time() + 30
+    while time.time() < deadline and len(open(bucket / "metrics.jsonl").readlines()) < 5:
+        time.sleep(0.05)
+    assert [json.loads(line)["step"] for line in open(bucket / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    ticking.close()
 
 
 def test_eval_loss_is_compiled_once_and_scores_the_ema_weights():

@@ -22,11 +22,10 @@ Inception weights: --inception_weights PATH, else $DIFFJAX_INCEPTION_WEIGHTS, el
 from __future__ import annotations
 
 import io
-import os
 
 import numpy as np
 
-from diffjax import commandline
+from diffjax import commandline, storage
 
 USAGE = __doc__
 
@@ -40,15 +39,16 @@ def load_images(path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.
     .npz holding uint8 images or float images in `data_range` (key images, samples, arr_0 or x)."""
     from diffjax.evaluation import generate
 
-    if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, generate.PROTOCOL_FILE)):
+    where = storage.path(path)
+    if where.is_dir():
+        if (where / generate.PROTOCOL_FILE).exists():
             return generate.read_set(path)[0]
         return _png_folder(path)
-    if not os.path.exists(path):
+    if not where.exists():
         raise EvalError(f"{path}: no such file or folder")
     if not path.endswith(".npz"):
         raise EvalError(f"{path}: expected a folder (PNGs or a `diffjax sample --out_dir` set) or an .npz file")
-    with np.load(path) as f:
+    with storage.open_npz(path) as f:
         key = next((k for k in ("images", "samples", "arr_0", "x") if k in f.files), None)
         if key is None:
             raise EvalError(f"{path}: no image array; expected one of the keys images, samples, arr_0, x; found {f.files}")
@@ -72,13 +72,12 @@ def load_images(path: str, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.
 def _png_folder(path: str) -> np.ndarray:
     from PIL import Image
 
-    files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+    files = sorted((f for f in storage.path(path).iterdir() if f.name.lower().endswith(".png")), key=lambda f: f.name)
     if not files:
         raise EvalError(f"{path}: no .png files and no protocol.json (not a `diffjax sample --out_dir` set)")
     images = []
-    for name in files:
-        with open(os.path.join(path, name), "rb") as f:
-            img = np.asarray(Image.open(io.BytesIO(f.read())))
+    for file in files:
+        img = np.asarray(Image.open(io.BytesIO(file.read_bytes())))
         images.append(img[..., None] if img.ndim == 2 else img[..., :3])
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
@@ -164,6 +163,7 @@ def cmd_stats(argv: list[str]) -> int:
 
     if not args.out.endswith(".npz"):
         raise EvalError(f"--out must end in .npz, got {args.out!r}")
+    storage.check_writable(storage.path(args.out).parent, "diffjax eval stats", "--out")
     try:
         images, source = evaluate.reference_images(args.config, args.data, args.split, args.image_size, args.data_dir)
         meta = evaluate.write_reference_stats(images, args.out, source, args.split, args.inception_weights, args.batch_size)
@@ -212,6 +212,7 @@ def cmd_workdir(argv: list[str]) -> int:
     args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
+    storage.check_writable(storage.path(args.workdir) / "eval", "diffjax eval", "--workdir")
     try:
         record, path = evaluate.evaluate_workdir(args)
     except (OSError, ValueError) as err:
@@ -240,6 +241,7 @@ def cmd_bpd(argv: list[str]) -> int:
     args = p.parse(argv)
     from diffjax.evaluation import evaluate
 
+    storage.check_writable(storage.path(args.workdir) / "eval", "diffjax eval bpd", "--workdir")
     try:
         record, path = evaluate.bits_per_dim_split(args)
     except (OSError, ValueError) as err:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from diffjax import storage
+
 METRICS = ("fid", "is", "kid", "pr", "digits")
 
 
@@ -24,9 +26,9 @@ def parse_metrics(spec: str | tuple | list) -> tuple[str, ...]:
 
 def is_stats_file(path: str) -> bool:
     """True for an .npz of statistics (mu + sigma, or score_sde's pool_3) rather than images."""
-    if not (path.endswith(".npz") and os.path.isfile(path)):
+    if not (str(path).endswith(".npz") and storage.path(path).is_file()):
         return False
-    with np.load(path, allow_pickle=False) as f:
+    with storage.open_npz(path) as f:
         return ("mu" in f.files and "sigma" in f.files) or "pool_3" in f.files
 
 
@@ -152,7 +154,7 @@ def compare(
             )
         ref = stats.load_stats(b, expect_extractor=extractor.sha256)
         result["reference"] = {
-            "path": os.path.abspath(b),
+            "path": storage.display(b),
             "sha256": file_sha256(b),
             "num_images": ref.meta.get("num_images"),
         }
@@ -214,7 +216,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
             "fid needs reference statistics: pass --ref REF.npz (make one with `diffjax eval stats "
             "--config CONFIG.py --split train --out REF.npz`) or set eval.reference in the config"
         )
-    if ref and not os.path.exists(ref):
+    if ref and not storage.path(ref).exists():
         raise ValueError(f"--ref {ref}: no such file")
     extractor = Extractor(args.inception_weights, args.batch_size) if set(metrics) - {"digits"} else None
     state, step = w.restore(only=("ema",))
@@ -223,7 +225,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
     rule = ev.get("quantize", "round")
     ema = w.ema_suffix  # --ema: another set
-    out_dir = os.path.join(args.workdir, "eval", f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}{ema}")
+    out_dir = str(storage.path(args.workdir) / "eval" / f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}{ema}")
     protocol = generate.write_samples(
         w,
         state,
@@ -249,7 +251,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     name = (
         f"step_{step}.json" if default else f"step_{step}_{sampler}{steps}_n{num}{ema}.json"
     )  # the config's protocol or not
-    return _write_record(os.path.join(args.workdir, "eval", name), step, result, protocol)
+    return _write_record(str(storage.path(args.workdir) / "eval" / name), step, result, protocol)
 
 
 def _write_record(path: str, step: int, metrics: dict, protocol: dict) -> tuple[dict[str, Any], str]:
@@ -260,10 +262,7 @@ def _write_record(path: str, step: int, metrics: dict, protocol: dict) -> tuple[
         step=int(step), date=datetime.datetime.now().isoformat(timespec="seconds"), metrics=metrics, protocol=protocol
     )
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1, default=_jsonable)
-        os.replace(path + ".tmp", path)
+        storage.write_text(path, json.dumps(record, indent=1, default=_jsonable))
     return record, path
 
 
@@ -336,7 +335,7 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
         wall_s=round(time.perf_counter() - start, 2),
     )
     ema = w.ema_suffix
-    return _write_record(os.path.join(args.workdir, "eval", f"bpd_step_{step}{ema}.json"), step, result, protocol)
+    return _write_record(str(storage.path(args.workdir) / "eval" / f"bpd_step_{step}{ema}.json"), step, result, protocol)
 
 
 def _progress(total: int, enabled: bool, desc: str):

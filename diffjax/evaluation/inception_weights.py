@@ -22,6 +22,8 @@ from typing import Any, BinaryIO, Callable, Literal
 
 import numpy as np
 
+from diffjax import storage
+
 FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FILENAME
 ENV_VAR = "DIFFJAX_INCEPTION_WEIGHTS"
@@ -58,11 +60,11 @@ def weights_path(explicit: str | None = None) -> str:
     """Resolve the weights file: ``explicit`` (``--inception_weights``), else ``$DIFFJAX_INCEPTION_WEIGHTS``,
     else the cache path. Raises ``InceptionWeightsNotFound`` saying where to put the file."""
     if explicit:
-        candidate, origin = Path(explicit).expanduser(), "--inception_weights"
+        candidate, origin = storage.path(explicit).expanduser(), "--inception_weights"
     elif os.environ.get(ENV_VAR):
-        candidate, origin = Path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
+        candidate, origin = storage.path(os.environ[ENV_VAR]).expanduser(), f"${ENV_VAR}"
     else:
-        candidate, origin = default_cache_path(), "the default cache path"
+        candidate, origin = storage.path(default_cache_path()), "the default cache path"
     if candidate.is_file():
         return str(candidate)
     raise InceptionWeightsNotFound(
@@ -76,7 +78,7 @@ def weights_path(explicit: str | None = None) -> str:
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -196,8 +198,9 @@ def _read_torch_legacy(f: BinaryIO) -> dict[str, np.ndarray]:
 
 def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read pytorch-fid's Inception state dict (torch zip or legacy format) or a converted
-    ``.npz`` into ``{torch key: array}`` (torch layouts: conv OIHW, fc (out, in)). No torch needed."""
-    path = os.fspath(path)
+    ``.npz`` into ``{torch key: array}`` (torch layouts: conv OIHW, fc (out, in)). No torch needed.
+    A remote file (gs://...) is copied to the local cache once (storage.local_copy)."""
+    path = storage.local_copy(path)
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
@@ -205,7 +208,7 @@ def load_pytorch_fid_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     with np.load(path, allow_pickle=False) as npz:
                         return {k: npz[k] for k in npz.files}
                 return _read_torch_zip(zf)
-        with open(path, "rb") as f:
+        with open(path, "rb") as f:  # local: storage.local_copy above
             return _read_torch_legacy(f)
     except InceptionWeightsError:
         raise
@@ -218,12 +221,5 @@ def convert(src_pth: str | os.PathLike, dst_npz: str | os.PathLike) -> str:
     (atomically); returns ``dst_npz``."""
     arrays = load_pytorch_fid_weights(src_pth)
     dst = os.fspath(dst_npz)
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:  # a file object keeps np.savez from appending ".npz"
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might also fill allow_pickle
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    storage.save_npz(dst, **arrays)
     return dst

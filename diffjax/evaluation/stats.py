@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from etils import epath
+
+from diffjax import storage
 
 #: Keys that hold the statistics themselves (never metadata).
 STAT_KEYS = ("mu", "sigma")
@@ -91,14 +92,14 @@ def _meta_value(key: str, value: Any) -> np.ndarray:
     return arr
 
 
-def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, meta: dict[str, Any] | None = None) -> Path:
+def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, meta: dict[str, Any] | None = None) -> epath.Path:
     """Write ``mu``/``sigma`` (float64) and ``meta`` (one npz key per entry) to the ``.npz`` file ``path``.
 
     The file is written atomically; pytorch-fid's and EDM's tools read its ``mu``/``sigma``. ``meta`` should
     carry ``extractor`` (the Inception weights file's sha256) so :func:`load_stats` can refuse comparisons
     across extractors. Returns the path written.
     """
-    path = Path(path)
+    path = storage.path(path)
     if path.suffix != ".npz":
         raise ValueError(f"path: expected a file name ending in .npz (the suffix pytorch-fid looks for), got {path}")
     m, s = check_gaussian(mu, sigma)
@@ -109,19 +110,11 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, meta: dict[str, Any
         if key in STAT_KEYS or key == ACTIVATIONS_KEY:
             raise ValueError(f"meta: key {key!r} is reserved for the statistics themselves")
         arrays[key] = _meta_value(key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: a **dict might also fill allow_pickle
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    storage.save_npz(path, **arrays)
     return path
 
 
-def _read_meta(npz: np.lib.npyio.NpzFile, keys: list[str], path: Path) -> dict[str, Any]:
+def _read_meta(npz: np.lib.npyio.NpzFile, keys: list[str], path: epath.Path) -> dict[str, Any]:
     """Every key but the statistics as plain values (0-d arrays -> Python scalars); pickled ones are skipped."""
     meta: dict[str, Any] = {}
     for key in keys:
@@ -143,9 +136,9 @@ def load_stats(path: str | os.PathLike, expect_extractor: str | None = None) -> 
     :class:`ExtractorMismatchError`; a file without the key (published ones) only warns, as its extractor
     is unknown. Missing or inconsistent ``mu``/``sigma`` raise a ValueError naming the file and its keys.
     """
-    path = Path(path)
+    path = storage.path(path)
     try:
-        npz = np.load(path, allow_pickle=False)
+        npz = storage.open_npz(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"statistics file not found: {path}") from None
     except (OSError, ValueError) as e:
