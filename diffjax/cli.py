@@ -4,7 +4,9 @@ flags with diffjax.commandline.Parser (one line + exit 2 for every usage mistake
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 
 from diffjax import commandline
 
@@ -38,7 +40,27 @@ def main(argv: list[str] | None = None) -> int:
 
     storage.configure()  # $STORAGE_EMULATOR_HOST reaches every GCS client in the process
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except BaseException as err:
+        if _in_multiprocess_run():  # JAX's exit-time shutdown would wait for the other processes forever
+            code = err.code if isinstance(err, SystemExit) and isinstance(err.code, int) else 1
+            if not isinstance(err, SystemExit):
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        raise
+
+
+def _in_multiprocess_run() -> bool:
+    """Whether jax.distributed was initialised in this process (a failure in one process must end
+    it at once: the others are blocked in a collective, so an orderly shutdown never completes)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import distributed  # the client handle; no public accessor
+
+    return distributed.global_state.client is not None
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ diffjax.snapshots; opening a workdir is diffjax.workdir.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import commandline, plotting, processes, samplers
+from diffjax import commandline, distributed, plotting, processes, samplers, storage
 from diffjax.workdir import Workdir, load_workdir
 
 __all__ = ["host_array", "data_range", "config_sampler", "generate", "save_samples", "main"]
@@ -84,13 +83,14 @@ def generate(
 
 def save_samples(x: np.ndarray, out: str, data_range: tuple[float, float]) -> tuple[str, str | None]:
     """Write a PNG (grid for images, scatter for 2-D data) and an .npz beside it."""
-    npz = os.path.splitext(out)[0] + ".npz"
-    np.savez(npz, samples=x)
+    out_path = storage.path(out)
+    npz = str(out_path.parent / (out_path.stem + ".npz"))  # local or gs://
+    storage.save_npz(npz, samples=x)
     if x.ndim == 2:
         plotting.scatter_png([("samples", x)], out)
     else:
         scale = max(1, 256 // (int(np.ceil(np.sqrt(len(x)))) * x.shape[1]))
-        plotting.image_grid(x, data_range, scale=scale).save(out)
+        plotting.save_png(plotting.image_grid(x, data_range, scale=scale), out)
     return out, npz
 
 
@@ -125,12 +125,14 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--no_progress", action="store_true")
     commandline.add_ema_flag(parser)
-    args = parser.parse(argv)
+    args = distributed.parse(parser, argv)  # --tpu / --coordinator_address: every host takes part, process 0 writes
     from diffjax import compile_cache
 
     compile_cache.enable()
     if args.out_dir is not None:
+        storage.check_writable(args.out_dir, parser.prog, "--out_dir")
         return _sample_set(args)
+    storage.check_writable(storage.path(args.out).parent, parser.prog, "--out")
     config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",), ema=args.ema)
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
     opts = {} if args.spacing is None else {"spacing": args.spacing}
@@ -152,6 +154,8 @@ def main(argv: list[str]) -> int:
         )
     except ValueError as err:
         commandline.usage_error(parser.prog, str(err))
+    if jax.process_index() != 0:
+        return 0  # process 0 writes
     png, npz = save_samples(x, args.out, data_range(config))
     rate = config.training.ema_rate if args.ema is None else args.ema
     print(f"{args.num} samples from step {step} (EMA {rate}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}")

@@ -3,9 +3,10 @@ etils.epath.Path: a local path or any fsspec URL such as gs://bucket/dir (throug
 
 GCS emulators: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` (the variable gcsfs and Google's
 client libraries read) is all a user sets. `configure()` (called by the `diffjax` command before
-any subcommand) then points the other GCS client in the process, TensorStore's (orbax writes array
-data through it), at the same server, and makes both use no credentials, so nothing probes the
-GCE metadata server.
+any subcommand, before gcsfs is imported) then points the other GCS client in the process,
+TensorStore's (orbax writes array data through it), at the same server, makes both use no
+credentials, and keeps gcsfs off Google's gRPC control endpoint, so that nothing but the emulator
+is contacted (no GCE metadata probe either).
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def configure() -> None:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore: no credential search
     os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth: never probe the metadata server
+    # gcsfs's default file system asks the Storage Control API (gRPC, Google's endpoint, not the
+    # emulator) for each bucket's layout: off, so that nothing but the emulator is contacted.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     import fsspec
 
     fsspec.config.conf.setdefault("gs", {}).setdefault("token", "anon")
@@ -113,9 +117,28 @@ def local_copy(p: PathLike) -> str:
     return os.fspath(local)
 
 
+def require_credentials(p: PathLike, prog: str, flag: str) -> None:
+    """gs:// without an emulator needs Google credentials; say so before any request is made
+    (gcsfs would otherwise fall back to anonymous access and fail later, object by object)."""
+    if not os.fspath(p).startswith("gs://") or os.environ.get(EMULATOR_VAR):
+        return
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        commandline.usage_error(
+            prog,
+            f"{flag} {os.fspath(p)}: no Google credentials found (run `gcloud auth application-default login`, "
+            f"use a VM's service account, set GOOGLE_APPLICATION_CREDENTIALS, or set {EMULATOR_VAR} for an emulator)",
+        )
+
+
 def check_writable(p: PathLike, prog: str, flag: str) -> None:
     """A usage error (one line, exit 2) unless `p` (a directory) can be written: a missing bucket,
     missing credentials or an unreachable store are named before any work is done."""
+    require_credentials(p, prog, flag)
     target = path(p)
     probe = target / f".write_probe_{os.getpid()}"
     try:
@@ -128,6 +151,7 @@ def check_writable(p: PathLike, prog: str, flag: str) -> None:
 
 def check_readable(p: PathLike, prog: str, flag: str) -> None:
     """A usage error unless `p` exists (and its store answers)."""
+    require_credentials(p, prog, flag)
     try:
         found = path(p).exists()
     except Exception as err:  # noqa: BLE001

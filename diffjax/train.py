@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from diffjax import commandline
+from diffjax import commandline, distributed
 
 USAGE_EPILOG = "Config overrides: --config.a.b=value (type-checked by ml_collections)."
 
@@ -29,10 +29,7 @@ def parse_args(argv: list[str]):
     parser = commandline.Parser("diffjax train", __doc__.split("\n\n")[0], epilog=USAGE_EPILOG, config_overrides=True)
     parser.add_argument("--config", required=True, help="a config file, e.g. configs/digits.py")
     parser.add_argument("--workdir", required=True, help="local path or gs:// bucket path")
-    parser.add_argument("--coordinator_address", default=os.environ.get("DIFFJAX_COORDINATOR_ADDRESS"))
-    parser.add_argument("--num_processes", type=commandline.positive_int, default=_env_int("DIFFJAX_NUM_PROCESSES"))
-    parser.add_argument("--process_id", type=commandline.non_negative_int, default=_env_int("DIFFJAX_PROCESS_ID"))
-    parser.add_argument("--tpu", action="store_true", help="call jax.distributed.initialize() with no arguments")
+    distributed.add_flags(parser)
     parser.add_argument("--keep", type=commandline.positive_int, default=3, help="checkpoints to keep")
     parser.add_argument(
         "--data_workers",
@@ -49,30 +46,12 @@ def parse_args(argv: list[str]):
     )
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse(argv)
-    if args.coordinator_address and (args.num_processes is None or args.process_id is None):
-        parser.error("--coordinator_address needs --num_processes and --process_id")
+    distributed.check_flags(parser, args)
     return parser, args
 
 
-def _env_int(name):
-    value = os.environ.get(name)
-    if value in (None, ""):
-        return None
-    if not value.isdigit():
-        commandline.usage_error("diffjax train", f"${name} must be a non-negative integer, got {value!r}")
-    return int(value)
-
-
 def init_distributed(args) -> None:
-    import jax
-
-    if args.tpu:
-        jax.distributed.initialize()
-    elif args.coordinator_address:
-        platforms = jax.config.jax_platforms  # type: ignore[attr-defined]  # jax.Config's options are dynamic attributes
-        if platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+    distributed.initialize(args)
 
 
 class PreemptionAgreement:
@@ -170,7 +149,7 @@ class Logger:
             kept = [line for line in jsonl.read_text().splitlines(keepends=True) if _logged_step(line) <= resume_step]
             epath.Path(self.local, "metrics.jsonl").write_text("".join(kept))
         self.jsonl = epath.Path(self.local, "metrics.jsonl").open("a")
-        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))
+        self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"))  # local: the staging directory
         if self.remote:
             self._thread = threading.Thread(target=self._ship_every, args=(upload_s,), name="log-upload", daemon=True)
             self._thread.start()
@@ -219,11 +198,11 @@ class Logger:
             self.tb.flush()
             for root, _, files in os.walk(self.local):
                 for name in files:
-                    src = os.path.join(root, name)
+                    src = os.path.join(root, name)  # local: the staging directory
                     stat = os.stat(src)
                     if self._uploaded.get(src) == (stat.st_mtime_ns, stat.st_size):
                         continue  # unchanged since the last copy (earlier sample grids, closed event files)
-                    dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)
+                    dst = epath.Path(self.workdir) / os.path.relpath(src, self.local)  # local: the staged file
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     epath.Path(src).copy(dst, overwrite=True)
                     self._uploaded[src] = (stat.st_mtime_ns, stat.st_size)

@@ -40,8 +40,9 @@ class Workdir:
         import ml_collections
         from etils import epath
 
-        from diffjax import network, trainer
+        from diffjax import network, storage, trainer
 
+        storage.require_credentials(workdir, command, "--workdir")
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
             commandline.usage_error(command, f"{path} not found; is {workdir!r} a diffjax train workdir?")

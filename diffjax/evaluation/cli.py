@@ -25,7 +25,7 @@ import io
 
 import numpy as np
 
-from diffjax import commandline, storage
+from diffjax import commandline, distributed, storage
 
 USAGE = __doc__
 
@@ -158,7 +158,7 @@ def cmd_stats(argv: list[str]) -> int:
     p.add_argument("--data_dir", default=None, help="TFDS data dir")
     p.add_argument("--out", required=True)
     _add_weights_flag(p)
-    args = p.parse(argv)
+    args = distributed.parse(p, argv)  # --tpu / --coordinator_address: every host takes part
     from diffjax.evaluation import evaluate
 
     if not args.out.endswith(".npz"):
@@ -180,7 +180,7 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--metrics", default="fid,is,kid,pr")
     p.add_argument("--data_range", type=float, nargs=2, default=(-1.0, 1.0), metavar=("LO", "HI"))
     _add_weights_flag(p)
-    args = p.parse(argv)
+    args = distributed.parse(p, argv)  # --tpu / --coordinator_address: every host takes part
     from diffjax.evaluation import evaluate
 
     try:
@@ -209,7 +209,7 @@ def cmd_workdir(argv: list[str]) -> int:
     p.add_argument("--no_progress", action="store_true")
     _add_weights_flag(p)
     commandline.add_ema_flag(p)
-    args = p.parse(argv)
+    args = distributed.parse(p, argv)  # --tpu / --coordinator_address: every host takes part
     from diffjax.evaluation import evaluate
 
     storage.check_writable(storage.path(args.workdir) / "eval", "diffjax eval", "--workdir")
@@ -238,7 +238,7 @@ def cmd_bpd(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_progress", action="store_true")
     commandline.add_ema_flag(p)
-    args = p.parse(argv)
+    args = distributed.parse(p, argv)  # --tpu / --coordinator_address: every host takes part
     from diffjax.evaluation import evaluate
 
     storage.check_writable(storage.path(args.workdir) / "eval", "diffjax eval bpd", "--workdir")

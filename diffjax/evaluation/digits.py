@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.npz")
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_classifier.npz")  # local: shipped
 SHAPES = {
     "conv1/w": (3, 3, 1, 16),
     "conv1/b": (16,),
@@ -58,7 +58,7 @@ def apply(params: dict[str, Any], images: jax.Array) -> tuple[jax.Array, jax.Arr
 
 def load(path: str = WEIGHTS) -> dict[str, np.ndarray]:
     """The shipped weights, every key and shape checked."""
-    if not os.path.exists(path):
+    if not os.path.exists(path):  # local: the package's shipped file
         raise FileNotFoundError(
             f"digits classifier weights not found at {path}; run `python tools/train_digits_classifier.py` to make them"
         )

@@ -77,7 +77,7 @@ def reference_images(
         overrides.append(f"--config.data.dataset={data}")
     if image_size:
         overrides.append(f"--config.data.image_size={image_size}")
-    config = load_config(config_path or os.path.join(_configs_dir(), "ddpm_cifar10.py"), overrides)
+    config = load_config(config_path or f"{_configs_dir()}/ddpm_cifar10.py", overrides)
     if data == "digits" and not config_path:
         config.unlock()
         config.data.image_size, config.data.num_channels = 8, 1
@@ -100,7 +100,8 @@ def split_images(config, split: str) -> np.ndarray:
 
 
 def _configs_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local: the package's own files
+    return os.path.join(os.path.dirname(package), "configs")  # local: the checkout's configs
 
 
 def write_reference_stats(

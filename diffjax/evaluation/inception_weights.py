@@ -17,10 +17,10 @@ import io
 import os
 import pickle
 import zipfile
-from pathlib import Path
 from typing import Any, BinaryIO, Callable, Literal
 
 import numpy as np
+from etils import epath
 
 from diffjax import storage
 
@@ -50,10 +50,9 @@ class InceptionWeightsError(ValueError):
     """The weights file cannot be read, or does not hold the FID Inception's parameters."""
 
 
-def default_cache_path() -> Path:
+def default_cache_path() -> epath.Path:
     """``$XDG_CACHE_HOME/diffjax/<FILENAME>``, ``~/.cache/diffjax/<FILENAME>`` by default."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-    return Path(root).expanduser() / "diffjax" / FILENAME
+    return storage.path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "diffjax" / FILENAME
 
 
 def weights_path(explicit: str | None = None) -> str:

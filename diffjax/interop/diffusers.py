@@ -19,12 +19,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from diffjax import storage
 from diffjax.interop.diffusers_unet import UnsupportedModel, WeightsError, map_weights, model_config
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -87,33 +87,33 @@ class Source:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(storage.path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise WeightsError(f"cannot read {path}: {err}") from None
 
 
 def find_source(src: str) -> Source:
     """Locate config.json, the weights file and the scheduler config of SRC (model or pipeline dir)."""
-    if not os.path.isdir(src):
+    root = storage.path(src)
+    if not root.is_dir():
         raise FileNotFoundError(f"{src}: no such directory (give a diffusers model or pipeline directory)")
-    model_dir = src if os.path.exists(os.path.join(src, "config.json")) else os.path.join(src, "unet")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
+    model_dir = root if (root / "config.json").exists() else root / "unet"
+    if not (model_dir / "config.json").exists():
         raise FileNotFoundError(
             f"{src}: neither {src}/config.json nor {src}/unet/config.json exists (is it a diffusers model directory?)"
         )
-    weights = [os.path.join(model_dir, w) for w in WEIGHT_FILES if os.path.exists(os.path.join(model_dir, w))]
+    weights = [model_dir / w for w in WEIGHT_FILES if (model_dir / w).exists()]
     if not weights:
         raise FileNotFoundError(
             f"{model_dir}: no weights file ({' or '.join(WEIGHT_FILES)}); sharded checkpoints are not read"
         )
     candidates = [
-        os.path.join(model_dir, "scheduler_config.json"),
-        os.path.join(src, "scheduler", "scheduler_config.json"),
-        os.path.join(src, "scheduler_config.json"),
+        model_dir / "scheduler_config.json",
+        root / "scheduler" / "scheduler_config.json",
+        root / "scheduler_config.json",
     ]
-    scheduler = next((c for c in candidates if os.path.exists(c)), None)
-    return Source(os.path.join(model_dir, "config.json"), weights[0], scheduler)
+    scheduler = next((str(c) for c in candidates if c.exists()), None)
+    return Source(str(model_dir / "config.json"), str(weights[0]), scheduler)
 
 
 def read_weights(path: str) -> dict[str, np.ndarray]:
@@ -122,7 +122,7 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file
 
         try:
-            return load_file(path)
+            return load_file(storage.local_copy(path))
         except Exception as err:  # noqa: BLE001 - safetensors raises its own SafetensorError
             raise WeightsError(
                 f"cannot read {path}: {type(err).__name__}: {err} (truncated or not a safetensors file?)"
@@ -251,8 +251,8 @@ def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tupl
     config.source = ml_collections.ConfigDict(
         dict(
             format="diffusers",
-            path=os.path.abspath(src),
-            weights=os.path.basename(source.weights_path),
+            path=storage.display(src),
+            weights=storage.path(source.weights_path).name,
             weights_sha256=file_sha256(source.weights_path),
             weights_dtypes=",".join(dtypes),
             scheduler=notes["scheduler"],
@@ -289,8 +289,8 @@ def import_diffusers(src: str, workdir: str, base: ml_collections.ConfigDict | N
 
     from diffjax import models, trainer
 
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and os.listdir(workdir):
+    target = storage.absolute(workdir)
+    if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{workdir} exists and is not empty; import into a new directory")
     config, params = load_params(src, base)
     mesh = trainer.make_mesh(config)
@@ -304,23 +304,27 @@ def import_diffusers(src: str, workdir: str, base: ml_collections.ConfigDict | N
         "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(weights),
         "rng": jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 1),
     }
-    parent = os.path.dirname(workdir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(workdir)}.import-{os.getpid()}")
+    # Local: built in a temporary directory beside the workdir, then renamed. An object store has no
+    # directory rename: the checkpoint is written in place and config.json last (readers look for
+    # it first), and everything written is removed if the import fails.
+    remote = storage.is_remote(workdir)
+    build = target if remote else target.parent / f".{target.name}.import-{os.getpid()}"
     try:
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        manager = trainer.checkpoint_manager(tmp, async_save=False)
+        build.mkdir(parents=True, exist_ok=True)
+        manager = trainer.checkpoint_manager(str(build), async_save=False)
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
         manager.wait_until_finished()
         manager.close()
-        if os.path.exists(workdir):
-            os.rmdir(workdir)  # empty (checked above)
-        os.rename(tmp, workdir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+        storage.write_text(build / "config.json", config.to_json_best_effort(indent=2))
+        if not remote:
+            if target.exists():
+                target.rmdir()  # empty (checked above)
+            build.rename(target)
+    except BaseException:
+        if build.exists():
+            build.rmtree()
+        raise
+    workdir = str(target)
     return {
         "workdir": workdir,
         "params": models.param_count(params),

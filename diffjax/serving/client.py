@@ -162,7 +162,9 @@ def main(argv: list[str]) -> int:
     args = p.parse(argv)
     args.options = dict(getattr(args, "option", []))
     try:
-        root = open(args.tls_ca, "rb").read() if args.tls_ca else None
+        from diffjax import storage
+
+        root = storage.path(args.tls_ca).read_bytes() if args.tls_ca else None
     except OSError as err:
         p.error(f"--tls_ca {args.tls_ca}: {err.strerror}")
     with Client(args.addr, timeout=args.timeout, root_certificates=root) as client:

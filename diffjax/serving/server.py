@@ -24,7 +24,7 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from diffjax import commandline
+from diffjax import commandline, distributed
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
 from diffjax.serving.engine import served_steppers
@@ -252,8 +252,10 @@ class Server:
         if o.tls_cert or o.tls_key:
             if not (o.tls_cert and o.tls_key):
                 raise SystemExit("diffjax serve: --tls_cert and --tls_key go together")
-            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            from diffjax import storage
+
+            key, cert = storage.path(o.tls_key).read_bytes(), storage.path(o.tls_cert).read_bytes()
+            creds = grpc.ssl_server_credentials([(key, cert)])
             self.port = self.grpc.add_secure_port(address, creds)
         else:
             self.port = self.grpc.add_insecure_port(address)
@@ -387,7 +389,8 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
     commandline.add_ema_flag(p)
-    args = p.parse(argv)
+    args = distributed.parse(p, argv)
+    distributed.refuse_multihost(p.prog, args)  # never a hang: one host serves
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls_cert and --tls_key go together")
     fields = {f.name for f in dataclasses.fields(ServerOptions)}

