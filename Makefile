@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LINT_PATHS := diffjax tests benchmarks tools launch configs
 
-.PHONY: demo test lint format lock bench bench-accel accel-wheels install clean bazel-test bazel-test-all
+.PHONY: demo test lint format lock bench bench-accel accel-wheels install clean bazel-build bazel-test bazel-test-all
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ accel-wheels:
 # repositories Bazel 4 would download. With network: make bazel-test BAZEL_FLAGS=
 BAZEL ?= bazel
 BAZEL_FLAGS ?= --config=offline
+
+# Every target built (library, CLI, launchers, benchmarks, each test's runfiles), no test run:
+# CI runs it before bazel-test, so a dependency missing from a BUILD file shows at once.
+bazel-build: $(VENV)/.installed
+	$(BAZEL) build $(BAZEL_FLAGS) //...
 
 # The fast subset CI runs: core math, configs and the launchers (//tests:core).
 bazel-test: $(VENV)/.installed

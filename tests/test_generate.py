@@ -107,6 +107,28 @@ def test_kill9_then_restart_skips_finished_shards(workdir, reference, tmp_path):
     np.testing.assert_array_equal(generate.read_set(str(out))[0], reference[0])
 
 
+def test_tail_shard_reuses_the_compiled_sampler(workdir, reference, tmp_path, monkeypatch):
+    """num not a multiple of shard_size: the last shard (4 of 16) is drawn at the full shard's batch
+    and cut, so every sampler call has one shape and the sampler compiles once; the kept rows are
+    the set's (the reference's first 20). In process, on the 8 devices of tests/conftest.py."""
+    from diffjax import samplers
+    from diffjax.workdir import Workdir
+
+    w = Workdir(str(workdir), inference=True)
+    state, step = w.restore(only=("ema",))
+    shapes, sample = [], samplers.sample
+    monkeypatch.setattr(samplers, "sample", lambda *a, **k: shapes.append(a[4]) or sample(*a, **k))
+    compiled = samplers._run._cache_size()
+    generate.write_samples(
+        w, state, step, str(tmp_path / "set"), 20, sampler="ancestral", steps=4, seed=3, shard_size=16, progress=False
+    )
+    assert shapes == [(16, 8, 8, 1)] * 2
+    assert samplers._run._cache_size() - compiled <= 1  # one compile (none if this process had it already)
+    images, protocol = generate.read_set(str(tmp_path / "set"))
+    assert protocol["num"] == 20 and images.shape == (20, 8, 8, 1)
+    np.testing.assert_array_equal(images, reference[0][:20])
+
+
 def test_restart_with_other_settings_is_refused(workdir, reference, tmp_path):
     out = tmp_path / "set"
     assert _sample(workdir, out, 8, 4).returncode == 0

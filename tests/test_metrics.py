@@ -96,6 +96,60 @@ def test_fid_singular_product_falls_back_to_offset():
     assert np.isfinite(value) and value > 0
 
 
+def _rank_deficient_pairs(rng):
+    """(mu1, s1, mu2, s2) from 10 samples of 64-d features: rank <= 9. The second pair has always-zero
+    features (dead ReLUs, as real extractors give): scipy's sqrtm warns "Matrix is singular" on that
+    product (LinAlgWarning, scipy 1.17) while returning a finite, accurate root."""
+    yield *feature_statistics(rng.normal(size=(10, 64))), *feature_statistics(rng.normal(size=(10, 64)) + 0.5)
+    a, b = np.maximum(rng.normal(size=(2, 10, 64)), 0.0)
+    a[:, ::3] = b[:, ::3] = 0.0
+    yield *feature_statistics(a), *feature_statistics(b)
+
+
+def test_fid_rank_deficient_no_linalg_warning_matches_pytorch_fid():
+    reference = _pytorch_fid_frechet()
+    if reference is None:
+        pytest.skip("pytorch-fid not installed")
+    for mu1, s1, mu2, s2 in _rank_deficient_pairs(np.random.default_rng(4)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = frechet_distance(mu1, s1, mu2, s2)
+        assert not [w for w in caught if issubclass(w.category, linalg.LinAlgWarning)], [str(w.message) for w in caught]
+        assert np.isfinite(value) and value > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its sqrtm(disp=False): a DeprecationWarning on new scipy
+            expected = reference(mu1, s1, mu2, s2)
+        assert value == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_fid_non_finite_root_retries_with_offset_like_pytorch_fid(monkeypatch, capsys):
+    # A non-finite first root (forced: a stand-in sqrtm returns NaN for the plain product) takes
+    # pytorch-fid's way out: eps on both diagonals, one line saying so, no warning.
+    reference = _pytorch_fid_frechet()
+    if reference is None:
+        pytest.skip("pytorch-fid not installed")
+    real_sqrtm, calls = linalg.sqrtm, []
+
+    def sqrtm(a, disp=True):
+        calls.append(a)
+        root = np.full(a.shape, np.nan) if len(calls) == 1 else real_sqrtm(a)
+        return root if disp else (root, 0.0)
+
+    monkeypatch.setattr(linalg, "sqrtm", sqrtm)  # the scipy.linalg both implementations call
+    mu1, s1, mu2, s2 = next(_rank_deficient_pairs(np.random.default_rng(5)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = frechet_distance(mu1, s1, mu2, s2)
+    assert caught == [] and len(calls) == 2
+    np.testing.assert_array_equal(calls[1], (s1 + 1e-6 * np.eye(64)) @ (s2 + 1e-6 * np.eye(64)))
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "singular" in out.err and "1e-06" in out.err
+    calls.clear()
+    expected = reference(mu1, s1, mu2, s2)
+    assert len(calls) == 2 and np.isfinite(value)
+    assert value == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
 def test_feature_statistics_is_float64_rowvar_false():
     x = np.random.default_rng(4).normal(size=(50, 3)).astype(np.float32)
     mu, sigma = feature_statistics(x)

@@ -8,6 +8,7 @@ come from the same extractor. Statistics files live in :mod:`diffjax.evaluation.
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from typing import Any
 
@@ -44,23 +45,34 @@ FID_EPS = 1e-6
 FID_IMAG_ATOL = 1e-3
 
 
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm(a)`` without scipy's LinAlgWarning: callers check the result is finite."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        return np.asarray(linalg.sqrtm(a))
+
+
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = FID_EPS) -> float:
     """Frechet distance ``||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``, as pytorch-fid.
 
     float64 throughout; ``scipy.linalg.sqrtm`` of the product; when that square root is not finite the
-    product is recomputed with ``eps * I`` added to both covariances (with a warning); an imaginary part
-    is dropped when the diagonal's imaginary parts are all within 1e-3 of zero, else a ValueError.
+    product is recomputed with ``eps * I`` added to both covariances, and one line on stderr says so;
+    an imaginary part is dropped when the diagonal's imaginary parts are all within 1e-3 of zero, else
+    a ValueError. scipy's own ``LinAlgWarning`` ("Matrix is singular", raised for a product with exact
+    zeros in its Schur diagonal, e.g. features that are always 0, while the square root it returns is
+    still finite and accurate) is not passed on: the finiteness check above is the singularity test,
+    as pytorch-fid's (which calls ``sqrtm(..., disp=False)`` and so never sees that warning either).
     """
     m1, s1 = check_gaussian(mu1, sigma1, ("mu1", "sigma1"))
     m2, s2 = check_gaussian(mu2, sigma2, ("mu2", "sigma2"))
     if m1.shape != m2.shape:
         raise ValueError(f"mu2: expected shape {m1.shape} to match mu1, got {m2.shape}")
     diff = m1 - m2
-    covmean = linalg.sqrtm(s1 @ s2)
+    covmean = _sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"fid: singular covariance product; adding {eps} to the diagonals", RuntimeWarning, stacklevel=2)
+        print(f"fid: singular covariance product; adding {eps:g} to the covariance diagonals", file=sys.stderr, flush=True)
         offset = np.eye(s1.shape[0]) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = _sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=FID_IMAG_ATOL):
             raise ValueError(f"fid: sqrtm has an imaginary component of up to {np.max(np.abs(covmean.imag)):g}")
