@@ -12,7 +12,8 @@ Schema (the trainer reads these keys):
   process:  name ('ddpm' | 'vp' | 'subvp' | 've' | 'edm') and only that process's parameters
   training: batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
             loss ('eps' | 'dsm' | 'v' | 'edm'), likelihood_weighting, reduce_mean, label_dropout,
-            ema_rate, ema_rates (further EMA rates kept beside ema_rate), grad_accum_steps, fsdp
+            ema_rate, ema_rates (further EMA rates kept beside ema_rate), grad_accum_steps, fsdp,
+            dcn_data (data parallelism across slices / processes; the mesh: trainer.make_mesh)
   model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v') and the
             network's keyword arguments (dtype, num_classes, augment_dim, architecture fields); the
             image networks' image_size / num_channels / centered are references to the data fields
@@ -70,7 +71,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.ema_rate = 0.9999
     training.ema_rates = ()  # further EMA rates tracked beside ema_rate, e.g. (0.999,); `--ema RATE` picks one
     training.grad_accum_steps = 1
-    training.fsdp = False
+    training.fsdp = False  # shard params / optimiser state over the "fsdp" axis (the devices of a slice)
+    training.dcn_data = 0  # data-parallel groups across slices (DCN); 0: the TPU slice count (1 without multislice)
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"

@@ -61,6 +61,15 @@ def display(p: PathLike) -> str:
     return os.fspath(p) if is_remote(p) else os.path.abspath(os.fspath(p))
 
 
+def refresh(p: PathLike) -> None:
+    """Forget cached directory listings of a remote path (gcsfs caches them), so that files other
+    processes wrote since (a newer checkpoint) are seen."""
+    if is_remote(p):
+        import fsspec
+
+        fsspec.filesystem(os.fspath(p).split("://", 1)[0]).invalidate_cache()
+
+
 def write_bytes(p: PathLike, data: bytes) -> epath.Path:
     """Write `data` to `p` so that no reader ever sees a partial file: a local file is written to a
     temporary name and renamed; an object store's upload is atomic (the object appears when done)."""

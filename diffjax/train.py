@@ -111,6 +111,35 @@ def check_workdir(workdir: str) -> None:
     from diffjax import storage
 
     storage.check_writable(workdir, "diffjax train", "--workdir")
+    check_shared(workdir)
+
+
+def check_shared(workdir: str) -> None:
+    """Several processes must see one workdir (a bucket or a shared filesystem): each writes a
+    probe, and each checks that it sees every other process's probe. A node-local path on a
+    cluster is refused on every process at once (one line, exit 2), never a hang or a split run."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    from diffjax import storage
+
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(np.random.randint(1, 2**31 - 1))))
+    probe = lambda i: storage.path(workdir) / f".shared_probe_{token}_{i}"  # noqa: E731
+    probe(jax.process_index()).write_text("ok")
+    multihost_utils.sync_global_devices("diffjax train: workdir probes written")
+    seen = np.array([probe(i).exists() for i in range(jax.process_count())], np.int32)
+    everyone = np.asarray(multihost_utils.process_allgather(seen)).reshape(jax.process_count(), -1)
+    probe(jax.process_index()).unlink()
+    blind = [i for i in range(jax.process_count()) if not everyone[i].all()]
+    if blind:
+        commandline.usage_error(
+            "diffjax train",
+            f"--workdir {workdir} is not shared: process(es) {', '.join(map(str, blind))} cannot see the files the "
+            "other processes write there; use a gs:// bucket or a filesystem every node mounts",
+        )
 
 
 def is_remote(workdir: str) -> bool:
@@ -238,9 +267,16 @@ def main(argv: list[str]) -> int:
     config = parser.load_config(args.config, args.overrides)
     check_workdir(args.workdir)
     is_main = jax.process_index() == 0
-    mesh = trainer.make_mesh(config)
-    trainer.check_batch_size(config, mesh)
-    trainer.check_augmentation(config)
+    try:
+        mesh = trainer.make_mesh(config)
+        trainer.check_batch_size(config, mesh)
+        trainer.check_augmentation(config)
+    except ValueError as err:
+        commandline.usage_error("diffjax train", str(err))
+    if is_main:
+        groups, _, slices = trainer.mesh_layout(config, jax.devices())
+        across = f", data parallel across {groups} {'slices' if slices else 'processes'} (DCN)" if groups > 1 else ""
+        print(f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.devices.size} devices{across}")
     process = trainer.build_process(config)
     t = config.training
 

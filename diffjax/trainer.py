@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -59,10 +58,41 @@ BATCH_AXES = ("data", "fsdp")
 
 # ---- process and network: diffjax.network (re-exported here for the training code) ---------------
 # ---- sharding ---------------------------------------------------------------------------------
-def make_mesh(config) -> Mesh:
-    devices = np.array(jax.devices())
-    shape = (1, devices.size) if config.training.fsdp else (devices.size, 1)
-    return Mesh(devices.reshape(shape), BATCH_AXES)
+def mesh_layout(config, devices: list) -> tuple[int, tuple[int, int], bool]:
+    """(data-parallel groups across DCN, the (data, fsdp) shape within a group, whether the groups
+    are TPU slices (else processes)) for make_mesh; a ValueError for a bad training.dcn_data."""
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    processes = len({d.process_index for d in devices})
+    dcn = int(config.training.get("dcn_data", 0) or 0) or slices
+    if dcn not in (1, slices, processes):
+        raise ValueError(
+            f"training.dcn_data={dcn} must be 1, the number of TPU slices ({slices}) or the number of processes "
+            f"({processes}) (0: the number of slices)"
+        )
+    per_group = len(devices) // dcn
+    return dcn, ((1, per_group) if config.training.fsdp else (per_group, 1)), dcn == slices
+
+
+def make_mesh(config, devices: list | None = None) -> Mesh:
+    """The ("data", "fsdp") Mesh over all devices of all processes, built by jax's mesh_utils.
+
+    Within a slice (ICI) the devices form (data, fsdp) with fsdp = the slice's device count when
+    training.fsdp, else 1 (create_device_mesh: the physical topology's order on TPUs). Across
+    groups (DCN) the mesh is data-parallel only (create_hybrid_device_mesh): the groups are the TPU
+    slices of a multislice run (device.slice_index; the default), or the processes when
+    training.dcn_data is the process count (GPU nodes; the CPU tests). The batch is split over both axes.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(jax.devices() if devices is None else devices)
+    dcn, ici, slices = mesh_layout(config, devices)
+    if dcn == 1:
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+    else:
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, (dcn, 1), devices, process_is_granule=not slices, allow_split_physical_axes=True
+        )
+    return Mesh(grid, BATCH_AXES)
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
@@ -274,33 +304,78 @@ def restore(manager: ocp.CheckpointManager, shardings, abstract_state, *, only: 
     """Restore the newest readable step onto `shardings`; (state, step) or (None, None).
 
     A step that fails to restore (truncated or corrupted files) is reported and skipped, and the
-    previous one is tried. `only` restores just those entries of the state (e.g. ("ema",) to serve:
-    the optimiser state is neither read nor required to match).
+    previous one is tried. With several processes the step is agreed: the newest step that every
+    process sees and every process can read (each reads its shards alone, without orbax's
+    cross-process barriers, so one process's failure cannot leave the others waiting), so all
+    hosts always resume from the same step. `only` restores just those entries of the state (e.g.
+    ("ema",) to serve: the optimiser state is neither read nor required to match).
     """
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    handler: Any = ocp.StandardCheckpointHandler()
     if only is not None:  # read just these entries, through the PyTree handler's partial restore
         target = {k: target[k] for k in only}
-        manager = ocp.CheckpointManager(
-            manager.directory,
-            options=ocp.CheckpointManagerOptions(create=False),
-            item_names=("state",),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-        )
+        handler = ocp.PyTreeCheckpointHandler()
         args = ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
         )
     else:
         args = ocp.args.StandardRestore(target)
-    for step in sorted(manager.all_steps(), reverse=True):
+    reader = manager
+    if only is not None or jax.process_count() > 1:
+        reader = ocp.CheckpointManager(
+            manager.directory,
+            options=ocp.CheckpointManagerOptions(create=False, multiprocessing_options=_this_process_alone()),
+            item_names=("state",),
+            item_handlers={"state": handler},
+        )
+    for step in _agreed_steps(manager.all_steps()):
         try:
-            state = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+            state, error = reader.restore(step, args=ocp.args.Composite(state=args))["state"], ""
         except Exception as err:  # noqa: BLE001 - any unreadable step falls back to the previous one
+            state, error = None, f"{type(err).__name__}: {str(err)[:200]}"
             logging.error("checkpoint step %d in %s is unreadable: %s", step, manager.directory, err)
-            print(
-                f"warning: checkpoint step {step} in {manager.directory} is unreadable "
-                f"({type(err).__name__}: {str(err)[:200]}); trying the previous step",
-                flush=True,
-            )
-            continue
-        return state, step
+        failed = _processes_where(bool(error))
+        if not failed:
+            return state, step
+        where = "" if jax.process_count() == 1 else f" on process(es) {', '.join(map(str, failed))}"
+        detail = f" ({error})" if error else ""
+        print(
+            f"warning: checkpoint step {step} in {manager.directory} is unreadable{where}{detail}; trying the previous step",
+            flush=True,
+        )
     return None, None
+
+
+def _this_process_alone():
+    """orbax options for a reader that only this process uses (no cross-process barriers)."""
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=index, active_processes={index}, barrier_sync_key_prefix=f"diffjax_restore_{index}"
+    )
+
+
+def _agreed_steps(steps) -> list[int]:
+    """The steps every process sees, newest first."""
+    mine = sorted((int(s) for s in steps), reverse=True)
+    if jax.process_count() == 1:
+        return mine
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    longest = int(np.max(multihost_utils.process_allgather(np.int64(len(mine)))))
+    padded = np.full(max(longest, 1), -1, np.int64)
+    padded[: len(mine)] = mine
+    seen = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), -1)
+    common = set.intersection(*(set(int(s) for s in row if s >= 0) for row in seen))
+    return sorted(common, reverse=True)
+
+
+def _processes_where(flag: bool) -> list[int]:
+    """The processes on which `flag` is true (every process calls this at the same point)."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(flag))).reshape(-1)
+    return [i for i, f in enumerate(flags) if f]

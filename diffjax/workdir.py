@@ -12,7 +12,7 @@ import json
 
 import jax
 
-from diffjax import commandline
+from diffjax import commandline, storage
 
 
 def written_config(config: dict) -> dict:
@@ -40,13 +40,15 @@ class Workdir:
         import ml_collections
         from etils import epath
 
-        from diffjax import network, storage, trainer
+        from diffjax import network, trainer
 
         storage.require_credentials(workdir, command, "--workdir")
         path = epath.Path(workdir) / "config.json"  # local or gs://
         if not path.exists():
             commandline.usage_error(command, f"{path} not found; is {workdir!r} a diffjax train workdir?")
         self.config = ml_collections.ConfigDict(written_config(json.loads(path.read_text())))
+        if "dcn_data" in self.config.training:  # how training spread over slices; a reader lays out its own devices
+            self.config.training.dcn_data = 0
         self.path, self.command = workdir, command
         tracked = trainer.ema_rates(self.config)
         self.ema_rate = tracked[0] if ema is None else float(ema)
@@ -71,6 +73,7 @@ class Workdir:
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint step on disk now (re-reads the directory)."""
+        storage.refresh(self.path)
         self.manager.reload()
         return self.manager.latest_step()
 
@@ -101,6 +104,7 @@ class Workdir:
     def _restore(self, abstract, shardings, only):
         from diffjax import trainer
 
+        storage.refresh(self.path)
         self.manager.reload()
         restored, step = trainer.restore(self.manager, shardings, abstract, only=only)
         if restored is None:

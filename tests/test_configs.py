@@ -41,6 +41,7 @@ SCHEMA = {
         "ema_rate",
         "grad_accum_steps",
         "fsdp",
+        "dcn_data",
     ],
     "model": [  # the keys every network takes; the rest is the network's (test_model_block_is_the_networks)
         "name",

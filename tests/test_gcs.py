@@ -50,7 +50,12 @@ def _env(gcs, devices=1):
 
 def _diffjax(gcs, *args, cwd, timeout=600, devices=1):
     return subprocess.run(
-        [sys.executable, "-m", "diffjax", *args], cwd=cwd, env=_env(gcs, devices), capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "diffjax", *args],
+        cwd=cwd,
+        env=_env(gcs, devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -106,7 +111,9 @@ def test_two_processes_train_on_a_bucket_through_kill9_and_resume_bit_identical(
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert 0 < max(_steps(gcs, "killed")) < 16, "the kill must land mid-run"
-    res = subprocess.run([*launch, *train("killed")], cwd=tmp_path, env=_env(gcs), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [*launch, *train("killed")], cwd=tmp_path, env=_env(gcs), capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from step" in res.stdout, res.stdout[-3000:]
     assert "Python is likely shutting down" not in res.stdout + res.stderr
@@ -149,7 +156,9 @@ def test_sample_and_eval_read_and_write_the_bucket(gcs, digits_bucket):
     with storage.open_npz(f"{workdir}/grid.npz") as f:
         assert f["samples"].shape == (4, 8, 8, 1)
 
-    res = _diffjax(gcs, "eval", f"--workdir={workdir}", "--num=24", "--shard_size=16", "--metrics=digits", "--no_progress", cwd=cwd)
+    res = _diffjax(
+        gcs, "eval", f"--workdir={workdir}", "--num=24", "--shard_size=16", "--metrics=digits", "--no_progress", cwd=cwd
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     written = res.stdout.strip().splitlines()[-1].removeprefix("wrote ")
     assert written.startswith(f"{workdir}/eval/step_2_") and written.endswith(".json")
@@ -219,7 +228,14 @@ def test_statistics_weights_and_folder_datasets_in_the_bucket(gcs, tmp_path):
     loaded = stats.load_stats(ref, expect_extractor=inception_weights.file_sha256(weights))
     assert loaded.meta["num_images"] == 6 and loaded.mu.shape == (2048,)
     res = _diffjax(
-        gcs, "eval", "compare", f"gs://{BUCKET}/sets/same.npz", ref, "--metrics=fid", f"--inception_weights={weights}", cwd=tmp_path
+        gcs,
+        "eval",
+        "compare",
+        f"gs://{BUCKET}/sets/same.npz",
+        ref,
+        "--metrics=fid",
+        f"--inception_weights={weights}",
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     fid = float(next(line for line in res.stdout.splitlines() if line.startswith("| FID |")).split("|")[2])

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,109 @@ def test_resume_on_another_topology_continues_the_exact_input_order(tmp_path):
         assert step == 8
         for x, y in zip(params, params_ref):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_two_slices_over_dcn_match_one_process(tmp_path):
+    """Multislice on the CPU: 2 processes x 2 devices as two "slices" (training.dcn_data=2: a hybrid
+    mesh from mesh_utils, data parallel across the processes, FSDP over the 2 devices within each)
+    train the same losses and parameters as 1 process x 4 devices with FSDP over all 4, to float
+    tolerance (rtol 1e-4: only the reduction order of the batch mean differs)."""
+    flags = ["--config.training.n_iters=6", "--config.training.log_freq=2", "--config.training.fsdp=True"]
+    one = run(train_cmd(tmp_path / "one", *flags), devices=4)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "mesh: data=1 x fsdp=4 over 4 devices" in one.stdout
+    local = [sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=2", "--"]
+    two = run([*local, *train_cmd(tmp_path / "two", *flags, "--config.training.dcn_data=2")], timeout=400)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "mesh: data=2 x fsdp=2 over 4 devices, data parallel across 2 processes (DCN)" in two.stdout
+
+    def losses(workdir):
+        return [m["loss"] for m in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in m]
+
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4)
+    _, params_one, _ = final_params(tmp_path / "one")
+    step, params_two, _ = final_params(tmp_path / "two")
+    assert step == 6
+    for x, y in zip(params_two, params_one):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    bad = run(train_cmd(tmp_path / "bad", *flags, "--config.training.dcn_data=3"), devices=4)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "diffjax train: training.dcn_data=3 must be 1, the number of TPU slices (1) or the number of processes (1) "
+        "(0: the number of slices)"
+    )
+
+
+def test_a_workdir_the_other_processes_cannot_see_is_refused(tmp_path):
+    """A multi-process run whose workdir is node-local (here: the same relative path from two
+    different directories, as two nodes' local disks would be) stops on both processes with one
+    line and exit 2, before anything is trained."""
+    sys.path.insert(0, ROOT)
+    from launch.local import free_port, process_env
+
+    port = free_port()
+    procs = []
+    for i in range(2):
+        node = tmp_path / f"node{i}"
+        node.mkdir()
+        procs.append(
+            subprocess.Popen(
+                train_cmd("w", "--config.training.n_iters=2"),
+                cwd=node,
+                env=process_env(env(), i, 2, 1, port),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, out[-2000:] + err[-2000:]
+        lines = [line for line in err.splitlines() if line.startswith("diffjax train:")]
+        assert lines == [
+            "diffjax train: --workdir w is not shared: process(es) 0, 1 cannot see the files the other processes "
+            "write there; use a gs:// bucket or a filesystem every node mounts"
+        ], err[-2000:]
+    assert not glob.glob(str(tmp_path / "node*" / "w" / "checkpoints" / "*"))
+
+
+def test_processes_agree_on_the_step_to_restore(tmp_path):
+    """Two processes whose views of the workdir differ (process 1's copy of the newest step is
+    truncated, as a host with a failed read would see it) both restore the previous step, which
+    both can read: no hang, no mix of steps across hosts."""
+    sys.path.insert(0, ROOT)
+    from launch.local import free_port, process_env
+
+    base = tmp_path / "base"
+    res = run(train_cmd(base, "--config.training.n_iters=8", "--config.training.snapshot_freq=4"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for i in range(2):
+        (tmp_path / f"node{i}").mkdir()
+        shutil.copytree(base, tmp_path / f"node{i}" / "w")
+    for path in glob.glob(f"{tmp_path}/node1/w/checkpoints/8/state/**/*", recursive=True):
+        if os.path.isfile(path):
+            with open(path, "r+b") as f:
+                f.truncate(max(0, os.path.getsize(path) // 3))
+    port = free_port()
+    cmd = [sys.executable, "-m", "diffjax", "sample", "--workdir=w", "--num=8", "--out=g.png"]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=tmp_path / f"node{i}",
+            env=process_env(env(), i, 2, 1, port),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:
+        assert "checkpoint step 8 in" in out and "is unreadable on process(es) 1" in out, out[-2000:]
+    assert "8 samples from step 4" in outs[0]  # process 0 writes
+    assert np.load(tmp_path / "node0" / "g.npz")["samples"].shape == (8, 2)
+    assert not (tmp_path / "node1" / "g.npz").exists()
 
 
 def test_corrupted_latest_checkpoint_falls_back(tmp_path):

@@ -99,9 +99,9 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, meta: dict[str, Any
     carry ``extractor`` (the Inception weights file's sha256) so :func:`load_stats` can refuse comparisons
     across extractors. Returns the path written.
     """
-    path = storage.path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"path: expected a file name ending in .npz (the suffix pytorch-fid looks for), got {path}")
+    target = storage.path(path)
+    if target.suffix != ".npz":
+        raise ValueError(f"path: expected a file name ending in .npz (the suffix pytorch-fid looks for), got {target}")
     m, s = check_gaussian(mu, sigma)
     arrays: dict[str, np.ndarray] = {"mu": m, "sigma": s}
     for key, value in (meta or {}).items():
@@ -110,8 +110,8 @@ def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, meta: dict[str, Any
         if key in STAT_KEYS or key == ACTIVATIONS_KEY:
             raise ValueError(f"meta: key {key!r} is reserved for the statistics themselves")
         arrays[key] = _meta_value(key, value)
-    storage.save_npz(path, **arrays)
-    return path
+    storage.save_npz(target, **arrays)
+    return target
 
 
 def _read_meta(npz: np.lib.npyio.NpzFile, keys: list[str], path: epath.Path) -> dict[str, Any]:
