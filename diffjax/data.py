@@ -169,11 +169,20 @@ def _toy(name: str, split: str) -> np.ndarray:
     return np.asarray(toy.sample_dataset(name, key, TOY_SIZES[split]), np.float32)
 
 
+def _images_under(folder):
+    """Image files under an epath folder, recursively (not rglob: epath refuses recursive globs on gs://)."""
+    for entry in folder.iterdir():
+        if entry.suffix.lower() in IMAGE_EXTENSIONS:
+            yield entry
+        elif entry.is_dir():
+            yield from _images_under(entry)
+
+
 def _folder_files(name: str) -> list[str]:
     root = storage.path(name[len(FOLDER_PREFIX) :]).expanduser()
     if not root.is_dir():
         raise ValueError(f"data.dataset={name!r}: {str(root)!r} is not a directory")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = sorted(str(p) for p in _images_under(root))
     if not files:
         raise ValueError(f"data.dataset={name!r}: no {'/'.join(IMAGE_EXTENSIONS)} files under {str(root)!r}")
     return files

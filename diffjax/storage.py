@@ -67,7 +67,9 @@ def refresh(p: PathLike) -> None:
     if is_remote(p):
         import fsspec
 
-        fsspec.filesystem(os.fspath(p).split("://", 1)[0]).invalidate_cache()
+        cls = type(fsspec.filesystem(os.fspath(p).split("://", 1)[0]))
+        for instance in list(getattr(cls, "_cache", {}).values()):  # every instance (epath's has its own options)
+            instance.invalidate_cache()
 
 
 def write_bytes(p: PathLike, data: bytes) -> epath.Path:
@@ -131,9 +133,13 @@ def require_credentials(p: PathLike, prog: str, flag: str) -> None:
     (gcsfs would otherwise fall back to anonymous access and fail later, object by object)."""
     if not os.fspath(p).startswith("gs://") or os.environ.get(EMULATOR_VAR):
         return
+    import logging
+
     import google.auth
     import google.auth.exceptions
 
+    quiet = logging.getLogger("google.auth._default")  # its "metadata server unavailable" warning: ours says more
+    level, quiet.level = quiet.level, logging.ERROR
     try:
         google.auth.default()
     except google.auth.exceptions.DefaultCredentialsError:
@@ -142,12 +148,16 @@ def require_credentials(p: PathLike, prog: str, flag: str) -> None:
             f"{flag} {os.fspath(p)}: no Google credentials found (run `gcloud auth application-default login`, "
             f"use a VM's service account, set GOOGLE_APPLICATION_CREDENTIALS, or set {EMULATOR_VAR} for an emulator)",
         )
+    finally:
+        quiet.level = level
 
 
-def check_writable(p: PathLike, prog: str, flag: str) -> None:
+def check_writable(p: PathLike, prog: str, flag: str, shown: PathLike | None = None) -> None:
     """A usage error (one line, exit 2) unless `p` (a directory) can be written: a missing bucket,
-    missing credentials or an unreachable store are named before any work is done."""
-    require_credentials(p, prog, flag)
+    missing credentials or an unreachable store are named before any work is done. `shown`: the
+    path the user gave, when `p` is the folder it goes into."""
+    shown = p if shown is None else shown
+    require_credentials(shown, prog, flag)
     target = path(p)
     probe = target / f".write_probe_{os.getpid()}"
     try:
@@ -155,7 +165,7 @@ def check_writable(p: PathLike, prog: str, flag: str) -> None:
         probe.write_text("ok")
         probe.unlink()
     except Exception as err:  # noqa: BLE001 - each backend raises its own kinds; all mean "cannot write"
-        commandline.usage_error(prog, f"cannot write to {flag} {os.fspath(p)}: {describe_error(err, p)}")
+        commandline.usage_error(prog, f"cannot write to {flag} {os.fspath(shown)}: {describe_error(err, p)}")
 
 
 def check_readable(p: PathLike, prog: str, flag: str) -> None:
@@ -181,5 +191,6 @@ def describe_error(err: BaseException, p: PathLike) -> str:
             f"service account, or set {EMULATOR_VAR} for an emulator)"
         )
     if "bucket" in lowered or "404" in lowered or isinstance(err, FileNotFoundError):
-        return f"{text} (does the bucket exist? create it with `gcloud storage buckets create gs://BUCKET`)"
+        bucket = os.fspath(p).split("://", 1)[1].split("/", 1)[0]
+        return f"bucket gs://{bucket} does not exist or is not visible (create it with `gcloud storage buckets create gs://{bucket}`)"
     return text

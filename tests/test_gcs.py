@@ -252,7 +252,13 @@ def test_bad_storage_input_is_one_line_and_writes_nothing(gcs, tmp_path):
     assert "--workdir gs://no-such-bucket/run" in line and "bucket" in line
     assert "no-such-bucket/" not in " ".join(gcs.objects(BUCKET))
 
-    bare = {k: v for k, v in _env(gcs).items() if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
+    emulator = (
+        "STORAGE_EMULATOR_HOST",
+        "TENSORSTORE_GCS_HTTP_URL",
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING",
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+    )
+    bare = {k: v for k, v in _env(gcs).items() if k not in (*emulator, "GOOGLE_APPLICATION_CREDENTIALS")}
     bare.update(NO_GCE_CHECK="true", HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
     for args in (
         ["train", f"--workdir=gs://{BUCKET}/nocreds", *TOY],

@@ -166,3 +166,28 @@ def test_quantize_matches_edm_and_score_sde_rules():
     assert list(generate.quantize(np.array([0.0, 1.0]), (0, 1))) == [0, 255]
     with pytest.raises(ValueError, match="quantize must be one of"):
         generate.quantize(x, (-1, 1), "nearest")
+
+
+def test_grid_samples_are_split_over_the_devices_and_equal_one_unsharded_call(workdir):
+    """diffjax.sample.generate (grids, training-time FID) splits the batch over the 8 devices (5
+    samples padded to 8): the samples equal one unsharded sampler call on the same noise."""
+    import jax
+
+    from diffjax import network, samplers
+    from diffjax.sample import config_sampler, generate
+    from diffjax.workdir import Workdir
+
+    w = Workdir(str(workdir), inference=True)
+    state, _ = w.restore(only=("ema",))
+    calls, sample = [], samplers.sample
+    spy = lambda *a, **k: calls.append((a[4], k["indices"].sharding.num_devices)) or sample(*a, **k)  # noqa: E731
+    samplers.sample = spy
+    try:
+        got = generate(w.config, w.graphdef, w.rest, w.process, state["ema"], 5, sampler="ddim", steps=4, seed=7)
+    finally:
+        samplers.sample = sample
+    assert calls == [((8, 8, 8, 1), 8)]
+    den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
+    name, steps, opts = config_sampler(w.config, "ddim", 4, {})
+    whole, _ = sample(name, den, w.process, jax.random.PRNGKey(7), (5, 8, 8, 1), steps, **opts)
+    np.testing.assert_allclose(got, np.clip(np.asarray(whole), -1, 1), atol=1e-5)

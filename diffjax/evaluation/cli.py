@@ -163,7 +163,7 @@ def cmd_stats(argv: list[str]) -> int:
 
     if not args.out.endswith(".npz"):
         raise EvalError(f"--out must end in .npz, got {args.out!r}")
-    storage.check_writable(storage.path(args.out).parent, "diffjax eval stats", "--out")
+    storage.check_writable(storage.path(args.out).parent, "diffjax eval stats", "--out", args.out)
     try:
         images, source = evaluate.reference_images(args.config, args.data, args.split, args.image_size, args.data_dir)
         meta = evaluate.write_reference_stats(images, args.out, source, args.split, args.inception_weights, args.batch_size)
