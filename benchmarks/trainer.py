@@ -4,7 +4,11 @@ step fed one pre-built device batch, on the same model and config; with --gcs in
 gs:// workdir (fake-gcs-server on loopback, logs shipped in the background every second) against
 the loop on a local workdir, same run.
 
-    python benchmarks/trainer.py [--config configs/digits.py] [--steps 400] [--gcs]
+With --fingerprint: the cost of a log line's data fingerprint (the source indices of 100 global
+batches of 4096, hashed, plus one process's order check) against looking the same positions up
+through a grain shuffle + repeat, the way it was done before diffjax.data_order.
+
+    python benchmarks/trainer.py [--config configs/digits.py] [--steps 400] [--gcs | --fingerprint]
 """
 
 from __future__ import annotations
@@ -76,9 +80,12 @@ def main():
     parser.add_argument(
         "--gcs", action="store_true", help="instead: the loop on a local vs a gs:// workdir (fake-gcs-server)"
     )
+    parser.add_argument("--fingerprint", action="store_true", help="instead: the data fingerprint's cost per log line")
     args, overrides = parser.parse_known_args()
     if args.gcs:
         return gcs_rows(args, overrides)
+    if args.fingerprint:
+        return fingerprint_rows()
     config = info.load_config(args.config, overrides)
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}, config: {args.config} {overrides}")
     parser_repeats = 2  # alternate the two measurements and keep each one's best (other load on the machine)
@@ -91,6 +98,30 @@ def main():
     print(f"{'bare jitted step (fixed batch)':<34} {bare:>8.2f} {bare * b:>8.0f}")
     print(f"{'full diffjax train loop':<34} {full:>8.2f} {full * b:>8.0f}")
     print(f"loop overhead: {100 * (1 - full / bare):.1f}% (goal <= 5%)")
+
+
+def fingerprint_rows(global_batch: int = 4096, log_freq: int = 100) -> None:
+    """ms per log line of data.GlobalOrder + data.fingerprint (+ check), for a digits-size and a
+    CIFAR-10-size train split; the grain-lookup baseline measured on one global batch."""
+    import grain
+
+    from diffjax import data_order
+
+    print(f"global batch {global_batch}, log_freq {log_freq}")
+    print(f"{'examples':>9} {'fingerprint + check (ms/log line)':>34} {'grain lookups, 1 batch (ms)':>28}")
+    for n in (1437, 50000):
+        order = data_order.GlobalOrder(data_order.Order(n, seed=7, shuffle=True, repeat=True), global_batch)
+        start, best = 10_000, float("inf")
+        for rep in range(3):
+            t = time.perf_counter()
+            first = start + rep * log_freq
+            data_order.fingerprint(order.indices(first, log_freq))
+            order.check(first, order.indices(first, 1)[0][:512], range(512))
+            best = min(best, time.perf_counter() - t)
+        old = grain.MapDataset.range(n).shuffle(seed=7).repeat()
+        t = time.perf_counter()
+        [old[i] for i in range(start * global_batch, (start + 1) * global_batch)]
+        print(f"{n:>9} {best * 1e3:>34.1f} {(time.perf_counter() - t) * 1e3:>28.1f}")
 
 
 def gcs_rows(args, overrides: list[str]) -> None:

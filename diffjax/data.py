@@ -18,7 +18,8 @@ differs), checked against `data.num_channels`, scaled to [0, 1], optionally flip
 (`data.random_flip`) and dequantized ((255 x + U(0, 1)) / 256, `data.uniform_dequantization`, as
 score_sde), then mapped to [-1, 1] when `data.centered`.
 
-Pipeline (per process): source -> shuffle(seed) -> repeat (train) -> per-example random_map (flip,
+Pipeline (per process): source in the global order (diffjax.data_order: a new permutation each
+epoch for train) -> per-example random_map (flip,
 dequantization; randomness is a function of (seed, global position), so it does not depend on the
 sharding or the worker count) -> this process's rows of every global batch (default: block i of
 shard_count; the trainer passes the rows its devices hold) -> batch(local batch, drop_remainder) ->
@@ -39,7 +40,6 @@ one `process_<i>-of-<n>.json` per process) for pipelines that are not positioned
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 from typing import Any, Sequence
@@ -48,7 +48,7 @@ import grain
 import jax
 import numpy as np
 
-from diffjax import augment, storage
+from diffjax import augment, data_order, storage
 
 TOY_DATASETS = ("eight_gaussians", "swiss_roll", "two_moons")
 TOY_SIZES = {"train": 65536, "eval": 4096, "test": 4096}
@@ -408,9 +408,7 @@ def make_dataset(
             f"split {split!r}; no full batch could be formed"
         )
 
-    ds = _global_order(
-        grain.MapDataset.source(IndexedSource(source) if with_index else source), seed, shuffle, repeat, global_batch
-    )
+    ds = _global_order(IndexedSource(source) if with_index else source, seed, shuffle, repeat, global_batch)
     ds = ds.map(_Preprocess(kind, size, channels, name))
     data = config.data
     edm_p = float(data.get("augment_p", 0.0))
@@ -426,79 +424,37 @@ def make_dataset(
         edm_p if split == "train" else 0.0,
     )
     ds = ds.random_map(randomise, seed=_derived_seed(seed, 1))
-    rows = local_rows(global_batch, shard_index, shard_count) if rows is None else [int(r) for r in rows]
+    rows = data_order.local_rows(global_batch, shard_index, shard_count) if rows is None else [int(r) for r in rows]
     if len(rows) != local_batch or not all(0 <= r < global_batch for r in rows):
         raise ValueError(f"rows must be {local_batch} rows of the global batch of {global_batch}, got {rows[:8]}...")
     if rows != list(range(global_batch)):
-        ds = grain.MapDataset.source(_Rows(ds, rows, global_batch))
+        ds = grain.MapDataset.source(data_order.Rows(ds, rows, global_batch))
     ds = ds.batch(local_batch, drop_remainder=True)
     return ds[start_batch:] if start_batch else ds
 
 
-def local_rows(global_batch: int, shard_index: int, shard_count: int) -> list[int]:
-    """The rows of every global batch that process `shard_index` of `shard_count` reads: a
-    contiguous block (the rows a data-parallel mesh puts on its devices)."""
-    size = global_batch // shard_count
-    return list(range(shard_index * size, (shard_index + 1) * size))
+def _global_order(source, seed: int, shuffle: bool, repeat: bool, global_batch: int) -> grain.MapDataset:
+    """The source in the global example order (diffjax.data_order): a pure function of (seed,
+    position), whatever the topology; one epoch is cut to whole global batches."""
+    order = _order(len(source), seed, shuffle, repeat)
+    length = len(order) if repeat else (len(source) // global_batch) * global_batch  # same batch count everywhere
+    return grain.MapDataset.source(data_order.Ordered(source, order, length))
 
 
-class _Rows:
-    """Local example m = global position (m // R) * G + rows[m % R] of the ordered dataset (R rows
-    of each global batch of G): a process reads its rows of every global batch, nothing else."""
-
-    def __init__(self, ds: grain.MapDataset, rows: list[int], global_batch: int):
-        self.ds, self.rows, self.global_batch = ds, rows, global_batch
-
-    def __len__(self) -> int:
-        return (len(self.ds) // self.global_batch) * len(self.rows)
-
-    def __getitem__(self, m: int):
-        k, j = divmod(m, len(self.rows))
-        return self.ds[k * self.global_batch + self.rows[j]]
+def _order(n: int, seed: int, shuffle: bool, repeat: bool) -> data_order.Order:
+    return data_order.Order(n, _derived_seed(seed, 0), shuffle, repeat)
 
 
-def _global_order(ds: grain.MapDataset, seed: int, shuffle: bool, repeat: bool, global_batch: int) -> grain.MapDataset:
-    """The global example order: a pure function of (seed, position), whatever the topology."""
-    if shuffle:
-        ds = ds.shuffle(seed=_derived_seed(seed, 0))
-    if repeat:
-        return ds.repeat()  # reshuffles every epoch
-    return ds[: (len(ds) // global_batch) * global_batch]  # every process gets the same number of batches
+def GlobalOrder(config, split: str = "train", seed: int | None = None) -> data_order.GlobalOrder:
+    """Which source examples form each global batch of `split` (data_order.GlobalOrder)."""
+    global_batch = int(config.training.batch_size if split == "train" else config.eval.batch_size)
+    n = len(_source(config, split)[0])
+    order = _order(n, int(config.seed if seed is None else seed), shuffle=split == "train", repeat=split == "train")
+    return data_order.GlobalOrder(order, global_batch)
 
 
-class GlobalOrder:
-    """Which source examples form each global batch of `split`: the pipeline's order applied to the
-    indices alone (no data read), the same on every topology. `indices(first, num)` ->
-    (num, global batch) int64 source indices of global batches first, ..., first + num - 1."""
-
-    def __init__(self, config, split: str = "train", seed: int | None = None):
-        self.global_batch = int(config.training.batch_size if split == "train" else config.eval.batch_size)
-        self.order = _global_order(
-            grain.MapDataset.range(len(_source(config, split)[0])),
-            int(config.seed if seed is None else seed),
-            shuffle=split == "train",
-            repeat=split == "train",
-            global_batch=self.global_batch,
-        )
-
-    def indices(self, first_batch: int, num_batches: int) -> np.ndarray:
-        start, stop = first_batch * self.global_batch, (first_batch + num_batches) * self.global_batch
-        return np.array([self.order[i] for i in range(start, stop)], np.int64).reshape(num_batches, self.global_batch)
-
-    def check(self, batch: int, read: np.ndarray, rows: Sequence[int]):
-        """Raise if `read` (a batch's "index", from make_iterator(with_index=True)) is not `rows`
-        of global batch `batch`: the order the fingerprints describe is the one read."""
-        want = self.indices(batch, 1)[0][np.asarray(rows)]
-        if not np.array_equal(np.asarray(read), want):
-            raise RuntimeError(
-                f"input order mismatch at global batch {batch} on process {jax.process_index()}: read examples "
-                f"{np.asarray(read)[:8].tolist()}..., the order says {want[:8].tolist()}..."
-            )
-
-
-def fingerprint(indices: np.ndarray) -> str:
-    """A short hash of example indices (e.g. example_indices of the steps since the last log line)."""
-    return hashlib.sha256(np.ascontiguousarray(indices, dtype="<i8").tobytes()).hexdigest()[:16]
+fingerprint = data_order.fingerprint
+local_rows = data_order.local_rows
 
 
 def make_iterator(

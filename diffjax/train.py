@@ -364,7 +364,7 @@ def main(argv: list[str]) -> int:
             before, step = step, step + n
             finished.dispatched(step, step_losses)
             if crossed(t.log_freq, before, step) or step == n_iters or before == start_step:
-                order.check(step - 1, read, rows)  # the examples read are this process's slice of the order
+                order.check(step - 1, read, rows, jax.process_index())  # this process read its slice of the order
             if crossed(t.log_freq, before, step) or step == n_iters:
                 loss = check_finite()
                 now = time.perf_counter()
