@@ -8,7 +8,9 @@ how the multi-host code paths are tested without a cluster.
 
 Every output line is prefixed with `[proc i]`. If a process fails, the others are terminated and
 its exit code is returned. SIGINT / SIGTERM are forwarded to all processes (diffjax train saves a
-checkpoint on SIGTERM); a second one kills them.
+checkpoint on SIGTERM); a second one kills them. A signal that comes while the processes are
+being started stops the start: the ones already running get it, and the launcher exits with
+128 + the signal number.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 
 GRACE_S = 10.0  # after a failure: how long the others get to exit on SIGTERM before SIGKILL
 
@@ -34,7 +37,7 @@ def free_port() -> int:
 
 
 def process_env(
-    base: dict[str, str], index: int, num: int, devices: int, port: int, platform: str | None = "cpu"
+    base: Mapping[str, str], index: int, num: int, devices: int, port: int, platform: str | None = "cpu"
 ) -> dict[str, str]:
     env = dict(base)
     if platform:
@@ -83,20 +86,23 @@ def launch(
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     pumps: list[threading.Thread] = []
-    signals = {"count": 0}
+    # SIGINT / SIGTERM: the handler only records the signal; the main thread forwards it (see
+    # _forward). Forwarding from the handler itself lost signals: it runs between any two
+    # bytecodes of the main thread, so a signal taken while a process was being started (after
+    # Popen, before procs.append) or before the later ones were started never reached them, and
+    # the launcher then waited for ever; and one taken inside Popen.poll (the main loop's), just
+    # after waitpid had reaped a process, sent the signal to that reaped, reusable pid.
+    received: list[int] = []
+    sent: list[int] = []  # per process: how many of the received signals it has been sent
 
-    def forward(signum, frame):
-        signals["count"] += 1
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGKILL if signals["count"] > 1 else signum)
-                except ProcessLookupError:
-                    pass
+    def record(signum, frame):
+        received.append(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for i in range(num_processes):
+            if received:  # interrupted while starting: start no more
+                break
             env = process_env(os.environ, i, num_processes, devices_per_process, port, platform)
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it once.
             p = subprocess.Popen(
@@ -111,20 +117,26 @@ def launch(
                 start_new_session=True,
             )
             procs.append(p)
+            sent.append(0)
             t = threading.Thread(target=_pump, args=(i, p.stdout, lock, out), daemon=True)
             t.start()
             pumps.append(t)
+        if len(procs) < num_processes:
+            with lock:
+                out.write(f"[launch] signal {received[0]} before all processes started: started {len(procs)}\n")
+                out.flush()
         failed: tuple[int, int] | None = None  # (index, exit code) of the first failure
         while True:
+            _forward(procs, sent, received)
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if bad and failed is None:
                 failed = bad[0]
-                if signals["count"] == 0:
+                if not received:
                     with lock:
                         out.write(f"[launch] process {failed[0]} exited with {_exit_code(failed[1])}; stopping the others\n")
                         out.flush()
-                _stop(procs)
+                _stop(procs, received)
             if all(c is not None for c in codes):
                 break
             time.sleep(0.05)
@@ -132,6 +144,8 @@ def launch(
             t.join(timeout=5)
         if failed is not None:
             return _exit_code(failed[1])
+        if len(procs) < num_processes:
+            return 128 + received[0]
         return 0
     finally:
         for p in procs:  # only on an exception above: nothing may outlive the launcher
@@ -142,15 +156,30 @@ def launch(
             signal.signal(s, h)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def _forward(procs: list[subprocess.Popen], sent: list[int], received: list[int]) -> None:
+    """Send every process the signals received since it was last sent one (main thread only):
+    the first one as it came, any further one as SIGKILL."""
+    n = len(received)
+    for i, p in enumerate(procs):
+        if sent[i] < n:
+            sent[i] = n
+            if p.poll() is None:  # polls: no signal to a reaped process (whose pid may be reused)
+                p.send_signal(signal.SIGKILL if n > 1 else received[0])
+
+
+def _stop(procs: list[subprocess.Popen], received: list[int] | None = None) -> None:
+    """SIGTERM to the running processes, SIGKILL after GRACE_S (or at once on a further signal)."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
-    deadline = time.time() + GRACE_S
+    signals = len(received) if received is not None else 0
+    deadline = time.monotonic() + GRACE_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if received is not None and len(received) > max(signals, 1):
+            break
+        time.sleep(0.05)
     for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
+        if p.poll() is None:
             p.kill()
             p.wait()
 

@@ -1,407 +1,157 @@
-"""Cloud TPU launcher: `python -m launch.tpu [--dry-run] <command> [flags]`.
+"""Cloud TPU launcher: `python -m launch.tpu [--dry-run] <command> [NAME] [flags]`.
 
-    create  a TPU VM (or a queued resource with --queued): accelerator type, zone, runtime
-            version, --spot / --preemptible
-    setup   put the repository on every worker (a `git archive` copied with scp, or a
-            `git clone`) and pip-install it with jax[tpu] into a virtualenv there
-    run     start the same `diffjax train ... --tpu` on every worker (--worker=all), with
-            TFDS_DATA_DIR and the workdir on gs://; detached (nohup) unless --foreground
-    logs    the training log of one worker (default 0), --follow to keep reading
-    stop    SIGTERM to the training on every worker (diffjax train saves a checkpoint first)
-    ssh     a shell, or a command, on one worker or all
-    delete  the TPU VM (or the queued resource and its TPU)
+    create     a TPU VM (or a queued resource with --queued): accelerator type, zone, runtime
+               version, --spot / --preemptible / --reserved, --network / --subnetwork,
+               --service-account, --internal-ips, --labels; --num-slices N (with --queued):
+               N slices as one multislice queued resource
+    setup      put the repository on every worker (a `git archive` copied with scp, or a
+               `git clone`) and pip-install it with jax[tpu], constrained by requirements.lock
+    run        start the same `diffjax train ... --tpu` on every worker (--worker=all), with
+               TFDS_DATA_DIR and the workdir on gs://; detached (nohup) unless --foreground
+    supervise  create if missing, wait until READY / ACTIVE, setup, run in the foreground; on a
+               preemption delete, re-create and run again (resuming), up to --max-restarts
+    sample     `diffjax sample ... --tpu` on every worker, in the foreground: worker 0's output
+    eval       `diffjax eval ... --tpu` likewise
+    logs       the training log of one worker (default 0), --follow to keep reading
+    stop       SIGTERM to the training on every worker (diffjax train saves a checkpoint first)
+    ssh        a shell, or a command, on one worker or all
+    delete     the TPU VM (or the queued resource and its TPUs)
 
-`--dry-run` prints the exact commands, one per line, ready to paste, and runs none of them.
-Every argument is checked (accelerator type, zone, workdir) before any gcloud call, and a bad
-one is reported naming the flag and what it accepts.
+NAME is the TPU's name, given after the command, as --name or as $DIFFJAX_TPU_NAME. With
+--num-slices N (N >= 2, v4 or later, created with --queued) the TPU is one queued resource whose
+slices are the nodes NAME-0 .. NAME-(N-1); setup, run, supervise, sample, eval, stop and ssh act on
+every node, logs on --node (default 0). Nothing extra is needed for Multislice: the TPU runtime
+gives every worker of a multislice queued resource its MEGASCALE_* settings (in the VM's tpu-env
+metadata, where jax.distributed.initialize() reads them), and the scripts export nothing that
+would override them (only TFDS_DATA_DIR). A foreground run / sample / eval starts its per-slice
+ssh commands together, since every slice must join.
 
-The module is pure functions that build argv lists (`create_commands`, `setup_commands`, ...)
-and a thin runner (`execute`): tests check the lists, users run them.
+`--dry-run` prints the exact commands, one per line, ready to paste (commands that run together
+end in ` &`, then `wait`), and runs none of them. Every argument is checked (accelerator type,
+zone, workdir, labels, ...) before any gcloud call, and a bad one is reported on one line naming
+the flag and what it accepts.
+
+The modules are pure functions that build argv lists (launch.tpu_spec: create / describe / delete;
+launch.tpu_remote: setup / run / sample / eval / logs / stop / ssh) and a thin runner
+(launch.runner.execute); launch.supervise is the supervise loop. Tests check the lists, users run
+them.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shlex
-import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-GCLOUD = "gcloud"
+from launch.runner import execute
+from launch.tpu_remote import (  # noqa: F401  (re-exported: the launcher's public builders)
+    ARCHIVE,
+    JOBS,
+    LOCK,
+    LOG_DIR,
+    check_workdir,
+    job_commands,
+    job_remote_script,
+    logs_commands,
+    run_commands,
+    run_remote_script,
+    scp_command,
+    setup_commands,
+    setup_remote_script,
+    ssh_command,
+    ssh_commands,
+    stop_commands,
+    train_argv,
+)
+from launch.tpu_spec import (  # noqa: F401
+    ALIASES,
+    GCLOUD,
+    GENERATIONS,
+    NAME_ENV,
+    ZONE_ENV,
+    Accelerator,
+    Generation,
+    LaunchError,
+    Target,
+    allowed_accelerator_types,
+    create_commands,
+    create_flags,
+    delete_commands,
+    describe_command,
+    parse_accelerator,
+    parse_labels,
+    resolve_target,
+)
 
+if TYPE_CHECKING:
+    from launch.supervise import Supervision
 
-class LaunchError(ValueError):
-    """A bad launcher argument; reported as `launch.tpu: error: ...` before any gcloud call."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Accelerator types.
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One TPU generation: its accelerator-type prefix, the sizes gcloud accepts, and hosts."""
-
-    prefix: str
-    sizes: tuple[int, ...]
-    runtime: str  # default runtime (software) version for JAX
-    single_host_max: int  # sizes up to this run on one TPU VM host
-    per_host: int  # size units (TensorCores or chips) per host in multi-host slices
-
-    def hosts(self, size: int) -> int:
-        return 1 if size <= self.single_host_max else size // self.per_host
-
-
-def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
-    out, n = [], lo
-    while n <= hi:
-        out.append(n)
-        n *= 2
-    return tuple(out)
-
-
-# The size after the dash counts TensorCores for v2, v3, v4 and v5p (2 per chip, 4 chips per
-# host: 8 per host) and chips for v5e ("v5litepod") and v6e (up to 8 chips on one host, 4 chips
-# per host in larger slices). Runtime versions: the Cloud TPU "TPU software versions" page.
-GENERATIONS: dict[str, Generation] = {
-    "v2": Generation("v2", (8, 32, 128, 256, 512), "tpu-ubuntu2204-base", 8, 8),
-    "v3": Generation("v3", (8, 32, 64, 128, 256, 512, 1024, 2048), "tpu-ubuntu2204-base", 8, 8),
-    "v4": Generation("v4", _powers_of_two(8, 4096) + (1536,), "tpu-ubuntu2204-base", 8, 8),
-    "v5litepod": Generation("v5litepod", (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv5-lite", 8, 4),
-    "v5p": Generation("v5p", _powers_of_two(8, 8192) + (12288,), "v2-alpha-tpuv5", 8, 8),
-    "v6e": Generation("v6e", (1, 4, 8, 16, 32, 64, 128, 256), "v2-alpha-tpuv6e", 8, 4),
-}
-ALIASES = {"v5e": "v5litepod"}  # "v5e-32" is how people say it; gcloud wants "v5litepod-32"
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    type: str  # as gcloud wants it, e.g. "v4-32", "v5litepod-32"
-    generation: Generation
-    size: int
-
-    @property
-    def hosts(self) -> int:
-        return self.generation.hosts(self.size)
-
-    @property
-    def multi_host(self) -> bool:
-        return self.hosts > 1
+COMMANDS = ("create", "setup", "run", "supervise", "sample", "eval", "logs", "stop", "ssh", "delete")
+_VALUE_OPTIONS = ("--name", "--zone", "--project", "--num-slices")
 
 
-def allowed_accelerator_types() -> str:
-    rows = [f"{g.prefix}-{{{','.join(map(str, sorted(g.sizes)))}}}" for g in GENERATIONS.values()]
-    return "; ".join(rows) + " (v5e-N means v5litepod-N)"
-
-
-def parse_accelerator(text: str | None) -> Accelerator:
-    """'v4-32' -> Accelerator; anything gcloud would not accept raises LaunchError."""
-    if not text:
-        raise LaunchError(f"--accelerator-type is required; allowed: {allowed_accelerator_types()}")
-    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", text.strip().lower())
-    if match is None:
-        raise LaunchError(f"--accelerator-type {text!r} is not GENERATION-SIZE; allowed: {allowed_accelerator_types()}")
-    prefix, size = ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
-    generation = GENERATIONS.get(prefix)
-    if generation is None:
-        raise LaunchError(
-            f"--accelerator-type {text!r}: unknown TPU generation {match.group(1)!r}; allowed: {allowed_accelerator_types()}"
-        )
-    if size not in generation.sizes:
-        raise LaunchError(
-            f"--accelerator-type {text!r}: {prefix} has no size {size}; allowed: "
-            f"{prefix}-{{{','.join(map(str, sorted(generation.sizes)))}}}"
-        )
-    return Accelerator(f"{prefix}-{size}", generation, size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Common settings: name, zone, project.
-
-ZONE_ENV = ("DIFFJAX_TPU_ZONE", "CLOUDSDK_COMPUTE_ZONE")
-NAME_ENV = "DIFFJAX_TPU_NAME"
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    zone: str
-    project: str | None = None
-
-    def flags(self) -> list[str]:
-        return [f"--zone={self.zone}"] + ([f"--project={self.project}"] if self.project else [])
-
-
-def resolve_target(name: str | None, zone: str | None, project: str | None, environ: dict[str, str] | None = None) -> Target:
-    environ = os.environ if environ is None else environ
-    name = name or environ.get(NAME_ENV)
-    if not name:
-        raise LaunchError(f"--name is required (or set {NAME_ENV}): the TPU VM's name")
-    if not re.fullmatch(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", name):
-        raise LaunchError(f"--name {name!r}: lowercase letters, digits and '-', starting with a letter")
-    zone = zone or next((environ[k] for k in ZONE_ENV if environ.get(k)), None)
-    if not zone:
-        raise LaunchError(
-            f"--zone is required (or set {' or '.join(ZONE_ENV)}), e.g. us-central2-b for v4, us-west4-a for v5e"
-        )
-    if not re.fullmatch(r"[a-z]+(-[a-z]+)*\d+-[a-z]", zone):
-        raise LaunchError(f"--zone {zone!r} is not a zone name like us-central2-b")
-    return Target(name, zone, project or environ.get("CLOUDSDK_CORE_PROJECT") or None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command builders: each returns a list of argv lists, run in order.
-
-
-def create_commands(
-    target: Target,
-    accelerator: Accelerator,
-    *,
-    runtime_version: str | None = None,
-    spot: bool = False,
-    preemptible: bool = False,
-    queued: bool = False,
-    extra: list[str] = (),
-) -> list[list[str]]:
-    if spot and preemptible:
-        raise LaunchError("--spot and --preemptible exclude each other (spot is the newer kind)")
-    if queued and preemptible:
-        raise LaunchError("--preemptible is not available for queued resources; use --spot")
-    runtime = runtime_version or accelerator.generation.runtime
-    if queued:
-        cmd = [
-            GCLOUD,
-            "compute",
-            "tpus",
-            "queued-resources",
-            "create",
-            target.name,
-            f"--node-id={target.name}",
-            *target.flags(),
-            f"--accelerator-type={accelerator.type}",
-            f"--runtime-version={runtime}",
-        ]
-    else:
-        cmd = [
-            GCLOUD,
-            "compute",
-            "tpus",
-            "tpu-vm",
-            "create",
-            target.name,
-            *target.flags(),
-            f"--accelerator-type={accelerator.type}",
-            f"--version={runtime}",
-        ]
-    cmd += ["--spot"] * spot + ["--preemptible"] * preemptible + list(extra)
-    return [cmd]
-
-
-def ssh_command(target: Target, remote: str | None, worker: str = "all") -> list[str]:
-    if worker != "all" and not str(worker).isdigit():
-        raise LaunchError(f"--worker {worker!r}: a worker index (0, 1, ...) or 'all'")
-    if remote is None and worker == "all":
-        raise LaunchError("an interactive ssh goes to one worker (--worker=0); give -- COMMAND for --worker=all")
-    cmd = [GCLOUD, "compute", "tpus", "tpu-vm", "ssh", target.name, *target.flags(), f"--worker={worker}"]
-    return cmd + ([f"--command={remote}"] if remote is not None else [])
-
-
-def scp_command(target: Target, local: str, remote: str, worker: str = "all") -> list[str]:
-    return [
-        GCLOUD,
-        "compute",
-        "tpus",
-        "tpu-vm",
-        "scp",
-        local,
-        f"{target.name}:{remote}",
-        *target.flags(),
-        f"--worker={worker}",
-    ]
-
-
-ARCHIVE = "diffjax-src.tar.gz"
-
-
-def setup_remote_script(
-    remote_dir: str, *, python: str = "python3.11", repo_url: str | None = None, ref: str = "HEAD", extras: str = "tpu"
-) -> str:
-    """The shell script every worker runs: the source in place, a venv, pip install -e .[tpu]."""
-    q = shlex.quote
-    steps = [  # diffjax needs Python >= 3.11; the TPU images are Ubuntu 22.04 (Python 3.10).
-        f"if ! command -v {q(python)} >/dev/null; then sudo apt-get update -q && "
-        f"sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q {q(python)} {q(python + '-venv')}; fi"
-    ]
-    if repo_url:
-        git = f"git -C {q(remote_dir)}"
-        steps.append(
-            f"if [ -d {q(remote_dir + '/.git')} ]; then {git} fetch -q origin; "
-            f"else git clone -q {q(repo_url)} {q(remote_dir)}; fi"
-        )
-        # A branch is taken from origin (fresh after the fetch); HEAD is origin's default branch.
-        steps.append(
-            f"{{ {git} checkout -q --detach {q('origin/' + ref)} 2>/dev/null || {git} checkout -q --detach {q(ref)}; }}"
-        )
-    else:
-        steps.append(f"mkdir -p {q(remote_dir)} && tar -xzf {ARCHIVE} -C {q(remote_dir)} && rm -f {ARCHIVE}")
-    steps += [
-        f"cd {q(remote_dir)}",
-        f"{{ [ -x .venv/bin/python ] || {q(python)} -m venv .venv; }}",
-        ".venv/bin/pip install -q --upgrade pip",
-        # gcsfs: orbax and TFDS reach gs:// through etils.epath, which needs it (no TensorFlow).
-        f".venv/bin/pip install -q -e {q('.[' + extras + ']')} gcsfs",
-        ".venv/bin/python -c 'import diffjax, jax; print(\"diffjax ok, jax\", jax.__version__)'",
-    ]
-    return " && ".join(steps)
-
-
-def setup_commands(
-    target: Target,
-    *,
-    remote_dir: str = "diffjax",
-    repo_url: str | None = None,
-    ref: str = "HEAD",
-    python: str = "python3.11",
-    local_archive: str | None = None,
-    extras: str = "tpu",
-) -> list[list[str]]:
-    """Without repo_url: `git archive REF` here, scp to every worker, unpack; else git clone there."""
-    commands = []
-    if not repo_url:
-        local_archive = local_archive or os.path.join("/tmp", ARCHIVE)
-        commands.append(["git", "archive", "--format=tar.gz", f"--output={local_archive}", ref])
-        commands.append(scp_command(target, local_archive, ARCHIVE))
-    script = setup_remote_script(remote_dir, python=python, repo_url=repo_url, ref=ref, extras=extras)
-    commands.append(ssh_command(target, script))
-    return commands
-
-
-LOG_DIR = "diffjax-logs"
-
-
-def train_argv(config: str, workdir: str, overrides: list[str] = ()) -> list[str]:
-    """The one command every worker runs. --tpu: jax.distributed.initialize() finds the pod."""
-    return [".venv/bin/diffjax", "train", f"--config={config}", f"--workdir={workdir}", "--tpu", *overrides]
-
-
-def run_remote_script(
-    config: str,
-    workdir: str,
-    tfds_data_dir: str | None,
-    overrides: list[str] = (),
-    *,
-    remote_dir: str = "diffjax",
-    foreground: bool = False,
-    no_progress: bool = True,
-) -> str:
-    q = shlex.quote
-    argv = train_argv(config, workdir, list(overrides) + (["--no_progress"] if no_progress else []))
-    env = ["env"] + ([f"TFDS_DATA_DIR={tfds_data_dir}"] if tfds_data_dir else [])
-    command = shlex.join(env + argv)
-    log = f"$HOME/{LOG_DIR}/train.log"
-    prefix = f"mkdir -p $HOME/{LOG_DIR} && cd {q(remote_dir)} && "
-    if foreground:
-        return f"set -o pipefail; {prefix}{command} 2>&1 | tee {log}"
-    # Detached: survives the ssh session; the pid file is what `stop` signals.
-    # Braces: `&` detaches the training command alone, so $! is its pid (nohup and env exec it).
-    return (
-        f"{prefix}{{ nohup {command} > {log} 2>&1 < /dev/null & "
-        f'echo $! > $HOME/{LOG_DIR}/train.pid; echo "started on $(hostname): pid $!, log {log}"; }}'
-    )
-
-
-def check_workdir(workdir: str, accelerator: Accelerator | None, allow_local: bool) -> None:
-    if workdir.startswith("gs://"):
-        if not re.fullmatch(r"gs://[a-z0-9][-_.a-z0-9]{1,220}(/.*)?", workdir):
-            raise LaunchError(f"--workdir {workdir!r} is not a gs://BUCKET/PATH")
-        return
-    if not allow_local:
-        raise LaunchError(
-            f"--workdir {workdir!r}: use a gs://BUCKET/PATH (every worker writes its part of "
-            "each checkpoint there, and it outlives the VM); --allow-local-workdir for a "
-            "single-host TPU"
-        )
-    if accelerator is not None and accelerator.multi_host:
-        raise LaunchError(
-            f"--workdir {workdir!r}: a multi-host {accelerator.type} ({accelerator.hosts} hosts) "
-            "needs storage every worker sees: gs://BUCKET/PATH"
-        )
-
-
-def run_commands(
-    target: Target,
-    config: str,
-    workdir: str,
-    *,
-    tfds_data_dir: str | None = None,
-    overrides: list[str] = (),
-    remote_dir: str = "diffjax",
-    foreground: bool = False,
-    accelerator: Accelerator | None = None,
-    allow_local_workdir: bool = False,
-) -> list[list[str]]:
-    check_workdir(workdir, accelerator, allow_local_workdir)
-    if tfds_data_dir and not tfds_data_dir.startswith("gs://"):
-        raise LaunchError(f"--tfds-data-dir {tfds_data_dir!r}: use gs://BUCKET/PATH (read by every worker)")
-    bad = [o for o in overrides if not o.startswith("--")]
-    if bad:
-        raise LaunchError(f"extra diffjax train arguments must be flags (--config.a.b=v, --keep=N), got {bad}")
-    script = run_remote_script(config, workdir, tfds_data_dir, overrides, remote_dir=remote_dir, foreground=foreground)
-    return [ssh_command(target, script)]
-
-
-def logs_commands(target: Target, worker: str = "0", follow: bool = False, lines: int = 100) -> list[list[str]]:
-    tail = f"tail -n {int(lines)}" + (" -F" if follow else "") + f" $HOME/{LOG_DIR}/train.log"
-    return [ssh_command(target, tail, worker=worker)]
-
-
-def stop_commands(target: Target) -> list[list[str]]:
-    script = (
-        f"if [ -f $HOME/{LOG_DIR}/train.pid ]; then kill -TERM $(cat $HOME/{LOG_DIR}/train.pid) "
-        f'&& echo "SIGTERM sent on $(hostname)"; rm -f $HOME/{LOG_DIR}/train.pid; fi'
-    )
-    return [ssh_command(target, script)]
-
-
-def delete_commands(target: Target, queued: bool = False) -> list[list[str]]:
-    if queued:  # --force deletes the TPU VM the queued resource made, too
-        return [
-            [GCLOUD, "compute", "tpus", "queued-resources", "delete", target.name, *target.flags(), "--force", "--quiet"]
-        ]
-    return [[GCLOUD, "compute", "tpus", "tpu-vm", "delete", target.name, *target.flags(), "--quiet"]]
-
-
-# ---------------------------------------------------------------------------------------------
-# Runner and command line.
-
-
-def execute(commands: list[list[str]], dry_run: bool, out=None) -> int:
-    """Print each command (shell-quoted, pasteable); unless dry_run, run it and stop at a failure."""
-    out = sys.stdout if out is None else out
-    for cmd in commands:
-        print(("" if dry_run else "+ ") + shlex.join(cmd), file=out, flush=True)
-        if dry_run:
-            continue
-        try:
-            code = subprocess.run(cmd).returncode
-        except FileNotFoundError:
-            print(f"launch.tpu: {cmd[0]!r} not found: install the Google Cloud CLI (gcloud)", file=sys.stderr)
-            return 127
-        if code != 0:
-            return code
-    return 0
+def name_from_position(argv: Sequence[str]) -> list[str]:
+    """`create NAME ...` -> `create --name=NAME ...`: the word right after the command, if it is
+    not a flag, is the TPU's name (options before the command may take a separate value)."""
+    out, i = list(argv), 0
+    while i < len(out):
+        word = out[i]
+        if word == "--":
+            break
+        if word in COMMANDS:
+            if i + 1 < len(out) and not out[i + 1].startswith("-"):
+                out[i + 1] = f"--name={out[i + 1]}"
+            break
+        i += 2 if word in _VALUE_OPTIONS else 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Accepted before or after the command. SUPPRESS: a subcommand's unset flag must not
     # overwrite the value given before the command (argparse copies subparser defaults).
+    S = argparse.SUPPRESS
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--name", default=argparse.SUPPRESS, help=f"TPU VM name (or ${NAME_ENV})")
-    common.add_argument("--zone", default=argparse.SUPPRESS, help=f"zone, e.g. us-central2-b (or ${' / $'.join(ZONE_ENV)})")
-    common.add_argument("--project", default=argparse.SUPPRESS, help="GCP project (default: gcloud's)")
-    common.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="print the commands, run nothing")
+    common.add_argument("--name", default=S, help=f"TPU name (or NAME after the command, or ${NAME_ENV})")
+    common.add_argument("--zone", default=S, help=f"zone, e.g. us-central2-b (or ${' / $'.join(ZONE_ENV)})")
+    common.add_argument("--project", default=S, help="GCP project (default: gcloud's)")
+    common.add_argument("--num-slices", type=int, default=S, help="multislice: N slices, nodes NAME-0 .. NAME-(N-1)")
+    common.add_argument("--internal-ip", action="store_true", default=S, help="ssh / scp to the workers' internal IPs")
+    common.add_argument("--dry-run", action="store_true", default=S, help="print the commands, run nothing")
+
+    create = argparse.ArgumentParser(add_help=False)
+    create.add_argument("--accelerator-type", "--accelerator", help="e.g. v4-8, v4-32, v5litepod-32 (v5e-32), v5p-16, v6e-8")
+    create.add_argument(
+        "--runtime-version",
+        help="default per generation (tpu-ubuntu2204-base for v2-v4, v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e)",
+    )
+    create.add_argument("--spot", action="store_true", help="Spot VM (preemptible, cheaper)")
+    create.add_argument("--preemptible", action="store_true", help="legacy preemptible TPU")
+    create.add_argument("--reserved", action="store_true", help="use a reservation")
+    create.add_argument("--queued", action="store_true", help="queued resource: waits until capacity is there")
+    create.add_argument("--network", help="VPC network (name or projects/P/global/networks/N)")
+    create.add_argument("--subnetwork", help="subnetwork (name or projects/P/regions/R/subnetworks/N)")
+    create.add_argument("--service-account", help="service account email the workers run as")
+    create.add_argument("--internal-ips", action="store_true", help="no external IPs (then ssh with --internal-ip)")
+    create.add_argument("--labels", help="KEY=VALUE,... (lowercase keys and values, GCP label rules)")
+
+    setup = argparse.ArgumentParser(add_help=False)
+    setup.add_argument("--repo-url", help="git clone this on the workers instead of copying a `git archive`")
+    setup.add_argument("--ref", default="HEAD", help="git commit / branch to archive or check out")
+    setup.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
+    setup.add_argument("--archive", help="local path of the source archive (default /tmp/diffjax-src.tar.gz)")
+    setup.add_argument("--lock", default=LOCK, help="pip constraints file in the repo ('' for none)")
+
+    remote = argparse.ArgumentParser(add_help=False)
+    remote.add_argument("--remote-dir", default="diffjax", help="directory under $HOME on the workers")
+
+    train = argparse.ArgumentParser(add_help=False)
+    train.add_argument("--config", required=True, help="config file, relative to the repo, e.g. configs/ddpm_cifar10.py")
+    train.add_argument("--workdir", required=True, help="gs://BUCKET/PATH")
+    train.add_argument("--tfds-data-dir", help="gs:// TFDS data directory (sets TFDS_DATA_DIR on every worker)")
+    train.add_argument("--allow-local-workdir", action="store_true", help="single-host only: a path on the VM")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then diffjax train flags")
 
     parser = argparse.ArgumentParser(
         prog="python -m launch.tpu",
@@ -410,41 +160,47 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("create", parents=[common], help="create a TPU VM or queued resource")
-    p.add_argument("--accelerator-type", help="e.g. v4-8, v4-32, v5litepod-32 (v5e-32), v5p-8, v6e-8")
-    p.add_argument(
-        "--runtime-version",
-        help="default per generation (tpu-ubuntu2204-base for v2-v4, v2-alpha-tpuv5-lite, v2-alpha-tpuv5, v2-alpha-tpuv6e)",
-    )
-    p.add_argument("--spot", action="store_true", help="Spot VM (preemptible, cheaper)")
-    p.add_argument("--preemptible", action="store_true", help="legacy preemptible TPU")
-    p.add_argument("--queued", action="store_true", help="queued resource: waits until capacity is there")
-
-    p = sub.add_parser("setup", parents=[common], help="copy / clone the repo and pip install it on all workers")
-    p.add_argument("--repo-url", help="git clone this on the workers instead of copying a `git archive`")
-    p.add_argument("--ref", default="HEAD", help="git commit / branch to archive or check out")
-    p.add_argument("--remote-dir", default="diffjax", help="directory under $HOME on the workers")
-    p.add_argument("--python", default="python3.11", help="interpreter for the workers' venv (>= 3.11)")
-    p.add_argument("--archive", help="local path of the source archive (default /tmp/diffjax-src.tar.gz)")
+    sub.add_parser("create", parents=[common, create], help="create a TPU VM or queued resource")
+    sub.add_parser("setup", parents=[common, setup, remote], help="copy / clone the repo and pip install it on all workers")
 
     p = sub.add_parser(
         "run",
-        parents=[common],
+        parents=[common, remote, train],
         help="diffjax train --tpu on every worker",
         description="Extra arguments after -- go to diffjax train (e.g. --config.training.batch_size=256).",
     )
-    p.add_argument("--config", required=True, help="config file, relative to the repo, e.g. configs/ddpm_cifar10.py")
-    p.add_argument("--workdir", required=True, help="gs://BUCKET/PATH")
-    p.add_argument("--tfds-data-dir", help="gs:// TFDS data directory (sets TFDS_DATA_DIR on every worker)")
-    p.add_argument("--accelerator-type", help="optional: checks that a multi-host slice gets a gs:// workdir")
-    p.add_argument("--remote-dir", default="diffjax")
+    p.add_argument(
+        "--accelerator-type", "--accelerator", help="optional: checks that a multi-host slice gets a gs:// workdir"
+    )
     p.add_argument("--foreground", action="store_true", help="stream the output; stops when ssh does")
-    p.add_argument("--allow-local-workdir", action="store_true", help="single-host only: a path on the VM")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then diffjax train flags")
+
+    p = sub.add_parser(
+        "supervise",
+        parents=[common, create, setup, remote, train],
+        help="create, setup and run until the run ends, re-creating the TPU after preemptions",
+        description="create / setup flags as for those commands; extra arguments after -- go to diffjax train.",
+    )
+    p.add_argument("--max-restarts", type=int, default=10, help="deletes + re-creates allowed (default 10)")
+    p.add_argument("--poll-interval", type=float, default=30.0, help="seconds between state checks (default 30)")
+    p.add_argument("--watch-interval", type=float, default=60.0, help="seconds between state checks during the run")
+    p.add_argument("--ready-timeout", type=float, default=0.0, help="seconds to wait for READY / ACTIVE (0: no limit)")
+    p.add_argument("--settle", type=float, default=120.0, help="after a failed run, seconds to wait for a state change")
+
+    for job in JOBS:
+        p = sub.add_parser(
+            job,
+            parents=[common, remote],
+            help=f"diffjax {job} ... --tpu on every worker (worker 0's output)",
+            description=f"The diffjax {job} arguments go after --; --tpu is added.",
+        )
+        p.add_argument("--tfds-data-dir", help="gs:// TFDS data directory (sets TFDS_DATA_DIR on every worker)")
+        p.add_argument("--detach", action="store_true", help=f"nohup, log in ~/{LOG_DIR}/{job}.log")
+        p.add_argument("args", nargs=argparse.REMAINDER, help=f"-- then diffjax {job} arguments")
 
     p = sub.add_parser("logs", parents=[common], help="training log of one worker")
     p.add_argument("--worker", default="0", help="worker index, or 'all'")
+    p.add_argument("--node", default="0", help="multislice: slice index, or 'all'")
+    p.add_argument("--job", default="train", choices=("train", *JOBS), help="whose log")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--lines", type=int, default=100)
 
@@ -452,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ssh", parents=[common], help="ssh to a worker (or run -- COMMAND on --worker=all)")
     p.add_argument("--worker", default="0")
+    p.add_argument("--node", help="multislice: slice index or 'all' (default: all for --worker=all, else 0)")
     p.add_argument("remote", nargs=argparse.REMAINDER, help="-- then a command to run")
 
     p = sub.add_parser("delete", parents=[common], help="delete the TPU VM (or --queued resource)")
@@ -459,67 +216,150 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rest(args: list[str]) -> list[str]:
-    return args[1:] if args and args[0] == "--" else list(args)
+def _rest(args: Sequence[str]) -> list[str]:
+    return list(args[1:]) if args and args[0] == "--" else list(args)
 
 
-def plan(args: argparse.Namespace, environ: dict[str, str] | None = None) -> list[list[str]]:
-    """Validated commands for parsed arguments (LaunchError on bad input)."""
-    target = resolve_target(
-        getattr(args, "name", None), getattr(args, "zone", None), getattr(args, "project", None), environ
+def _target(args: argparse.Namespace, environ: Mapping[str, str] | None) -> Target:
+    return resolve_target(
+        getattr(args, "name", None),
+        getattr(args, "zone", None),
+        getattr(args, "project", None),
+        environ,
+        num_slices=getattr(args, "num_slices", None),
+        internal_ip=getattr(args, "internal_ip", False),
     )
+
+
+def _create(args: argparse.Namespace, target: Target) -> list[list[str]]:
+    extra = create_flags(
+        network=args.network,
+        subnetwork=args.subnetwork,
+        service_account=args.service_account,
+        internal_ips=args.internal_ips,
+        reserved=args.reserved,
+        labels=args.labels,
+    )
+    return create_commands(
+        target,
+        parse_accelerator(args.accelerator_type),
+        runtime_version=args.runtime_version,
+        spot=args.spot,
+        preemptible=args.preemptible,
+        queued=args.queued,
+        extra=extra,
+    )
+
+
+def _setup(args: argparse.Namespace, target: Target) -> list[list[str]]:
+    return setup_commands(
+        target,
+        remote_dir=args.remote_dir,
+        repo_url=args.repo_url,
+        ref=args.ref,
+        python=args.python,
+        local_archive=args.archive,
+        lock=args.lock or None,
+    )
+
+
+def _run(args: argparse.Namespace, target: Target, accelerator: Accelerator | None, foreground: bool) -> list[list[str]]:
+    return run_commands(
+        target,
+        args.config,
+        args.workdir,
+        tfds_data_dir=args.tfds_data_dir,
+        overrides=_rest(args.overrides),
+        remote_dir=args.remote_dir,
+        foreground=foreground,
+        accelerator=accelerator,
+        allow_local_workdir=args.allow_local_workdir,
+    )
+
+
+def plan(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> tuple[list[list[str]], bool]:
+    """Validated commands for parsed arguments, and whether they run together (LaunchError on bad input)."""
+    target = _target(args, environ)
     if args.command == "create":
-        return create_commands(
-            target,
-            parse_accelerator(args.accelerator_type),
-            runtime_version=args.runtime_version,
-            spot=args.spot,
-            preemptible=args.preemptible,
-            queued=args.queued,
-        )
+        return _create(args, target), False
     if args.command == "setup":
-        return setup_commands(
-            target,
-            remote_dir=args.remote_dir,
-            repo_url=args.repo_url,
-            ref=args.ref,
-            python=args.python,
-            local_archive=args.archive,
-        )
+        return _setup(args, target), False
     if args.command == "run":
         accelerator = parse_accelerator(args.accelerator_type) if args.accelerator_type else None
-        return run_commands(
+        return _run(args, target, accelerator, args.foreground), args.foreground
+    if args.command in JOBS:
+        commands = job_commands(
             target,
-            args.config,
-            args.workdir,
+            args.command,
+            _rest(args.args),
             tfds_data_dir=args.tfds_data_dir,
-            overrides=_rest(args.overrides),
             remote_dir=args.remote_dir,
-            foreground=args.foreground,
-            accelerator=accelerator,
-            allow_local_workdir=args.allow_local_workdir,
+            detach=args.detach,
         )
+        return commands, not args.detach
     if args.command == "logs":
-        return logs_commands(target, worker=args.worker, follow=args.follow, lines=args.lines)
+        return logs_commands(
+            target, worker=args.worker, follow=args.follow, lines=args.lines, node=args.node, job=args.job
+        ), False
     if args.command == "stop":
-        return stop_commands(target)
+        return stop_commands(target), False
     if args.command == "ssh":
         remote = _rest(args.remote)
-        return [ssh_command(target, shlex.join(remote) if remote else None, worker=args.worker)]
+        node = args.node if args.node is not None else ("all" if args.worker == "all" else "0")
+        return ssh_commands(target, shlex.join(remote) if remote else None, worker=args.worker, node=node), False
     if args.command == "delete":
-        return delete_commands(target, queued=args.queued)
+        return delete_commands(target, queued=args.queued), False
     raise LaunchError(f"unknown command {args.command!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def supervision(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Supervision:
+    """The supervise loop's commands and bounds, checked like create, setup and run --foreground."""
+    from launch.supervise import Supervision
+
+    target = _target(args, environ)
+    accelerator = parse_accelerator(args.accelerator_type)
+    create = _create(args, target)
+    run = _run(args, target, accelerator, foreground=True)
+    for flag, value in (("--max-restarts", args.max_restarts), ("--ready-timeout", args.ready_timeout)):
+        if value < 0:
+            raise LaunchError(f"{flag} {value}: 0 or more")
+    for flag, value in (("--poll-interval", args.poll_interval), ("--watch-interval", args.watch_interval)):
+        if not value > 0:
+            raise LaunchError(f"{flag} {value}: seconds, more than 0")
+    return Supervision(
+        name=target.name,
+        describe=describe_command(target, queued=args.queued),
+        create=create,
+        delete=delete_commands(target, queued=args.queued),
+        setup=_setup(args, target),
+        run=run,
+        max_restarts=args.max_restarts,
+        poll_s=args.poll_interval,
+        watch_s=args.watch_interval,
+        ready_timeout_s=args.ready_timeout,
+        settle_s=max(0.0, args.settle),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(name_from_position(sys.argv[1:] if argv is None else argv))
+    dry_run = getattr(args, "dry_run", False)
     try:
-        commands = plan(args)
+        if args.command == "supervise":
+            from launch.supervise import SuperviseError, supervise
+
+            s = supervision(args)
+            try:
+                return supervise(s, dry_run=dry_run)
+            except SuperviseError as err:
+                print(f"launch.tpu: error: supervise: {err}", file=sys.stderr)
+                return 1
+        commands, parallel = plan(args)
     except LaunchError as err:
         print(f"launch.tpu: error: {err}", file=sys.stderr)
         return 2
-    return execute(commands, getattr(args, "dry_run", False))
+    return execute(commands, dry_run, parallel=parallel)
 
 
 if __name__ == "__main__":
