@@ -43,8 +43,8 @@ def configure() -> None:
     fsspec.config.conf.setdefault("gs", {}).setdefault("token", "anon")
 
 
-def path(p: PathLike) -> epath.Path:
-    return epath.Path(p)
+def path(p: PathLike, *parts: str) -> epath.Path:
+    return epath.Path(p, *parts)
 
 
 def is_remote(p: PathLike) -> bool:

@@ -375,3 +375,38 @@ def test_existing_workdir_is_left_alone(cifar_ddpm, tmp_path, capsys):
     code, err = _run_import(cifar_ddpm[1], workdir, capsys)
     assert code == 2 and "not empty" in err
     assert os.listdir(workdir) == ["keep.txt"]
+
+
+def test_import_from_and_into_a_bucket(cifar_ddpm, capsys, monkeypatch):
+    """SRC and --workdir on gs:// (fake-gcs-server on loopback): the imported workdir reads back
+    from the bucket with the weights read from the local SRC; an import that fails (truncated
+    weights) leaves no object behind."""
+    import jax
+    from gcs_emulator import GcsEmulator
+
+    from diffjax import storage
+
+    with GcsEmulator() as gcs:
+        gcs.create_bucket("bkt")
+        for name, value in gcs.env({}).items():
+            monkeypatch.setenv(name, value)
+        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+            monkeypatch.delenv(name, raising=False)
+        storage.configure()
+        for name in os.listdir(cifar_ddpm[1]):
+            storage.path(cifar_ddpm[1], name).copy(storage.path("gs://bkt/src", name))
+        import_cli.main(["diffusers", "gs://bkt/src", "--workdir", "gs://bkt/imported"])
+        assert "gs://bkt/imported" in capsys.readouterr().out
+        remote, step = Workdir("gs://bkt/imported", inference=True).restore(only=("ema",))
+        _, params = load_params(cifar_ddpm[1])  # the weights read from the local SRC
+        assert step == 0
+        for a, b in zip(jax.tree.leaves(remote["ema"]), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert "imported/config.json" in gcs.objects("bkt", "imported/")
+
+        data = storage.path("gs://bkt/src/diffusion_pytorch_model.safetensors").read_bytes()
+        storage.path("gs://bkt/bad/diffusion_pytorch_model.safetensors").write_bytes(data[: len(data) // 2])
+        storage.path("gs://bkt/bad/config.json").write_bytes(storage.path("gs://bkt/src/config.json").read_bytes())
+        code, err = _run_import("gs://bkt/bad", "gs://bkt/bad_workdir", capsys)
+        assert code == 2 and "truncated" in err and len(err.splitlines()) == 1
+        assert gcs.objects("bkt", "bad_workdir/") == []
