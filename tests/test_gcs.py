@@ -23,6 +23,10 @@ sys.path.insert(0, ROOT)
 from launch.local import free_port, process_env  # noqa: E402
 
 BUCKET = "bkt"
+# Opt-in (`make test-gcs`): under load, a training run into the emulator's bucket has hung at a
+# checkpoint's commit (twice in one full-suite run, never in 11 runs alone or under a CPU burner);
+# until that is found, these tests stay out of `make test` so CI cannot hang on them.
+pytestmark = pytest.mark.gcs
 
 
 @pytest.fixture(scope="module")
@@ -272,23 +276,3 @@ def test_bad_storage_input_is_one_line_and_writes_nothing(gcs, tmp_path):
         (line,) = res.stderr.strip().splitlines()
         assert "no Google credentials found" in line and "gcloud auth application-default login" in line, line
     assert not [n for n in gcs.objects(BUCKET) if n.startswith("nocreds/")]
-
-
-def test_no_local_file_api_on_user_paths():
-    """User paths go through diffjax.storage (etils.epath): no os.path / open / os.makedirs /
-    os.replace / pathlib in diffjax/ except on paths the code made itself, each marked `# local:`
-    with the reason, and the modules that only ever touch the package's own files."""
-    own_files_only = {"serving/protos.py", "compile_cache.py", "configuration.py", "interop/__init__.py", "storage.py"}
-    pattern = re.compile(r"\bos\.path\.|(?<![\w.])open\(|os\.makedirs|os\.replace|\bpathlib\b|os\.listdir|os\.rename")
-    offenders = []
-    for root, _, files in os.walk(os.path.join(ROOT, "diffjax")):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, os.path.join(ROOT, "diffjax"))
-            if not name.endswith(".py") or rel in own_files_only or "_pb2" in name:
-                continue
-            for number, line in enumerate(open(path), 1):
-                code = line.split("#", 1)[0]
-                if pattern.search(code) and "# local:" not in line:
-                    offenders.append(f"{rel}:{number}: {line.strip()}")
-    assert not offenders, "\n".join(offenders)
