@@ -37,11 +37,13 @@ class GcsEmulator:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> GcsEmulator:
+        # its log goes to $GCS_EMULATOR_LOG (default nowhere), never to a pipe nobody reads
+        self.log = open(os.environ.get("GCS_EMULATOR_LOG", os.devnull), "ab")  # local: the emulator's log
         self.proc = subprocess.Popen(
             [_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port)]
             + ["-external-url", self.url, "-log-level", "error"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.log,
         )
         deadline = time.time() + 30
         while True:
@@ -50,9 +52,8 @@ class GcsEmulator:
                 return self
             except (urllib.error.URLError, OSError):
                 if self.proc.poll() is not None or time.time() > deadline:
-                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                     self.__exit__()
-                    raise RuntimeError(f"fake-gcs-server did not start on {self.url}: {err[-2000:]}")
+                    raise RuntimeError(f"fake-gcs-server did not start on {self.url} (exit {self.proc.poll()})")
                 time.sleep(0.05)
 
     def __exit__(self, *exc) -> None:
@@ -63,6 +64,8 @@ class GcsEmulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
 
     def create_bucket(self, name: str) -> None:
         body = json.dumps({"name": name}).encode()
