@@ -168,17 +168,6 @@ def check_writable(p: PathLike, prog: str, flag: str, shown: PathLike | None = N
         commandline.usage_error(prog, f"cannot write to {flag} {os.fspath(shown)}: {describe_error(err, p)}")
 
 
-def check_readable(p: PathLike, prog: str, flag: str) -> None:
-    """A usage error unless `p` exists (and its store answers)."""
-    require_credentials(p, prog, flag)
-    try:
-        found = path(p).exists()
-    except Exception as err:  # noqa: BLE001
-        commandline.usage_error(prog, f"cannot read {flag} {os.fspath(p)}: {describe_error(err, p)}")
-    if not found:
-        commandline.usage_error(prog, f"{flag} {os.fspath(p)}: no such file or directory")
-
-
 def describe_error(err: BaseException, p: PathLike) -> str:
     """One line for a storage failure, saying what to do for the usual GCS causes."""
     text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]

@@ -50,10 +50,6 @@ def parse_args(argv: list[str]):
     return parser, args
 
 
-def init_distributed(args) -> None:
-    distributed.initialize(args)
-
-
 class PreemptionAgreement:
     """`preempted()`: whether to save and stop before the next step (SIGTERM: TPU maintenance,
     Spot/preemptible VMs, SLURM). One process alone: its own SIGTERM handler. Several: JAX's
@@ -255,7 +251,7 @@ def _logged_step(line: str) -> float:
 
 def main(argv: list[str]) -> int:
     parser, args = parse_args(argv)
-    init_distributed(args)
+    distributed.initialize(args)
     from diffjax import compile_cache
 
     compile_cache.enable()

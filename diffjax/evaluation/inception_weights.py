@@ -75,9 +75,10 @@ def weights_path(explicit: str | None = None) -> str:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Hex SHA-256 of a file, read in 1 MiB chunks (a remote file: its cached local copy, which the
+    weights reader then reuses instead of downloading it again)."""
     digest = hashlib.sha256()
-    with storage.path(path).open("rb") as f:
+    with open(storage.local_copy(path), "rb") as f:  # local: a remote file is hashed from its one cached copy
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
