@@ -15,7 +15,7 @@ One table (printed, and written as JSON with --out) of:
   inception  FID Inception-v3 features/s (random weights; 32x32 images resized to 299).
 
 MFU = the network's forward + backward FLOPs per step (XLA cost analysis of the HLO, as `diffjax
-info` prints them) / step time / the device's peak: the datasheet dense peak
+info` prints them) / step time / the device's peak: the datasheet dense peak (diffjax.flops.PEAKS)
 for known accelerators (bf16; TF32 for float32 on NVIDIA, whose default f32 matmuls are TF32),
 otherwise the f32 matmul rate measured in the same run. Every case runs in its own process
 (clean peak-memory counters, a crashed case does not stop the rest).
@@ -45,26 +45,17 @@ QUICK_MODEL = {
     "ddpm_cifar10": ["--config.model.nf=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1"],
     "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"],
 }
-# Datasheet dense peaks in FLOP/s: (bfloat16, float32 as the device runs it by default).
-PEAKS = {
-    "H100": (989.4e12, 494.7e12),  # SXM; f32 matmuls run as TF32 by default on NVIDIA
-    "H200": (989.4e12, 494.7e12),
-    "A100": (312e12, 156e12),
-    "TPU v4": (275e12, 275e12),  # TPU f32 matmuls default to bf16 passes
-    "TPU v5 lite": (197e12, 197e12),
-    "TPU v5p": (459e12, 459e12),
-    "TPU v6 lite": (918e12, 918e12),
-}
 
 
 def _device_peak(dtype: str) -> tuple[float | None, str]:
+    """(the first device's datasheet peak in `dtype` (diffjax.flops.PEAKS) or None, where it came from)."""
     import jax
 
+    from diffjax.flops import device_peak
+
     kind = jax.devices()[0].device_kind
-    for name, (bf16, f32) in PEAKS.items():
-        if name.lower() in kind.lower():
-            return (bf16 if dtype == "bfloat16" else f32), f"{kind} datasheet"
-    return None, kind
+    peak = device_peak(kind, dtype)
+    return (peak, f"{kind} datasheet") if peak is not None else (None, kind)
 
 
 def _matmul_rate(dtype: str, n: int) -> float:

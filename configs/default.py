@@ -17,7 +17,8 @@ Schema (the trainer reads these keys):
   model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v') and the
             network's keyword arguments (dtype, num_classes, augment_dim, architecture fields); the
             image networks' image_size / num_channels / centered are references to the data fields
-  data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p
+  data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p,
+            data_dir (TFDS data dir), cache_dir (a local copy of a TFDS dataset's shards: diffjax.data_prepare)
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
   sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0
@@ -82,6 +83,11 @@ def get_default_configs() -> ml_collections.ConfigDict:
     data.random_flip = True
     data.uniform_dequantization = False
     data.augment_p = 0.0  # EDM's geometric augmentation probability (diffjax.augment); needs model.augment_dim=9
+    # TFDS datasets: a local folder to which each host copies the ArrayRecord shards of the split it reads
+    # (from the data dir, e.g. gs://) once, then reads them there; None reads the data dir directly
+    data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+    # TFDS data dir (local or gs://); None: $TFDS_DATA_DIR or TFDS's default (~/tensorflow_datasets)
+    data.data_dir = ml_collections.FieldReference(None, field_type=str)
 
     config.model = model_block(config, "ddpm_unet")  # Ho et al.'s CIFAR-10 UNet: the network's defaults
 

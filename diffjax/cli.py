@@ -14,6 +14,7 @@ from diffjax import commandline
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("diffjax.demo", "sample the 8-Gaussians oracle and write a scatter PNG"),
     "info": ("diffjax.info", "print a config's network, parameter count and training FLOPs"),
+    "data": ("diffjax.data_prepare", "prepare a TFDS dataset as ArrayRecord (the one step that downloads)"),
     "train": ("diffjax.train", "train a config into a workdir (sharded, checkpointed, resumable)"),
     "sample": ("diffjax.sample", "sample from a workdir's latest checkpoint -> PNG grid + .npz"),
     "eval": ("diffjax.evaluation.cli", "metrics of sample sets: FID / IS / KID / precision-recall, digits-FID"),

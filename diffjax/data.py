@@ -12,6 +12,8 @@ Sources (`config.data.dataset`):
                                   ArrayRecord files, no TensorFlow needed): cifar10, mnist, celeb_a,
                                   lsun/church_outdoor, ...; `config.data.data_dir` is the TFDS data dir.
                                   Split 'eval' maps to the dataset's 'test' (or 'validation') split.
+                                  Prepared once by `diffjax data prepare NAME` (diffjax.data_prepare);
+                                  `data.cache_dir` copies the split's shards to local disk first.
 
 Images are center-cropped to a square and resized to `data.image_size` (Pillow, only when the size
 differs), checked against `data.num_channels`, scaled to [0, 1], optionally flipped horizontally
@@ -242,32 +244,39 @@ def _source(config, split: str):
         raise ValueError(
             f"TFDS dataset {name!r} has {channels}-channel images but data.num_channels is {config.data.num_channels}"
         )
+    tfds_split = _tfds_split(builder, split)
+    if config.data.get("cache_dir"):  # read a local copy of the split's shards (diffjax.data_prepare)
+        from diffjax import data_prepare
+
+        check_array_record(builder, name)
+        data_dir = data_prepare.cached_data_dir(builder, tfds_split, config.data.cache_dir)
     try:  # download=False: a worker never downloads (every host of a pod would start the same download)
-        source = tfds.data_source(name, split=_tfds_split(builder, split), data_dir=data_dir, download=False)
+        source = tfds.data_source(name, split=tfds_split, data_dir=data_dir, download=False)
     except (AssertionError, NotImplementedError, FileNotFoundError):
         check_array_record(builder, name)  # says what to run
         raise
     return TfdsSource(source, has_label), kind
 
 
-def _build_command(builder, name: str) -> str:
-    return f"tfds build {name} --data_dir={builder._data_dir_root} --file_format=array_record"
-
-
 def check_array_record(builder, name: str) -> None:
     """A ValueError saying what to run unless the dataset is prepared in ArrayRecord, the only
     format tfds.data_source (random access) reads."""
+    root = builder._data_dir_root
     if not builder.is_prepared():
+        tfds_build = f"`tfds build {name} --data_dir={root} --file_format=array_record`, whose CLI needs Apache Beam"
         raise ValueError(
             f"data.dataset={name!r} is not prepared in {builder.data_dir}; prepare it once, on one host, with "
-            f"`{_build_command(builder, name)}` (workers never download)"
+            f"`diffjax data prepare {name} --data_dir {root}`"
+            + ("" if storage.is_remote(root) else f" (or {tfds_build})")  # ArrayRecord's writer writes no gs://
+            + "; workers never download"
         )
     formats = {f.value for f in builder.info.available_file_formats()}
     if "array_record" not in formats:
         raise ValueError(
             f"data.dataset={name!r} in {builder.data_dir} is prepared as {'/'.join(sorted(formats))}, but random "
-            f"access needs ArrayRecord: convert it with `tfds convert_format --dataset_version_dir={builder.data_dir} "
-            f"--out_file_format=array_record` or rebuild it with `{_build_command(builder, name)}`"
+            f"access needs ArrayRecord: convert it once, on one host, with `diffjax data prepare {name} --data_dir "
+            f"{root}` (not `tfds convert_format --dataset_version_dir={builder.data_dir} "
+            "--out_file_format=array_record`: TFDS's own builders ignore the alternative format it adds)"
         )
 
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 from diffjax import commandline
 from diffjax.configuration import load_config
+from diffjax.flops import step_flops
 
 __all__ = ["load_config", "input_shape", "training_flops", "main"]
 
@@ -49,13 +50,12 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
     # analysis before compilation, and after it cuDNN convolutions are custom calls it does not count.
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
         lowered = jax.jit(jax.grad(loss)).lower(params, rest, sds(shape), sds(shape[:1]), sds(shape), key)
-    cost = lowered.cost_analysis()
-    if not cost or "flops" not in cost:  # older jax: only the compiled executable has a cost model
-        cost = lowered.compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        if cost is None:
+    flops = step_flops(lowered)
+    if flops is None:  # older jax: only the compiled executable has a cost model
+        flops = step_flops(lowered.compile())
+        if flops is None:
             raise RuntimeError("jax gives no cost analysis of the training step on this backend")
-    return float(cost["flops"])
+    return flops
 
 
 def main(argv: list[str]) -> int:

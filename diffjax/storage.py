@@ -25,7 +25,10 @@ PathLike = str | os.PathLike
 
 
 def configure() -> None:
-    """Point TensorStore's and gcsfs's GCS clients at $STORAGE_EMULATOR_HOST when it is set."""
+    """Point TensorStore's, ArrayRecord's and gcsfs's GCS clients at $STORAGE_EMULATOR_HOST when it
+    is set. gs:// paths always go through gcsfs (epath would use tf.io.gfile where TensorFlow is
+    installed, which ignores an emulator): one tested client everywhere."""
+    os.environ.setdefault("EPATH_USE_TF", "false")
     host = os.environ.get(EMULATOR_VAR, "").strip()
     if not host:
         return
@@ -33,6 +36,7 @@ def configure() -> None:
         host = f"http://{host}"
         os.environ[EMULATOR_VAR] = host
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    os.environ.setdefault("CLOUD_STORAGE_EMULATOR_ENDPOINT", host)  # google-cloud-cpp (ArrayRecord's gs:// reader)
     os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # TensorStore: no credential search
     os.environ.setdefault("NO_GCE_CHECK", "true")  # google-auth: never probe the metadata server
     # gcsfs's default file system asks the Storage Control API (gRPC, Google's endpoint, not the

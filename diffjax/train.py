@@ -258,7 +258,7 @@ def main(argv: list[str]) -> int:
     import jax
     import numpy as np
 
-    from diffjax import data, snapshots, trainer
+    from diffjax import data, flops, snapshots, trainer
 
     config = parser.load_config(args.config, args.overrides)
     check_workdir(args.workdir)
@@ -325,6 +325,12 @@ def main(argv: list[str]) -> int:
     last_log_time, last_log_step = time.perf_counter(), step
     last_fp_step = step  # "data" in a log line: the fingerprint of the global batches since the last one
     batch_size = int(t.batch_size)
+    # TFLOP/s per device and MFU in the log lines: one device's FLOPs per step from XLA's cost
+    # analysis of the first compiled program (per device: the program is SPMD-partitioned), then
+    # arithmetic on the steps/s measured anyway. XLA counts the body of a rolled scan once.
+    flops_per_step: float | None = None
+    unrolled = bool(t.get("scan_unroll", True))
+    peak = flops.device_peak(mesh.devices.flat[0].device_kind, str(config.model.get("dtype", "float32")))
 
     def check_finite() -> float | None:
         """Fetch pending losses; stop with the step number at the first non-finite one."""
@@ -355,6 +361,8 @@ def main(argv: list[str]) -> int:
             batches = jax.tree.map(lambda a: jax.make_array_from_process_local_data(fused_sharding, a), batches)
             if not config.model.get("num_classes", 0):
                 batches.pop("label")
+            if step == start_step:  # compiled here; the call below reuses the executable
+                flops_per_step = flops.step_flops(train_step.lower(state, batches).compile(), n if unrolled else 1)
             state, step_losses = train_step(state, batches)
             pending.append((step, step_losses))
             before, step = step, step + n
@@ -368,9 +376,17 @@ def main(argv: list[str]) -> int:
                 last_log_time, last_log_step = now, step
                 fp = data.fingerprint(order.indices(last_fp_step, step - last_fp_step)) if is_main else ""
                 last_fp_step = step
-                logger.write(step, {"loss": loss, "steps_per_sec": rate, "img_per_sec": rate * batch_size, "data": fp})
+                speed = flops.throughput_metrics(flops_per_step, rate, peak)
+                logger.write(
+                    step, {"loss": loss, "steps_per_sec": rate, "img_per_sec": rate * batch_size, **speed, "data": fp}
+                )
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * batch_size:.0f}")
+                    postfix = {"loss": f"{loss:.4f}", "img_s": f"{rate * batch_size:.0f}"}
+                    if "tflops_per_device" in speed:
+                        postfix["tflops"] = f"{speed['tflops_per_device']:.3g}"
+                    if "mfu" in speed:
+                        postfix["mfu"] = f"{speed['mfu']:.1%}"
+                    progress.set_postfix(postfix)
             if progress is not None:
                 progress.update(finished.count() - progress.n)
             if crossed(t.eval_freq, before, step):  # every process: the eval batch spans all devices
