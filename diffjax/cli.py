@@ -3,8 +3,10 @@ flags with diffjax.commandline.Parser (one line + exit 2 for every usage mistake
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
+import signal
 import sys
 import traceback
 
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
         commandline.usage_error("diffjax", f"unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's Python stack on stderr (a hung run)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     from diffjax import storage
 
     storage.configure()  # $STORAGE_EMULATOR_HOST reaches every GCS client in the process

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -93,3 +94,44 @@ class GcsEmulator:
         env["NO_GCE_CHECK"] = "true"
         env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
         return env
+
+    def alive(self) -> str:
+        """'answers' when the server answers a bucket list within 5 s, else what went wrong."""
+        try:
+            urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=5).read()
+            return "answers"
+        except (urllib.error.URLError, OSError) as err:
+            return f"does not answer ({err}; exit code {self.proc.poll() if self.proc else None})"
+
+
+def run_watched(cmd: list[str], *, timeout: float, gcs: GcsEmulator | None = None, **kwargs):
+    """subprocess.run(cmd, capture_output=True, text=True) that, past `timeout`, has every diffjax
+    process under it print all its threads' Python stacks (SIGUSR1: diffjax.cli registers
+    faulthandler), kills the tree and raises AssertionError with those stacks and whether the
+    emulator still answers: a hang in a test is a diagnosable failure, never a stuck suite."""
+    import psutil
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            try:
+                if "diffjax" in " ".join(psutil.Process(pid).cmdline()):
+                    os.kill(pid, signal.SIGUSR1)
+            except (psutil.Error, OSError):
+                pass
+        time.sleep(3)
+        for pid in reversed(tree):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        out, err = proc.communicate()
+        server = f"; the emulator {gcs.alive()}" if gcs is not None else ""
+        raise AssertionError(
+            f"{' '.join(cmd[:6])} ... still running after {timeout:.0f} s{server}; stacks and output:\n"
+            f"{out[-4000:]}\n{err[-30000:]}"
+        ) from None

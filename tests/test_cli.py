@@ -92,3 +92,27 @@ def test_usage_mistakes_are_one_line_exit_2(argv, message, capsys, tmp_path, mon
     assert exc.value.code == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert os.listdir(tmp_path) == [] or argv[0] == "info"  # nothing written
+
+
+def test_a_hung_command_prints_every_thread_stack_on_sigusr1():
+    """`kill -USR1` of a running diffjax command prints all its threads' Python stacks (diffjax.cli
+    registers faulthandler); the tests' watched runner uses it to turn a hang into a failure that
+    shows where each thread waits."""
+    from gcs_emulator import run_watched
+
+    child = (
+        "import sys, threading, time, types\n"
+        "from diffjax import cli\n"
+        "def nap(argv):\n"
+        "    threading.Thread(target=time.sleep, args=(60,), name='waiter', daemon=True).start()\n"
+        "    time.sleep(60)\n"
+        "sys.modules['napper'] = types.SimpleNamespace(main=nap)\n"
+        "cli.SUBCOMMANDS['nap'] = ('napper', '')\n"
+        "cli.main(['nap'])  # diffjax\n"
+    )
+    with pytest.raises(AssertionError) as err:
+        run_watched([sys.executable, "-c", child], timeout=5, cwd=ROOT)
+    message = str(err.value)
+    assert "still running after 5 s" in message
+    assert message.count("hread 0x") >= 2, message  # the current (main) thread and the waiter
+    assert "line 5 in nap" in message, message

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from gcs_emulator import GcsEmulator
+from gcs_emulator import GcsEmulator, run_watched
 from tiny_configs import DIGITS, TOY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,8 @@ pytestmark = pytest.mark.gcs
 def gcs():
     """The emulator, its bucket, and this process pointed at it (restored afterwards)."""
     names = ("STORAGE_EMULATOR_HOST", "NO_GCE_CHECK", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
-    saved = {k: os.environ.get(k) for k in (*names, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+    bridged = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "EPATH_USE_TF")
+    saved = {k: os.environ.get(k) for k in (*names, *bridged)}
     with GcsEmulator() as emulator:
         emulator.create_bucket(BUCKET)
         os.environ.update({k: v for k, v in emulator.env({}).items()})
@@ -48,19 +49,16 @@ def gcs():
             os.environ[k] = v
 
 
-def _env(gcs, devices=1):
-    return gcs.env(dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"))
+def _env(gcs, devices=1, trace=False):
+    """The emulator's environment. trace: TensorStore logs each GCS request and response on stderr,
+    so that a training run that hangs (run_watched) shows the last ones before its threads' stacks."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return gcs.env(dict(env, TENSORSTORE_VERBOSE_LOGGING="gcs_http=1") if trace else env)
 
 
-def _diffjax(gcs, *args, cwd, timeout=600, devices=1):
-    return subprocess.run(
-        [sys.executable, "-m", "diffjax", *args],
-        cwd=cwd,
-        env=_env(gcs, devices),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _diffjax(gcs, *args, cwd, timeout=600, devices=1, trace=False):
+    env = _env(gcs, devices, trace)
+    return run_watched([sys.executable, "-m", "diffjax", *args], cwd=cwd, env=env, timeout=timeout, gcs=gcs)
 
 
 def _steps(gcs, prefix):
@@ -93,7 +91,7 @@ def test_two_processes_train_on_a_bucket_through_kill9_and_resume_bit_identical(
     def train(name):
         return [sys.executable, "-m", "diffjax", "train", f"--workdir=gs://{BUCKET}/{name}", *flags]
 
-    res = subprocess.run([*launch, *train("ref")], cwd=tmp_path, env=_env(gcs), capture_output=True, text=True, timeout=600)
+    res = run_watched([*launch, *train("ref")], cwd=tmp_path, env=_env(gcs, trace=True), timeout=600, gcs=gcs)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _steps(gcs, "ref")[-1] == 16
 
@@ -115,9 +113,7 @@ def test_two_processes_train_on_a_bucket_through_kill9_and_resume_bit_identical(
         p.send_signal(signal.SIGKILL)
         p.wait()
     assert 0 < max(_steps(gcs, "killed")) < 16, "the kill must land mid-run"
-    res = subprocess.run(
-        [*launch, *train("killed")], cwd=tmp_path, env=_env(gcs), capture_output=True, text=True, timeout=600
-    )
+    res = run_watched([*launch, *train("killed")], cwd=tmp_path, env=_env(gcs, trace=True), timeout=600, gcs=gcs)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resumed from step" in res.stdout, res.stdout[-3000:]
     assert "Python is likely shutting down" not in res.stdout + res.stderr
@@ -142,7 +138,7 @@ def test_two_processes_train_on_a_bucket_through_kill9_and_resume_bit_identical(
 def digits_bucket(gcs, tmp_path_factory):
     """A tiny digits UNet trained into gs://bkt/digits by one process."""
     cwd = tmp_path_factory.mktemp("digits")
-    res = _diffjax(gcs, "train", f"--workdir=gs://{BUCKET}/digits", *DIGITS, cwd=cwd)
+    res = _diffjax(gcs, "train", f"--workdir=gs://{BUCKET}/digits", *DIGITS, cwd=cwd, trace=True)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return f"gs://{BUCKET}/digits", cwd
 
@@ -180,14 +176,14 @@ def test_serve_loads_and_reloads_from_the_bucket(gcs, digits_bucket, tmp_path):
 
     workdir, cwd = digits_bucket
     served = f"gs://{BUCKET}/served"
-    res = _diffjax(gcs, "train", f"--workdir={served}", *DIGITS, cwd=cwd)
+    res = _diffjax(gcs, "train", f"--workdir={served}", *DIGITS, cwd=cwd, trace=True)
     assert res.returncode == 0, res.stderr[-3000:]
     server = subprocess_server.ServerProcess(served, "--batch_slots=4", "--reload_s=0.5", env=_env(gcs), cwd=str(cwd))
     try:
         with Client(server.addr, timeout=120) as client:
             assert client.model_info().checkpoint_step == 2
             assert client.sample(2, num_steps=4, seed=1).shape == (2, 8, 8, 1)
-            res = _diffjax(gcs, "train", f"--workdir={served}", *DIGITS, "--config.training.n_iters=4", cwd=cwd)
+            res = _diffjax(gcs, "train", f"--workdir={served}", *DIGITS, "--config.training.n_iters=4", cwd=cwd, trace=True)
             assert res.returncode == 0, res.stderr[-3000:]
             deadline = time.time() + 120
             while time.time() < deadline and client.status().checkpoint_step != 4:

@@ -391,7 +391,8 @@ def test_import_from_and_into_a_bucket(cifar_ddpm, capsys, monkeypatch):
         gcs.create_bucket("bkt")
         for name, value in gcs.env({}).items():
             monkeypatch.setenv(name, value)
-        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"):
+        bridged = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "CLOUD_STORAGE_EMULATOR_ENDPOINT", "EPATH_USE_TF")
+        for name in ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING", *bridged):
             monkeypatch.delenv(name, raising=False)
         storage.configure()
         for name in os.listdir(cifar_ddpm[1]):
