@@ -201,3 +201,52 @@ def test_rejects_wrong_image_shape(zero_weights):
             model(np.zeros(shape, np.float32))
     with pytest.raises(ValueError, match="NHWC"):
         inc.features(model, np.zeros((2, 32, 32, 1), np.float32))
+
+
+_SPLIT_FEATURES = """
+import sys
+import numpy as np
+from diffjax import commandline, distributed
+from diffjax.evaluation import inception
+from diffjax.evaluation.evaluate import Extractor
+
+args = distributed.parse(commandline.Parser("split", ""), [])
+import jax
+
+ran = []  # the images this process's network saw
+run = inception.features
+inception.features = lambda model, x, batch_size: ran.append(len(x)) or run(model, x, batch_size)
+images = np.random.default_rng(4).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+pool3, logits = Extractor(sys.argv[1], batch_size=2).features(images)
+if jax.process_index() == 0:
+    np.savez(sys.argv[2], pool3=pool3, logits=logits, processes=jax.process_count(), ran=sum(ran))
+"""
+
+
+def test_features_split_across_processes_equal_one_process(peer, tmp_path):
+    """2 processes (gloo) share an Inception feature set (each runs its 1/2,
+    padded; all-gathered) and get the features one process computes alone, in order."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "split.py"
+    script.write_text(_SPLIT_FEATURES)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for n in (1, 2):
+        launch = [sys.executable, f"{root}/launch/local.py", f"--num-processes={n}", "--devices-per-process=1", "--"]
+        res = subprocess.run(
+            [*launch, sys.executable, str(script), str(peer[2]), str(tmp_path / f"{n}.npz")],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one, two = np.load(tmp_path / "1.npz"), np.load(tmp_path / "2.npz")
+    assert int(one["processes"]) == 1 and int(two["processes"]) == 2
+    assert int(one["ran"]) == 3 and int(two["ran"]) == 2  # process 0 ran its half (2 of 3), not all
+    assert two["pool3"].shape == (3, 2048) and two["logits"].shape == (3, 1008)
+    for key in ("pool3", "logits"):  # same network, same images; only the device split differs
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-5, atol=1e-5 * np.abs(one[key]).max())

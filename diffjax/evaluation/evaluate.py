@@ -50,15 +50,40 @@ class Extractor:
 
     def features(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, 1 or 3) -> (pool3 (N, 2048), logits (N, 1008)) float64; 1 channel is
-        repeated to RGB (as pytorch-fid's PIL convert('RGB') does for grayscale files)."""
+        repeated to RGB (as pytorch-fid's PIL convert('RGB') does for grayscale files). In a
+        multi-process run every process must call it, with the same images."""
+        import jax
+
         from diffjax.evaluation import inception
 
         if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, H, W, 1 or 3), got {images.dtype}{images.shape}")
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
-        pool3, logits = inception.features(self.model, images, self.batch_size)
-        return pool3.astype(np.float64), logits.astype(np.float64)
+        if jax.process_count() == 1:
+            pool3, logits = inception.features(self.model, images, self.batch_size)
+            return pool3.astype(np.float64), logits.astype(np.float64)
+        return self._features_across_processes(images)
+
+    def _features_across_processes(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every process holds the same `images` and calls this together: each runs the Inception on
+        its contiguous 1/P of them (zero-padded to equal counts) on its own devices, and the
+        features are all-gathered, so a pod's hosts share the work instead of each doing all of it."""
+        import jax
+        from jax.experimental import multihost_utils
+
+        from diffjax.evaluation import inception
+
+        n, count, index = len(images), jax.process_count(), jax.process_index()
+        per = -(-n // count)
+        mine = images[index * per : (index + 1) * per]
+        padded = np.concatenate([mine, np.zeros((per - len(mine), *images.shape[1:]), images.dtype)])
+        pool3, logits = inception.features(self.model, padded, self.batch_size)
+        pool3, logits = multihost_utils.process_allgather((pool3, logits))  # (P, per, D) each
+        return (
+            np.asarray(pool3).reshape(count * per, -1)[:n].astype(np.float64),
+            np.asarray(logits).reshape(count * per, -1)[:n].astype(np.float64),
+        )
 
     def describe(self) -> dict[str, str]:
         return {"inception_weights": self.path, "inception_sha256": self.sha256}
