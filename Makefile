@@ -31,10 +31,9 @@ demo: $(VENV)/.installed
 # machine ran the suite in 17 min instead of 28. `make format` rewrites the files ruff format would change.
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 -m "not gcs" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests
 
-# The gs:// tests against fake-gcs-server on 127.0.0.1 (tests/test_gcs.py and the import into a
-# bucket): opt-in while an intermittent hang of a training run into the emulator is open.
+# Only the gs:// tests against fake-gcs-server on 127.0.0.1 (pytest marker gcs; also part of make test).
 test-gcs: $(VENV)/.installed
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=10 -m gcs tests
 

@@ -23,9 +23,9 @@ sys.path.insert(0, ROOT)
 from launch.local import free_port, process_env  # noqa: E402
 
 BUCKET = "bkt"
-# Opt-in (`make test-gcs`): under load, a training run into the emulator's bucket has hung at a
-# checkpoint's commit (twice in one full-suite run, never in 11 runs alone or under a CPU burner);
-# until that is found, these tests stay out of `make test` so CI cannot hang on them.
+# In `make test`; `make test-gcs` runs only these. Every diffjax process runs watched (run_watched):
+# one that outlives its timeout fails the test with its threads' stacks, TensorStore's GCS request
+# log and whether the emulator still answers.
 pytestmark = pytest.mark.gcs
 
 
