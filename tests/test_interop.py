@@ -377,7 +377,7 @@ def test_existing_workdir_is_left_alone(cifar_ddpm, tmp_path, capsys):
     assert os.listdir(workdir) == ["keep.txt"]
 
 
-@pytest.mark.gcs  # opt-in with tests/test_gcs.py (`make test-gcs`)
+@pytest.mark.gcs  # with tests/test_gcs.py: `make test-gcs` runs only these
 def test_import_from_and_into_a_bucket(cifar_ddpm, capsys, monkeypatch):
     """SRC and --workdir on gs:// (fake-gcs-server on loopback): the imported workdir reads back
     from the bucket with the weights read from the local SRC; an import that fails (truncated
