@@ -21,7 +21,7 @@ Schema (the trainer reads these keys):
             data_dir (TFDS data dir), cache_dir (a local copy of a TFDS dataset's shards: diffjax.data_prepare)
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
-  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0
+  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0, variance
   eval:     batch_size, num_samples, metrics, reference, quantize, seed, fid_freq, fid_num,
             bpd_passes, targets
 """
@@ -108,6 +108,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.n_steps_each = 1
     sampling.clip_x0 = False  # ancestral / ddim: clip each step's x0 estimate to the data range (DDPM)
+    sampling.variance = "fixed_small"  # ancestral / ELBO: fixed_small (beta-tilde) | fixed_large (beta); learned: not yet
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1024

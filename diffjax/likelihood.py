@@ -1,4 +1,5 @@
-"""Exact likelihood through the probability-flow ODE (Song et al. 2021, app. D.2).
+"""Likelihoods: exact through the probability-flow ODE (Song et al. 2021, app. D.2), or the
+variational bound of a discrete-time chain (`elbo`, Ho et al. 2020; diffjax.elbo).
 
 log p_0(x) = log p_T(x_T) + int_{t_min}^{T} div f~(x_t, t) dt, with f~ the probability-flow drift,
 solved forwards in time with diffrax as one jit-compiled program. The divergence is the
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.denoiser import Denoiser
+from diffjax.elbo import elbo as elbo
 from diffjax.processes import Process
 from diffjax.samplers import ODE_PRECISION, probability_flow_drift
 

@@ -10,6 +10,8 @@ Samplers, losses and likelihood only use the interface of `Process`:
 - `prior_sample`, `prior_logp`: p_T.
 - `time_grid(num_steps)`: the times a sampler evaluates the network at, then a final clean time.
 - `sample_train_time`: t for the training loss.
+- `transition(t, s)`, `posterior(t, s)`, `step_variance(t, s, variance)`: q(x_t | x_s),
+  q(x_s | x_t, x0) and a fixed reverse-step variance (the ancestral sampler, the ELBO).
 - `to_x0`, `to_eps`, `to_score`, `to_v`, `convert`: change of prediction parametrisation.
 - `noise_cond(t)`: what the network is conditioned on (score_sde's conventions).
 
@@ -30,6 +32,7 @@ import numpy as np
 Array = jax.Array
 PREDICTIONS = ("eps", "x0", "v", "score")
 SPACINGS = ("default", "karras", "logsnr", "leading")
+VARIANCES = ("fixed_small", "fixed_large")  # reverse-step variances: beta-tilde (posterior) or beta (forward)
 
 
 def bcast(coef: Array, x: Array) -> Array:
@@ -162,6 +165,31 @@ class Process:
         safe_t = jnp.where(clean, self.t_min if self.t_min > 0 else 1.0, t)
         return jnp.where(clean, 1.0, self.alpha(safe_t)), jnp.where(clean, 0.0, self.sigma(safe_t))
 
+    # ---- steps between two times: the discrete chain's transitions, DDIM's jumps --------------
+    def transition(self, t: Array, s: Array) -> tuple[Array, Array]:
+        """(alpha_ts, var_ts) of the forward step q(x_t | x_s) = N(alpha_ts x_s, var_ts I), s < t.
+
+        alpha_ts = a_t / a_s and var_ts = s_t^2 - alpha_ts^2 s_s^2 (ddpm, s = t - 1: sqrt(1 - beta_t)
+        and beta_t); s may be the clean time 0."""
+        (a_t, s_t), (a_s, s_s) = self.coefficients(t), self.coefficients(s)
+        alpha_ts = a_t / a_s
+        return alpha_ts, jnp.maximum(s_t**2 - alpha_ts**2 * s_s**2, 0.0)
+
+    def posterior(self, t: Array, s: Array) -> tuple[Array, Array, Array]:
+        """(c0, ct, var) of q(x_s | x_t, x0) = N(c0 x0 + ct x_t, var I), s < t (Ho et al. eq. 6-7).
+
+        c0 = a_s var_ts / s_t^2, ct = alpha_ts s_s^2 / s_t^2, var = var_ts s_s^2 / s_t^2 (beta-tilde)."""
+        alpha_ts, var_ts = self.transition(t, s)
+        _, s_t = self.coefficients(t)
+        a_s, s_s = self.coefficients(s)
+        return a_s * var_ts / s_t**2, alpha_ts * s_s**2 / s_t**2, var_ts * s_s**2 / s_t**2
+
+    def step_variance(self, t: Array, s: Array, variance: str = "fixed_small") -> Array:
+        """The variance of a fixed-variance reverse step p(x_s | x_t) (Ho et al. sec. 3.2): 'fixed_small'
+        the posterior's beta-tilde, 'fixed_large' the forward step's var_ts (beta_t)."""
+        check_variance(variance)
+        return self.posterior(t, s)[2] if variance == "fixed_small" else self.transition(t, s)[1]
+
     # ---- prediction conversions --------------------------------------------------------------
     def to_x0(self, prediction: str, out: Array, x: Array, t: Array) -> Array:
         return self.convert(prediction, "x0", out, x, t)
@@ -204,6 +232,17 @@ class Process:
 def check_prediction(kind: str) -> None:
     if kind not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
+
+
+def check_variance(variance: str, name: str = "variance") -> None:
+    """A fixed reverse-step variance, one of VARIANCES; `name` is what the message calls the option."""
+    if variance == "learned":
+        raise ValueError(
+            f"{name} 'learned' (a network that also outputs its variance, Nichol & Dhariwal 2021) is not "
+            f"supported yet; choose one of {VARIANCES}"
+        )
+    if variance not in VARIANCES:
+        raise ValueError(f"{name} must be one of {VARIANCES}, got {variance!r}")
 
 
 def check_steps(num_steps: int) -> None:

@@ -39,10 +39,15 @@ def data_range(config) -> tuple[float, float]:
 def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -> tuple[str, int, dict]:
     """(sampler, steps, options): the given ones, else the config's sampling block (for 'pc', the
     predictor, corrector, snr and corrector steps not given in opts; for 'ancestral' and 'ddim',
-    sampling.clip_x0 = True clips the x0 estimate to the data range)."""
+    sampling.clip_x0 = True clips the x0 estimate to the data range; for 'ancestral',
+    sampling.variance, passed on when it is not the default 'fixed_small')."""
     sampler = sampler or config.sampling.sampler
     steps = int(steps or config.sampling.num_steps)
     s = config.sampling
+    variance = s.get("variance", "fixed_small")
+    processes.check_variance(variance, "sampling.variance")
+    if sampler == "ancestral" and variance != "fixed_small" and "variance" not in opts:
+        opts = {**opts, "variance": variance}
     if sampler == "pc":  # options not given explicitly come from the config
         opts = {
             **dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each)),

@@ -33,7 +33,7 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
-from diffjax.processes import Process, bcast
+from diffjax.processes import Process, bcast, check_variance
 
 Array = jax.Array
 STATE_KEYS = ("x", "d", "base")  # the union of all steppers' state entries (the engine stores all)
@@ -66,21 +66,32 @@ def _coefs(process: Process, t, x):
 
 
 def posterior_step(
-    process: Process, x: Array, x0: Array, t: Array, s: Array, noise: Array, eta: float | Array = 1.0
+    process: Process,
+    x: Array,
+    x0: Array,
+    t: Array,
+    s: Array,
+    noise: Array,
+    eta: float | Array = 1.0,
+    variance: str = "fixed_small",
 ) -> Array:
     """Move x_t to time s < t given an x0 estimate (DDPM posterior / DDIM, any process).
 
-    With alpha_ts = a_t / a_s and s_ts^2 = s_t^2 - alpha_ts^2 s_s^2 (the forward s -> t step),
-    q(x_s | x_t, x0) has variance c^2 = s_ts^2 s_s^2 / s_t^2. DDIM (Song et al. 2021, eq. 12):
+    With the forward s -> t step N(alpha_ts x_s, var_ts) (`Process.transition`), q(x_s | x_t, x0)
+    has variance c^2 = var_ts s_s^2 / s_t^2. DDIM (Song et al. 2021, eq. 12):
     x_s = a_s x0 + sqrt(s_s^2 - eta^2 c^2) eps_hat + eta c z; eta = 1 is the ancestral sampler.
+    variance='fixed_large' keeps that mean and draws the noise with the forward step's variance
+    eta^2 var_ts instead (Ho et al.'s sigma^2 = beta; diffusers' 'fixed_large'), none on a step to s = 0.
     """
+    check_variance(variance)
     a_t, s_t = _coefs(process, t, x)
     a_s, s_s = _coefs(process, s, x)
     eps_hat = (x - a_t * x0) / s_t
-    var_ts = jnp.maximum(s_t**2 - (a_t / a_s) ** 2 * s_s**2, 0.0)
+    var_ts = bcast(process.transition(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32))[1], x)
     eta = bcast(jnp.asarray(eta, x.dtype), x) if not isinstance(eta, (int, float)) else eta
     c2 = eta**2 * var_ts * s_s**2 / s_t**2
-    return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - c2, 0.0)) * eps_hat + jnp.sqrt(c2) * noise
+    noise_var = c2 if variance == "fixed_small" else jnp.where(s_s > 0, eta**2 * var_ts, 0.0)
+    return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - c2, 0.0)) * eps_hat + jnp.sqrt(noise_var) * noise
 
 
 def _is_zero(v) -> bool:
@@ -144,15 +155,30 @@ class DDIM(Stepper):
     def update(self, process, state, out, sub, step, noise):
         x0 = out if self.clip_x0 is None else jnp.clip(out, *self.clip_x0)
         z = jnp.zeros_like(x0) if _is_zero(self.eta) else noise(0)
-        return {**state, "x": posterior_step(process, state["x"], x0, step.t, step.t_next, z, self.eta)}
+        x = posterior_step(process, state["x"], x0, step.t, step.t_next, z, self.eta, self._noise_variance)
+        return {**state, "x": x}
+
+    @property
+    def _noise_variance(self) -> str:
+        """The noise's variance choice (`posterior_step`): DDIM's own, beta-tilde scaled by eta^2."""
+        return "fixed_small"
 
 
 @dataclasses.dataclass(frozen=True)
 class Ancestral(DDIM):
-    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) with posterior variance beta-tilde: DDIM at eta 1."""
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): DDIM at eta 1, i.e. the posterior mean plus noise
+    of variance 'fixed_small' (beta-tilde, the default) or 'fixed_large' (beta, Ho et al.'s CIFAR-10 runs)."""
 
     dynamic: ClassVar[tuple[str, ...]] = ()
     eta: float = dataclasses.field(default=1.0, init=False)
+    variance: str = "fixed_small"
+
+    def __post_init__(self):
+        check_variance(self.variance)
+
+    @property
+    def _noise_variance(self) -> str:
+        return self.variance
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,8 +141,8 @@ def test_bits_per_dim_on_a_split_is_the_same_sharded_and_reports_its_stderr(tmp_
     assert records[1]["metrics"]["bpd"] == pytest.approx(m["bpd"], rel=1e-4)  # padding + sharding change nothing
 
 
-def test_bits_per_dim_of_a_discrete_chain_is_refused(workdir):
-    res = _diffjax("eval", "bpd", f"--workdir={workdir}", "--num=4")
+def test_ode_bits_per_dim_of_a_discrete_chain_is_refused(workdir):
+    res = _diffjax("eval", "bpd", f"--workdir={workdir}", "--num=4", "--method=ode")
     assert res.returncode == 2 and "discrete chain" in res.stderr
 
 

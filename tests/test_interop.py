@@ -412,3 +412,31 @@ def test_import_from_and_into_a_bucket(cifar_ddpm, capsys, monkeypatch):
         code, err = _run_import("gs://bkt/bad", "gs://bkt/bad_workdir", capsys)
         assert code == 2 and "truncated" in err and len(err.splitlines()) == 1
         assert gcs.objects("bkt", "bad_workdir/") == []
+
+
+@pytest.mark.parametrize(
+    "variance_type, expected",
+    [(None, "fixed_small"), ("fixed_small_log", "fixed_small"), ("fixed_large", "fixed_large"), ("learned_range", None)],
+)
+def test_scheduler_variance_type_becomes_sampling_variance(tmp_path, variance_type, expected):
+    """DDPMScheduler's variance_type is sampling.variance (a base config's own, e.g. ddpm_cifar10's
+    fixed_large, never leaks through); learned variances are refused with one line naming them."""
+    from diffjax import configuration
+    from diffjax.interop import diffusers as interop_diffusers
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"_class_name": "UNet2DModel", **CIFAR_LAYOUT, **DDPM_RELEASE, "block_out_channels": (32, 64, 64, 64)}, f)
+    scheduler = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000}
+    if variance_type is not None:
+        scheduler["variance_type"] = variance_type
+    with open(tmp_path / "scheduler_config.json", "w") as f:
+        json.dump(scheduler, f)
+    base = configuration.load_config(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs/ddpm_cifar10.py"))
+    assert base.sampling.variance == "fixed_large"
+    source = interop_diffusers.Source(str(tmp_path / "config.json"), "", str(tmp_path / "scheduler_config.json"))
+    if expected is None:
+        with pytest.raises(interop_diffusers.UnsupportedModel, match=r"variance_type='learned_range' needs a network"):
+            interop_diffusers.translate(source, base)
+        return
+    config, _ = interop_diffusers.translate(source, base)
+    assert config.sampling.variance == expected

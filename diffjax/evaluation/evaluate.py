@@ -297,9 +297,10 @@ def _jsonable(v):
 
 
 def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
-    """Bits/dim of a workdir's newest EMA weights on a data split (score_sde's protocol: uniform
-    dequantisation, `passes` passes with fresh dequantisation and Hutchinson noise), sharded over all
-    devices; mean and standard error over examples; writes W/eval/bpd_step_N.json."""
+    """Bits/dim of a workdir's newest EMA weights on a data split, sharded over all devices; mean and
+    standard error over examples; writes W/eval/bpd_step_N.json (_elboK for K < T terms). Methods:
+    ode (continuous processes): score_sde's, uniform dequantisation, fresh Hutchinson noise per pass;
+    elbo (ddpm): Ho et al.'s bound, discretised decoder, the config's sampling.variance and clip_x0."""
     import jax
 
     from diffjax import likelihood, network, trainer
@@ -311,26 +312,28 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     args.passes = int(args.passes or w.config.get("eval", {}).get("bpd_passes", 1))
     if args.passes < 1 or args.batch_size < 1:
         raise ValueError(f"--passes and --batch_size must be positive, got {args.passes}, {args.batch_size}")
-    w.process._require_continuous("probability-flow likelihood (bits/dim)")
+    method, terms = _bpd_method(args, w.process)
     images = split_images(w.config, args.split)[: args.num or None]
     state, step = w.restore(only=("ema",))
     mesh = trainer.make_mesh(w.config)
-    n_dev = mesh.devices.size
-    batch = -(-args.batch_size // n_dev) * n_dev
+    batch = -(-args.batch_size // mesh.devices.size) * mesh.devices.size
     lo, hi = data_range(w.config)
     den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, state["ema"])
-    sharding = trainer.batch_sharding(mesh)
-    per_pass = np.zeros((args.passes, len(images)))
-    nfe = []
+    clip = (lo, hi) if w.config.sampling.get("clip_x0", False) else None  # the model the sampler draws from
+    elbo_opts = dict(variance=w.config.sampling.get("variance", "fixed_small"), clip_x0=clip)
+    per_pass, nfe = np.zeros((args.passes, len(images))), []
     bar = _progress(args.passes * len(images), not args.no_progress, f"bits/dim ({args.split})")
     for p in range(args.passes):
         for b0 in range(0, len(images), batch):
-            chunk = images[b0 : b0 + batch]
-            n = len(chunk)
+            chunk, n = images[b0 : b0 + batch], min(batch, len(images) - b0)
             padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, 0)]) if n < batch else chunk
-            x = jax.device_put(lo + (hi - lo) * padded.astype(np.float32) / 255.0, sharding)
+            x = jax.device_put(lo + (hi - lo) * padded.astype(np.float32) / 255.0, trainer.batch_sharding(mesh))
             key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(args.seed), p), b0)
-            bpd, info = likelihood.bits_per_dim(den, w.process, key, x, data_range=(lo, hi))
+            if method == "elbo":
+                _, info = likelihood.elbo(den, w.process, key, x, num_terms=terms, data_range=(lo, hi), **elbo_opts)
+                bpd = info["bpd"]
+            else:
+                bpd, info = likelihood.bits_per_dim(den, w.process, key, x, data_range=(lo, hi))
             per_pass[p, b0 : b0 + n] = host_array(bpd)[:n]
             nfe.append(info["nfe"])
             if bar is not None:
@@ -338,30 +341,33 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     if bar is not None:
         bar.close()
     per_example = per_pass.mean(0)
-    result = dict(
-        bpd=float(per_example.mean()),
-        bpd_stderr=float(per_example.std(ddof=1) / np.sqrt(len(per_example))) if len(per_example) > 1 else None,
-        num=int(len(images)),
-        passes=int(args.passes),
-    )
-    protocol = dict(
-        workdir=str(args.workdir),
-        checkpoint_step=int(step),
-        weights="ema",
-        ema_rate=float(w.ema_rate),
-        split=args.split,
-        seed=int(args.seed),
-        dequantization="uniform",
-        num_bins=256,
-        trace="hutchinson",
-        probe="rademacher",
-        solver="tsit5 rtol=atol=1e-5",
-        mean_nfe=float(np.mean(nfe)),
-        data_range=[lo, hi],
-        wall_s=round(time.perf_counter() - start, 2),
-    )
-    ema = w.ema_suffix
-    return _write_record(str(storage.path(args.workdir) / "eval" / f"bpd_step_{step}{ema}.json"), step, result, protocol)
+    stderr = float(per_example.std(ddof=1) / np.sqrt(len(per_example))) if len(per_example) > 1 else None
+    result = dict(bpd=float(per_example.mean()), bpd_stderr=stderr, num=int(len(images)), passes=int(args.passes))
+    protocol: dict[str, Any] = dict(workdir=str(args.workdir), checkpoint_step=int(step), weights="ema")
+    protocol.update(ema_rate=float(w.ema_rate), split=args.split, seed=int(args.seed), method=method, num_bins=256)
+    if method == "elbo":
+        estimator = "all T terms" if terms is None else f"{terms} of T terms, t uniform, each scaled by T/K"
+        protocol.update(num_terms=terms or int(w.process.t_max), estimator=estimator, decoder="discretized", **elbo_opts)
+    else:
+        protocol.update(dequantization="uniform", trace="hutchinson", probe="rademacher", solver="tsit5 rtol=atol=1e-5")
+    protocol.update(mean_nfe=float(np.mean(nfe)), data_range=[lo, hi], wall_s=round(time.perf_counter() - start, 2))
+    name = f"bpd_step_{step}{'' if terms is None else f'_elbo{terms}'}{w.ema_suffix}.json"
+    return _write_record(str(storage.path(args.workdir) / "eval" / name), step, result, protocol)
+
+
+def _bpd_method(args, process) -> tuple[str, int | None]:
+    """(method, K or None for all T terms) from --method / --elbo_terms, checked against the process."""
+    method = getattr(args, "method", None) or ("elbo" if process.discrete else "ode")
+    terms, T, name = getattr(args, "elbo_terms", None), int(process.t_max), process.name
+    if method == "ode" and terms is not None:
+        raise ValueError("--elbo_terms is for --method elbo")
+    if method == "ode" and process.discrete:
+        raise ValueError(f"--method ode: process {name!r} is a discrete chain (no probability-flow ODE); use --method elbo")
+    if method == "elbo" and not process.discrete:
+        raise ValueError(f"--method elbo: the continuous-time ELBO ({name!r}) is not implemented yet; use --method ode")
+    if method == "elbo" and terms is not None and terms > T:
+        raise ValueError(f"--elbo_terms must be at most T = {T} (leave it out for all T terms), got {terms}")
+    return method, None if method == "ode" or terms in (None, T) else int(terms)
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -9,7 +9,8 @@ through diffjax's restricted torch-zip reader), the network config is translated
 - DDPM-family schedulers (DDPM, DDIM, PNDM, DPM-Solver, Euler, ...): ``ddpm`` process with the
   same betas ('linear' or 'squaredcos_cap_v2' = our 'cosine') and T = num_train_timesteps; our time
   t = diffusers' timestep + 1; data in [-1, 1]; prediction from ``prediction_type``; the
-  scheduler's ``clip_sample`` -> ``sampling.clip_x0``.
+  scheduler's ``clip_sample`` -> ``sampling.clip_x0``, DDPMScheduler's ``variance_type`` ->
+  ``sampling.variance`` (fixed_small / fixed_large; learned ones are refused).
 - ``ScoreSdeVeScheduler``: ``ve`` process (sigma_min, sigma_max, sampling_eps); the network
   conditions on sigma and returns the score; data in [0, 1] (ScoreSdeVePipeline clamps to [0, 1]).
 """
@@ -45,6 +46,13 @@ BETA_SCHEDULERS = (
 )
 BETA_SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}
 PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# DDPMScheduler's variance_type -> sampling.variance (the _log forms are the same variance in log space)
+VARIANCE_TYPES = {
+    "fixed_small": "fixed_small",
+    "fixed_small_log": "fixed_small",
+    "fixed_large": "fixed_large",
+    "fixed_large_log": "fixed_large",
+}
 DEFAULT_SCHEDULERS = {  # diffusers' own defaults, used when SRC has no scheduler config
     "positional": {
         "_class_name": "DDPMScheduler",
@@ -156,6 +164,7 @@ def _process_block(scheduler: dict, embedding: str) -> tuple[dict, dict, bool, s
             corrector="langevin",
             snr=float(scheduler.get("snr", 0.15)),
             n_steps_each=1,
+            variance="fixed_small",
         )
         return process, sampling, False, "score"
     if name not in BETA_SCHEDULERS:
@@ -186,8 +195,21 @@ def _process_block(scheduler: dict, embedding: str) -> tuple[dict, dict, bool, s
         )
     if scheduler.get("thresholding", False):
         raise UnsupportedModel(f"{name}: thresholding=True (dynamic thresholding) is not supported")
-    sampling = dict(sampler="ancestral", num_steps=T, clip_x0=clip)  # DDPM's own sampler: T ancestral steps
-    return process, sampling, True, PREDICTIONS[pred]
+    sampling = dict(sampler="ancestral", num_steps=T, clip_x0=clip, variance=_variance(name, scheduler))
+    return process, sampling, True, PREDICTIONS[pred]  # DDPM's own sampler: T ancestral steps
+
+
+def _variance(name: str, scheduler: dict) -> str:
+    """sampling.variance from DDPMScheduler's variance_type (the other schedulers have none)."""
+    kind = scheduler.get("variance_type") or "fixed_small"
+    if kind in VARIANCE_TYPES:
+        return VARIANCE_TYPES[kind]
+    if kind in ("learned", "learned_range"):
+        raise UnsupportedModel(
+            f"{name}: variance_type={kind!r} needs a network that also outputs its variance (learn_sigma), "
+            f"which diffjax does not have yet; supported: {', '.join(VARIANCE_TYPES)}"
+        )
+    raise UnsupportedModel(f"{name}: variance_type={kind!r} is not supported; choose one of {', '.join(VARIANCE_TYPES)}")
 
 
 def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, dict]:

@@ -43,8 +43,9 @@ def served_steppers(
     config_sampling=None, clip_x0: tuple[float, float] | None = None, process: Process | None = None
 ) -> dict[str, steppers.Stepper]:
     """The fixed-step samplers a server serves, with the config's structural options (PC's predictor,
-    corrector, corrector steps; clip_x0 for DDIM / ancestral). The adaptive ODE is offline-only, and
-    PC with the Euler-Maruyama predictor needs an SDE (not served on the discrete ddpm process)."""
+    corrector, corrector steps; clip_x0 for DDIM / ancestral; the ancestral step's variance). The
+    adaptive ODE is offline-only, and PC with the Euler-Maruyama predictor needs an SDE (not served
+    on the discrete ddpm process)."""
     s = config_sampling
     pc: dict[str, Any] = {"norm": "example"}
     if s is not None:
@@ -56,9 +57,10 @@ def served_steppers(
         )
     clip: dict[str, Any] = {} if clip_x0 is None else {"clip_x0": tuple(float(v) for v in clip_x0)}
     pc_stepper = steppers.PC(**pc)
+    variance = str(s.get("variance", "fixed_small")) if s is not None else "fixed_small"  # as the offline sampler
     served: dict[str, steppers.Stepper] = {
         "ddim": steppers.DDIM(**clip),
-        "ancestral": steppers.Ancestral(**clip),
+        "ancestral": steppers.Ancestral(**clip, variance=variance),
         "pc": pc_stepper,
         "dpm_solver++": steppers.DPMSolverPP(),
         "heun": steppers.Heun(),
