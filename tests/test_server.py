@@ -446,3 +446,39 @@ def test_second_sample_reads_the_compilation_cache(workdir, tmp_path):
     assert "compilation cache hit for 'jit__run'" in log.lower()
     _, log = sample(tmp_path / "c.png", "off")
     assert "cache hit" not in log.lower()
+
+
+def test_engine_ancestral_variance_as_the_offline_sampler():
+    """sampling.variance reaches the served ancestral stepper: with fixed_large the engine's slots
+    equal samplers.sample('ancestral', variance='fixed_large') (same key), which differs from the
+    default fixed_small; two requests co-batched in the slots equal each alone."""
+    import jax
+    import ml_collections
+
+    from diffjax import denoiser, processes, samplers
+    from diffjax.serving.engine import Engine, served_steppers
+    from diffjax.serving.scheduler import Job, Scheduler, wait_events
+
+    process = processes.get("ddpm", num_scales=100)
+    den = denoiser.from_fn(lambda x, t, cond: 0.5 * jax.numpy.tanh(x), prediction="x0")
+    sampling = ml_collections.ConfigDict({"variance": "fixed_large"})
+    engine = Engine(
+        den, process, (4, 4, 1), batch_slots=8, served=served_steppers(sampling, None, process), devices=jax.devices()[:1]
+    )
+    scheduler = Scheduler(engine, checkpoint_step=0)
+    labels = np.full(3, -1, np.int32)
+    scheduler.start()
+    try:
+        jobs = [scheduler.submit(Job(3, "ancestral", 6, seed, labels, None)) for seed in (7, 8)]  # co-batched
+        for job, seed in zip(jobs, (7, 8)):
+            got = np.zeros((3, 4, 4, 1), np.float32)
+            for event in wait_events(job, lambda: True):
+                if event[0] == "batch":
+                    got[event[1]] = event[2]
+            key = jax.random.PRNGKey(seed)
+            want, _ = samplers.sample("ancestral", den, process, key, (3, 4, 4, 1), 6, variance="fixed_large")
+            small, _ = samplers.sample("ancestral", den, process, key, (3, 4, 4, 1), 6)
+            np.testing.assert_allclose(got, want, atol=2e-4)
+            assert np.abs(np.asarray(want) - np.asarray(small)).max() > 1e-2  # the variance matters here
+    finally:
+        scheduler.shutdown()
