@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         commandline.usage_error("diffjax", f"unknown command {name!r}; choose one of {', '.join(SUBCOMMANDS)}")
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID`: every thread's Python stack on stderr (a hung run)
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (OSError, ValueError, AttributeError):  # a stderr without a file descriptor (captured)
+            pass
     from diffjax import storage
 
     storage.configure()  # $STORAGE_EMULATOR_HOST reaches every GCS client in the process
