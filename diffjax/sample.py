@@ -18,7 +18,17 @@ import numpy as np
 from diffjax import commandline, distributed, plotting, processes, samplers, storage
 from diffjax.workdir import Workdir, load_workdir
 
-__all__ = ["host_array", "data_range", "config_sampler", "generate", "save_samples", "main"]
+__all__ = [
+    "host_array",
+    "data_range",
+    "config_sampler",
+    "generate",
+    "is_image_data",
+    "output_range",
+    "clip_output",
+    "save_samples",
+    "main",
+]
 
 Array = jax.Array
 
@@ -73,7 +83,7 @@ def generate(
     guidance_scale=None,
     **opts,
 ) -> np.ndarray:
-    """`num` samples from the network with params `weights`, clipped to the data range.
+    """`num` samples from the network with params `weights`, clipped by `output_range` (images only).
 
     The batch is split over every device of every process (the config's mesh; padded to a multiple
     of the device count), so a sample grid or a training-time FID set does not run whole on each
@@ -104,8 +114,28 @@ def generate(
         indices=indices,
         **opts,
     )
-    lo, hi = data_range(config)
-    return np.clip(host_array(x)[:num], lo, hi)
+    return clip_output(config, host_array(x)[:num])
+
+
+def is_image_data(config) -> bool:
+    """Whether the config's samples are images (H, W, C) of 8-bit pixels mapped to `data_range`,
+    rather than points such as the 2-D toys' (an mlp's (D,) vectors, which have no bounded range)."""
+    from diffjax import network
+
+    return len(network.data_shape(config)) == 3
+
+
+def output_range(config) -> tuple[float, float] | None:
+    """The range final samples are clipped to: `data_range` for image data, None (no clipping) for
+    other data. The one rule of every output: `generate` (so `diffjax sample` and the snapshots'
+    grids) and the server's FLOAT32 and PNG responses."""
+    return data_range(config) if is_image_data(config) else None
+
+
+def clip_output(config, x: np.ndarray) -> np.ndarray:
+    """Final samples `x` clipped by `output_range(config)` (unchanged where it is None)."""
+    bounds = output_range(config)
+    return x if bounds is None else np.clip(x, *bounds)
 
 
 def save_samples(x: np.ndarray, out: str, data_range: tuple[float, float]) -> tuple[str, str | None]:

@@ -66,6 +66,12 @@ class GaussianMixture:
         log_w = jnp.log(self.weights / jnp.sum(self.weights))
         return log_w - 0.5 * (sq / var + self.dim * jnp.log(2 * math.pi * var)), var
 
+    def diffused(self, alpha: float | Array, sigma: float | Array) -> GaussianMixture:
+        """q_t: the mixture pushed through x_t = alpha x0 + sigma n (scalars), again a mixture:
+        sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I)."""
+        alpha, sigma = jnp.asarray(alpha, jnp.float32), jnp.asarray(sigma, jnp.float32)
+        return GaussianMixture(alpha * self.means, jnp.sqrt(alpha**2 * self.stds**2 + sigma**2), self.weights)
+
     def log_prob(self, x: Array) -> Array:
         ones = jnp.ones(x.shape[:1])
         return jax.nn.logsumexp(self._component_logps(x, ones, 0.0 * ones)[0], axis=-1)
@@ -147,7 +153,8 @@ def sliced_wasserstein(x: Array, y: Array, key: Array, num_projections: int = 25
 
 
 def mode_statistics(mixture: GaussianMixture, x: Array | np.ndarray) -> dict[str, np.ndarray]:
-    """Assign each sample to its nearest mode; per-mode weight, mean and per-axis std."""
+    """Assign each sample to its nearest mode: per-mode weight (K,), mean (K, D), std (K,: RMS over
+    the axes) and axis_stds (K, D: the std along each axis)."""
     x = np.asarray(x)
     means = np.asarray(mixture.means)
     assign = np.argmin(((x[:, None] - means[None]) ** 2).sum(-1), axis=1)
@@ -157,4 +164,7 @@ def mode_statistics(mixture: GaussianMixture, x: Array | np.ndarray) -> dict[str
     mode_stds = np.array(
         [np.sqrt(((x[assign == i] - mode_means[i]) ** 2).mean()) if (assign == i).sum() > 1 else np.nan for i in range(k)]
     )  # isotropic: RMS over points and axes
-    return {"weights": weights, "means": mode_means, "stds": mode_stds}
+    axis_stds = np.stack(
+        [x[assign == i].std(0) if (assign == i).sum() > 1 else np.full(x.shape[1], np.nan) for i in range(k)]
+    )
+    return {"weights": weights, "means": mode_means, "stds": mode_stds, "axis_stds": axis_stds}

@@ -30,6 +30,39 @@ def test_demo_writes_scatter_png(tmp_path):
     assert (31, 119, 180) in px and (214, 39, 40) in px
 
 
+def test_demo_evolution_writes_the_strip_and_its_densities_are_the_mixture(tmp_path):
+    """`diffjax demo --evolution`: a five-panel PNG; computed (not read off the image): the t = 0
+    panel's density holds 1/8 of the mass at each of the 8 modes, the t_max one is the N(0, I)
+    prior's, and the ODE samples go from that prior (left) to the modes (right)."""
+    import jax
+    import numpy as np
+
+    from diffjax import demo, plotting, processes, toy
+
+    out = tmp_path / "evolution.png"
+    res = run("demo", "--evolution", str(out), "--num", "500")
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}" in res.stdout
+    size, pad, title = 220, 10, 22
+    assert Image.open(out).size == (5 * (size + pad) + pad, size + title + pad)
+
+    mixture, process = toy.eight_gaussians(), processes.get("vp")
+    evo = demo.evolution(mixture, process, jax.random.key(0), 400, size=size)
+    assert evo.times[0] == process.t_max and evo.times[-1] == 0 and np.all(np.diff(evo.times) < 0)
+    points = plotting.pixel_centres(evo.lim, size)
+    cell = (2 * evo.lim / size) ** 2
+    near = np.linalg.norm(points[:, None] - np.asarray(mixture.means)[None], axis=-1) < 0.35  # 3.5 mode stds
+    clean, noise = evo.densities[-1].ravel() * cell, evo.densities[0].ravel() * cell
+    np.testing.assert_allclose([clean[near[:, k]].sum() for k in range(8)], 1 / 8, atol=0.003)
+    assert clean[~near.any(1)].sum() < 0.005  # nothing between the modes
+    assert abs(noise.sum() - 1) < 0.01 and noise[near.any(1)].sum() < 0.1  # the prior: no modes yet (0.066)
+    assert np.unravel_index(evo.densities[0].argmax(), (size, size)) in {(r, c) for r in (109, 110) for c in (109, 110)}
+    np.testing.assert_allclose(evo.samples[0].std(0), 1.0, atol=0.1)
+    stats = toy.mode_statistics(mixture, evo.samples[-1])
+    np.testing.assert_allclose(stats["weights"], 1 / 8, atol=0.05)  # 400 samples: binomial sd 0.017
+    np.testing.assert_allclose(stats["axis_stds"], 0.1, rtol=0.25)
+
+
 def test_unknown_command_and_bad_flags():
     res = run("frobnicate")
     assert res.returncode == 2 and "unknown command 'frobnicate'" in res.stderr and "demo" in res.stderr
@@ -80,6 +113,7 @@ USAGE_MISTAKES = [
     (["info", "--config", "configs/nope.py"], "config file not found: configs/nope.py"),
     (["info", "--config", "configs/digits.py", "--config.model.nff=3"], "nff"),
     (["demo", "--steps", "0"], "argument --steps: must be positive, got 0"),
+    (["demo", "--process", "ddpm", "--evolution", "e.png"], "--evolution needs a continuous process"),
 ]
 
 

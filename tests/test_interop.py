@@ -283,7 +283,10 @@ def test_import_then_ddim_matches_diffusers_ddim_pipeline(cifar_ddpm, tmp_path, 
     np.testing.assert_allclose((ours + 1) / 2, theirs, atol=2e-4)
 
     # The workdir is a whole training workdir: the full state restores (fine-tuning resumes from it).
-    w = Workdir(str(workdir))
+    # inference=True: the state's shapes and shardings traced abstractly from the same create() the
+    # trainer compiles (identical abstract state), not compiled: jit(create) of this UNet over the
+    # 8 devices took ~70 s of this test's ~150 s. restore() with no `only` still reads every entry.
+    w = Workdir(str(workdir), inference=True)
     state, step = w.restore()
     assert step == 0 and set(state) == {"step", "params", "ema", "opt_state", "rng"}
     jax.tree.map(np.testing.assert_array_equal, state["params"], state["ema"])

@@ -27,9 +27,9 @@ def _env():
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def _train(workdir, *extra):
+def _train(workdir, *extra, base=TINY):
     res = subprocess.run(
-        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *TINY, *extra],
+        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *base, *extra],
         cwd=ROOT,
         env=_env(),
         capture_output=True,
@@ -127,6 +127,26 @@ def test_matches_the_offline_sampler(workdir, client):
     )
     got = client.sample_response(6, sampler="ddim", num_steps=12, seed=7, labels=labels.tolist(), options={"eta": 0.5})
     np.testing.assert_allclose(tensor_to_numpy(got.samples), want, atol=2e-4, err_msg="ddim eta 0.5")
+
+
+def test_float32_output_clips_images_as_the_cli_does(workdir, client):
+    """One clipping rule (sample.output_range): image samples leaving the data range are clipped to
+    it by `sample.generate` (what `diffjax sample` writes) and by the server's FLOAT32 output alike."""
+    import jax
+
+    from diffjax import network, sample, samplers
+
+    config, graphdef, rest, process, state, _ = sample.load_workdir(str(workdir))
+    assert sample.output_range(config) == (-1.0, 1.0)
+    den = network.network_denoiser(graphdef, rest, process, config, state["ema"])
+    raw, _ = samplers.sample("ddim", den, process, jax.random.PRNGKey(11), (6, 8, 8, 1), 12)
+    raw = np.asarray(raw)
+    assert np.abs(raw).max() > 1.05  # the sampler's own output leaves [-1, 1]: the clip is exercised
+    offline = sample.generate(config, graphdef, rest, process, state["ema"], 6, sampler="ddim", steps=12, seed=11)
+    np.testing.assert_allclose(offline, np.clip(raw, -1, 1), atol=2e-4)
+    served = client.sample(6, sampler="ddim", num_steps=12, seed=11)
+    np.testing.assert_allclose(served, offline, atol=2e-4)
+    assert served.min() >= -1 and served.max() <= 1
 
 
 def test_32_concurrent_clients_and_batch_independence(client):
@@ -446,6 +466,27 @@ def test_second_sample_reads_the_compilation_cache(workdir, tmp_path):
     assert "compilation cache hit for 'jit__run'" in log.lower()
     _, log = sample(tmp_path / "c.png", "off")
     assert "cache hit" not in log.lower()
+
+
+def test_toy_samples_are_clipped_by_neither_the_cli_nor_the_server(tmp_path):
+    """Non-image data (the 8-Gaussians' 2-D points, not 8-bit pixels): `diffjax sample` and the
+    server's FLOAT32 output both leave the samples unclipped, so the same seed gives the same numbers."""
+    from tiny_configs import TOY
+
+    toy = tmp_path / "toy"
+    _train(toy, "--config.training.n_iters=2", base=TOY)
+    out = tmp_path / "toy.png"
+    cmd = ["sample", f"--workdir={toy}", "--num=6", "--sampler=ddim", "--steps=4", "--seed=3", f"--out={out}"]
+    res = subprocess.run(
+        [sys.executable, "-m", "diffjax", *cmd], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    cli = np.load(tmp_path / "toy.npz")["samples"]
+    assert cli.shape == (6, 2) and np.abs(cli).max() > 1.5  # a 2-step network: far outside [-1, 1]
+    with ServerProcess(toy, "--reload_s=0") as s, Client(s.addr, timeout=120) as c:
+        assert list(c.model_info().sample_shape) == [2]
+        served = c.sample(6, sampler="ddim", num_steps=4, seed=3)
+    np.testing.assert_allclose(served, cli, rtol=1e-5, atol=2e-4)
 
 
 def test_engine_ancestral_variance_as_the_offline_sampler():

@@ -44,17 +44,28 @@ def final_params(workdir):
     return step, [np.asarray(x) for x in jax.tree.leaves(state["params"])], np.asarray(state["rng"])
 
 
-def test_kill9_and_resume_is_bit_identical(tmp_path):
-    """Killed with kill -9 three times at random moments and resumed: bit-identical to an uninterrupted run."""
-    ref, killed = tmp_path / "ref", tmp_path / "killed"
-    common = ["--config.training.n_iters=40", "--config.training.snapshot_freq=4"]
+# The kill -9 test's uninterrupted reference: 40 steps, a checkpoint every 4 (the newest 3 kept:
+# 32, 36, 40), an eval every 10. The corrupted-checkpoint tests copy it (they damage step 40).
+KILL9 = ["--config.training.n_iters=40", "--config.training.snapshot_freq=4"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The 40-step reference run, trained once for the module."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
     # The reference run also evaluates (eval must not touch the training state or its RNG).
-    res = run(train_cmd("ref", *common, "--config.training.eval_freq=10"), cwd=tmp_path)  # relative workdir
+    res = run(train_cmd("ref", *KILL9, "--config.training.eval_freq=10"), cwd=cwd)  # relative workdir
     assert res.returncode == 0, res.stderr[-2000:]
+    return cwd / "ref"
+
+
+def test_kill9_and_resume_is_bit_identical(uninterrupted, tmp_path):
+    """Killed with kill -9 three times at random moments and resumed: bit-identical to an uninterrupted run."""
+    ref, killed = uninterrupted, tmp_path / "killed"
     moments = np.random.default_rng(0)
     for at_least in (8, 16, 24):  # three kill -9s, each a random moment after that step is saved
         proc = subprocess.Popen(
-            train_cmd(killed, *common), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            train_cmd(killed, *KILL9), cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.time() + 240
         while time.time() < deadline and not any(s >= at_least for s in steps_in(killed)):
@@ -63,7 +74,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert 0 < max(steps_in(killed)) < 40, "the kill must land mid-run"
-    res = run(train_cmd(killed, *common))
+    res = run(train_cmd(killed, *KILL9))
     assert res.returncode == 0 and "resumed from step" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
     step_a, params_a, rng_a = final_params(ref)
     step_b, params_b, rng_b = final_params(killed)
@@ -89,67 +100,87 @@ def data_fingerprints(workdir) -> dict[int, str]:
     return {m["step"]: m["data"] for m in lines if "data" in m}
 
 
-def test_resume_on_another_topology_continues_the_exact_input_order(tmp_path):
+# One log line (with its data fingerprint) per step, one step per program, a checkpoint every 4.
+PER_STEP = ["--config.training.log_freq=1", "--config.training.n_jitted_steps=1", "--config.training.snapshot_freq=4"]
+
+
+def one_by_four(workdir, n, *extra):
+    """Train to step n on 1 process x 4 devices; its stdout."""
+    res = run(train_cmd(workdir, f"--config.training.n_iters={n}", *PER_STEP, *extra), devices=4)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def two_by_two(workdir, n, *extra):
+    """Train to step n on 2 processes x 2 devices (launch/local.py: gloo over loopback); their stdout."""
+    local = [sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=2", "--"]
+    res = run([*local, *train_cmd(workdir, f"--config.training.n_iters={n}", *PER_STEP, *extra)], timeout=400)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def one_by_four_reference(tmp_path_factory):
+    """An uninterrupted 8-step run on 1 process x 4 devices (plain data parallel), trained once for
+    the module: the run the topology-change resumes and the two-slice run must reproduce."""
+    ref = tmp_path_factory.mktemp("one_by_four") / "ref"
+    one_by_four(ref, 8)
+    want = data_fingerprints(ref)
+    assert sorted(want) == list(range(1, 9)) and len(set(want.values())) == 8
+    assert steps_in(ref) == [4, 8]
+    return ref
+
+
+def assert_params_match(workdir, ref):
+    _, params_ref, _ = final_params(ref)
+    step, params, _ = final_params(workdir)
+    assert step == 8
+    for x, y in zip(params, params_ref):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_on_another_topology_continues_the_exact_input_order(one_by_four_reference, tmp_path):
     """2 processes x 2 devices (launch/local.py: gloo over loopback) train 4 steps and 1 process x 4
     devices resumes to 8, and 1 x 4 -> 2 x 2: every step reads the global batch an uninterrupted
     1 x 4 run reads (data fingerprints in metrics.jsonl; each process also checks the examples it
     read against the order), and the final params agree to float tolerance (the batch mean's
     reduction order differs across topologies)."""
-    per_step = ["--config.training.log_freq=1", "--config.training.n_jitted_steps=1", "--config.training.snapshot_freq=4"]
-
-    def one(workdir, n):
-        res = run(train_cmd(workdir, f"--config.training.n_iters={n}", *per_step), devices=4)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res.stdout
-
-    def two(workdir, n):
-        local = [sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=2", "--"]
-        res = run([*local, *train_cmd(workdir, f"--config.training.n_iters={n}", *per_step)], timeout=400)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        return res.stdout
-
-    ref, a, b = tmp_path / "ref", tmp_path / "a", tmp_path / "b"
-    one(ref, 8)
-    two(a, 4)
-    assert "resumed from step 4" in one(a, 8)
-    one(b, 4)
-    assert "resumed from step 4" in two(b, 8)
+    ref, a, b = one_by_four_reference, tmp_path / "a", tmp_path / "b"
+    two_by_two(a, 4)
+    assert "resumed from step 4" in one_by_four(a, 8)
+    # 1 x 4 to step 4: the uninterrupted 1 x 4 run as it stood at its step-4 checkpoint (nothing in
+    # training depends on n_iters), so its workdir without the step-8 checkpoint, not a 5th run;
+    # the resume drops the log lines after step 4.
+    shutil.copytree(ref, b)
+    shutil.rmtree(b / "checkpoints" / "8")
+    assert steps_in(b) == [4]
+    assert "resumed from step 4" in two_by_two(b, 8)
     want = data_fingerprints(ref)
-    assert sorted(want) == list(range(1, 9)) and len(set(want.values())) == 8
     assert data_fingerprints(a) == want and data_fingerprints(b) == want
     assert steps_in(a) == steps_in(b) == [4, 8]
-    _, params_ref, _ = final_params(ref)
     for w in (a, b):
-        step, params, _ = final_params(w)
-        assert step == 8
-        for x, y in zip(params, params_ref):
-            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+        assert_params_match(w, ref)
 
 
-def test_two_slices_over_dcn_match_one_process(tmp_path):
+def test_two_slices_over_dcn_match_one_process(one_by_four_reference, tmp_path):
     """Multislice on the CPU: 2 processes x 2 devices as two "slices" (training.dcn_data=2: a hybrid
     mesh from mesh_utils, data parallel across the processes, FSDP over the 2 devices within each)
-    train the same losses and parameters as 1 process x 4 devices with FSDP over all 4, to float
-    tolerance (rtol 1e-4: only the reduction order of the batch mean differs)."""
-    flags = ["--config.training.n_iters=6", "--config.training.log_freq=2", "--config.training.fsdp=True"]
-    one = run(train_cmd(tmp_path / "one", *flags), devices=4)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert "mesh: data=1 x fsdp=4 over 4 devices" in one.stdout
-    local = [sys.executable, f"{ROOT}/launch/local.py", "--num-processes=2", "--devices-per-process=2", "--"]
-    two = run([*local, *train_cmd(tmp_path / "two", *flags, "--config.training.dcn_data=2")], timeout=400)
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "mesh: data=2 x fsdp=2 over 4 devices, data parallel across 2 processes (DCN)" in two.stdout
+    read the same batches and train the same losses and parameters as the uninterrupted 1 process
+    x 4 devices run, to float tolerance (rtol 1e-4: only the reduction order of the batch mean
+    differs)."""
+    flags = ["--config.training.fsdp=True", "--config.training.dcn_data=2"]
+    out = two_by_two(tmp_path / "two", 8, *flags)
+    assert "mesh: data=2 x fsdp=2 over 4 devices, data parallel across 2 processes (DCN)" in out
 
     def losses(workdir):
         return [m["loss"] for m in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in m]
 
-    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-4)
-    _, params_one, _ = final_params(tmp_path / "one")
-    step, params_two, _ = final_params(tmp_path / "two")
-    assert step == 6
-    for x, y in zip(params_two, params_one):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
-    bad = run(train_cmd(tmp_path / "bad", *flags, "--config.training.dcn_data=3"), devices=4)
+    assert len(losses(one_by_four_reference)) == 8
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(one_by_four_reference), rtol=1e-4)
+    assert data_fingerprints(tmp_path / "two") == data_fingerprints(one_by_four_reference)
+    assert_params_match(tmp_path / "two", one_by_four_reference)
+    bad_flags = ["--config.training.n_iters=6", "--config.training.fsdp=True", "--config.training.dcn_data=3"]
+    bad = run(train_cmd(tmp_path / "bad", *bad_flags), devices=4)
     assert bad.returncode == 2
     assert bad.stderr.strip() == (
         "diffjax train: training.dcn_data=3 must be 1, the number of TPU slices (1) or the number of processes (1) "
@@ -190,20 +221,18 @@ def test_a_workdir_the_other_processes_cannot_see_is_refused(tmp_path):
     assert not glob.glob(str(tmp_path / "node*" / "w" / "checkpoints" / "*"))
 
 
-def test_processes_agree_on_the_step_to_restore(tmp_path):
+def test_processes_agree_on_the_step_to_restore(uninterrupted, tmp_path):
     """Two processes whose views of the workdir differ (process 1's copy of the newest step is
     truncated, as a host with a failed read would see it) both restore the previous step, which
     both can read: no hang, no mix of steps across hosts."""
     sys.path.insert(0, ROOT)
     from launch.local import free_port, process_env
 
-    base = tmp_path / "base"
-    res = run(train_cmd(base, "--config.training.n_iters=8", "--config.training.snapshot_freq=4"))
-    assert res.returncode == 0, res.stderr[-2000:]
+    assert steps_in(uninterrupted) == [32, 36, 40]
     for i in range(2):
         (tmp_path / f"node{i}").mkdir()
-        shutil.copytree(base, tmp_path / f"node{i}" / "w")
-    for path in glob.glob(f"{tmp_path}/node1/w/checkpoints/8/state/**/*", recursive=True):
+        shutil.copytree(uninterrupted, tmp_path / f"node{i}" / "w")
+    for path in glob.glob(f"{tmp_path}/node1/w/checkpoints/40/state/**/*", recursive=True):
         if os.path.isfile(path):
             with open(path, "r+b") as f:
                 f.truncate(max(0, os.path.getsize(path) // 3))
@@ -223,24 +252,23 @@ def test_processes_agree_on_the_step_to_restore(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     for out in outs:
-        assert "checkpoint step 8 in" in out and "is unreadable on process(es) 1" in out, out[-2000:]
-    assert "8 samples from step 4" in outs[0]  # process 0 writes
+        assert "checkpoint step 40 in" in out and "is unreadable on process(es) 1" in out, out[-2000:]
+    assert "8 samples from step 36" in outs[0]  # process 0 writes
     assert np.load(tmp_path / "node0" / "g.npz")["samples"].shape == (8, 2)
     assert not (tmp_path / "node1" / "g.npz").exists()
 
 
-def test_corrupted_latest_checkpoint_falls_back(tmp_path):
+def test_corrupted_latest_checkpoint_falls_back(uninterrupted, tmp_path):
     workdir = tmp_path / "c"
-    res = run(train_cmd(workdir, "--config.training.n_iters=8", "--config.training.snapshot_freq=4"))
-    assert res.returncode == 0, res.stderr[-2000:]
-    for path in glob.glob(f"{workdir}/checkpoints/8/state/**/*", recursive=True):
+    shutil.copytree(uninterrupted, workdir)
+    for path in glob.glob(f"{workdir}/checkpoints/40/state/**/*", recursive=True):
         if os.path.isfile(path):
             with open(path, "r+b") as f:
                 f.truncate(max(0, os.path.getsize(path) // 3))
     res = run([sys.executable, "-m", "diffjax", "sample", f"--workdir={workdir}", "--num=16", f"--out={tmp_path / 'g.png'}"])
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "checkpoint step 8" in res.stdout and "unreadable" in res.stdout
-    assert "from step 4" in res.stdout
+    assert "checkpoint step 40" in res.stdout and "unreadable" in res.stdout
+    assert "from step 36" in res.stdout
     assert np.load(tmp_path / "g.npz")["samples"].shape == (16, 2)
 
 
@@ -298,7 +326,12 @@ def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
         f"--workdir={workdir}",
         "--config=configs/digits.py",
         "--config.training.fsdp=True",
-        "--config.model.num_res_blocks=1",  # a smaller program to compile for 8 devices (nf 16 still splits 8 ways)
+        # smaller programs to compile for 8 devices (nf 16 still splits 8 ways): one level of one
+        # block, attention at 8x8 (and in the middle); with ch_mult (1, 2) compiling the init, the
+        # train step and the snapshot's sampler took ~125 s of CPU here, ~65 s with (1,)
+        "--config.model.num_res_blocks=1",
+        "--config.model.ch_mult=(1,)",
+        "--config.model.attn_resolutions=(8,)",
         "--config.training.batch_size=16",
         "--config.training.n_iters=2",
         "--config.training.n_jitted_steps=1",
@@ -309,6 +342,7 @@ def test_fsdp_switch_shards_kernels_and_trains(tmp_path):
     ]
     res = run(cmd, devices=8)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "mesh: data=1 x fsdp=8 over 8 devices" in res.stdout
     from diffjax.workdir import Workdir
 
     w = Workdir(str(workdir), inference=True)  # this process has 8 devices too; nothing initialised

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from diffjax import commandline, distributed
+from diffjax.sample import clip_output
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
 from diffjax.serving.engine import served_steppers
@@ -205,7 +206,7 @@ class Servicer(pb_grpc.SamplingServicer):
         return pb.ServerStatus(**self.scheduler.status())
 
     def _fill(self, message, output: int, x: np.ndarray) -> None:
-        x = np.clip(x, self.model.data_min, self.model.data_max).astype(np.float32)
+        x = clip_output(self.model.config, x).astype(np.float32)  # the rule `diffjax sample` follows
         if output == pb.PNG:
             message.png.extend(encode_png(x, (self.model.data_min, self.model.data_max)))
         else:
