@@ -5,7 +5,9 @@ compiles the same program (same HLO, devices, flags and JAX version), so a resta
 second `diffjax sample` loads its executables instead of recompiling them.
 
 Directory: ``$DIFFJAX_COMPILATION_CACHE``, else ``~/.cache/diffjax/jax``; the value ``off``
-disables it. A cache JAX was already given (``JAX_COMPILATION_CACHE_DIR``) is left as it is.
+disables it. A cache JAX was already given (``JAX_COMPILATION_CACHE_DIR``) is left as it is, and so
+is a threshold given in ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` (else programs compiled in
+under 0.5 s are not written).
 """
 
 from __future__ import annotations
@@ -39,5 +41,6 @@ def enable() -> str | None:
         except OSError:  # a read-only home: run without the cache
             return None
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # a threshold JAX was given stays
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
     return path

@@ -468,13 +468,43 @@ def test_second_sample_reads_the_compilation_cache(workdir, tmp_path):
     assert "cache hit" not in log.lower()
 
 
-def test_toy_samples_are_clipped_by_neither_the_cli_nor_the_server(tmp_path):
-    """Non-image data (the 8-Gaussians' 2-D points, not 8-bit pixels): `diffjax sample` and the
-    server's FLOAT32 output both leave the samples unclipped, so the same seed gives the same numbers."""
+@pytest.fixture(scope="module")
+def toy_workdir(tmp_path_factory):
+    """The 8-Gaussians MLP on the VP process after 2 steps."""
     from tiny_configs import TOY
 
-    toy = tmp_path / "toy"
+    toy = tmp_path_factory.mktemp("toy") / "w"
     _train(toy, "--config.training.n_iters=2", base=TOY)
+    return toy
+
+
+def test_restarts_compile_the_same_engine_program(toy_workdir, tmp_path):
+    """The engine's step is one program in every process: three starts of the server on one workdir
+    (a continuous process: its samplers use three prediction kinds) under different string-hash
+    seeds (PYTHONHASHSEED: a set's iteration order changes with it) leave one `jit__step` entry in
+    the compilation cache, and the second and third starts read it."""
+    cache = tmp_path / "cache"
+    logs = []
+    for seed in ("1", "2", "3"):
+        env = dict(
+            _env(),
+            PYTHONHASHSEED=seed,
+            DIFFJAX_COMPILATION_CACHE=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # cache every program, however fast it compiles here
+            JAX_DEBUG_LOG_MODULES="jax._src.compiler",
+        )
+        server = subprocess_server.ServerProcess(toy_workdir, f"--batch_slots={SLOTS}", env=env, cwd=ROOT, timeout=240)
+        server.stop()
+        logs.append("\n".join(server.lines).lower())
+    assert len([n for n in os.listdir(cache) if n.startswith("jit__step-")]) == 1, sorted(os.listdir(cache))
+    assert "compilation cache hit for 'jit__step'" not in logs[0]
+    assert all("compilation cache hit for 'jit__step'" in log for log in logs[1:])
+
+
+def test_toy_samples_are_clipped_by_neither_the_cli_nor_the_server(toy_workdir, tmp_path):
+    """Non-image data (the 8-Gaussians' 2-D points, not 8-bit pixels): `diffjax sample` and the
+    server's FLOAT32 output both leave the samples unclipped, so the same seed gives the same numbers."""
+    toy = toy_workdir
     out = tmp_path / "toy.png"
     cmd = ["sample", f"--workdir={toy}", "--num=6", "--sampler=ddim", "--steps=4", "--seed=3", f"--out={out}"]
     res = subprocess.run(

@@ -179,7 +179,8 @@ def _advance(den, state, col, ints, floats, process, kinds, dynamic, sample_shap
     t_in = pick([jnp.broadcast_to(p_[2], col["t"].shape) for p_ in prepared])
     label = jnp.where(new, col["label"], state["label"])
     out = _prediction(den, process, x_in, t_in, label, col["scale"], num_classes)
-    by_kind = {kd: process.convert(den.prediction, kd, out, x_in, t_in) for kd in {st.kind for st in kinds}}
+    # sorted: one program in every process (a set of strings iterates in hash order)
+    by_kind = {kd: process.convert(den.prediction, kd, out, x_in, t_in) for kd in sorted({st.kind for st in kinds})}
     updated = [
         st.update(process, prepared[k][0], by_kind[st.kind], sub, step, noise_for(k)) for k, st in enumerate(kind_steppers)
     ]
