@@ -11,11 +11,13 @@ Schema (the trainer reads these keys):
   seed
   process:  name ('ddpm' | 'vp' | 'subvp' | 've' | 'edm') and only that process's parameters
   training: batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
-            loss ('eps' | 'dsm' | 'v' | 'edm'), likelihood_weighting, reduce_mean, label_dropout,
+            loss ('eps' | 'dsm' | 'v' | 'edm' | 'hybrid'), likelihood_weighting, reduce_mean, label_dropout,
+            vlb_weight (the hybrid loss's lambda; needs model.learn_sigma),
             ema_rate, ema_rates (further EMA rates kept beside ema_rate), grad_accum_steps, fsdp,
             dcn_data (data parallelism across slices / processes; the mesh: trainer.make_mesh)
   model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v') and the
-            network's keyword arguments (dtype, num_classes, augment_dim, architecture fields); the
+            network's keyword arguments (dtype, num_classes, augment_dim, learn_sigma: the network also
+            outputs its reverse variance, for sampling.variance 'learned', architecture fields); the
             image networks' image_size / num_channels / centered are references to the data fields
   data:     dataset, image_size, num_channels, centered, random_flip, uniform_dequantization, augment_p,
             data_dir (TFDS data dir), cache_dir (a local copy of a TFDS dataset's shards: diffjax.data_prepare)
@@ -69,6 +71,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.likelihood_weighting = False
     training.reduce_mean = True
     training.label_dropout = 0.0
+    training.vlb_weight = 0.001  # loss 'hybrid': L_simple + vlb_weight L_vlb (Nichol & Dhariwal 2021's lambda)
     training.ema_rate = 0.9999
     training.ema_rates = ()  # further EMA rates tracked beside ema_rate, e.g. (0.999,); `--ema RATE` picks one
     training.grad_accum_steps = 1
@@ -108,7 +111,8 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.snr = 0.16
     sampling.n_steps_each = 1
     sampling.clip_x0 = False  # ancestral / ddim: clip each step's x0 estimate to the data range (DDPM)
-    sampling.variance = "fixed_small"  # ancestral / ELBO: fixed_small (beta-tilde) | fixed_large (beta); learned: not yet
+    # ancestral / ELBO: fixed_small (beta-tilde) | fixed_large (beta) | learned (needs model.learn_sigma)
+    sampling.variance = "fixed_small"
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1024

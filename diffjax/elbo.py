@@ -5,12 +5,17 @@
 - L_T = KL(q(x_T | x0) || p(x_T)): `prior_kl`, no network.
 - L_{t-1} = E_q KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), both Gaussian: the model's mean is the
   posterior mean at its x0 estimate (`Process.posterior`), its variance fixed
-  (`Process.step_variance`: 'fixed_small' beta-tilde or 'fixed_large' beta). The two means differ by
-  c0 (x0 - x0_hat) exactly, so the KL is computed without cancellation.
+  (`Process.step_variance`: 'fixed_small' beta-tilde or 'fixed_large' beta) or learned (the network's
+  v per dimension: exp(v log beta_t + (1 - v) log beta-tilde_t), Nichol & Dhariwal 2021, eq. 15). The
+  two means differ by c0 (x0 - x0_hat) exactly, so the KL is computed without cancellation.
 - L_0 = -E_q log p(x0 | x1): the decoder N(x0_hat(x1), var) integrated over the bin of x0 on the
   8-bit grid (`discretized_gaussian_log_likelihood`: bins (hi - lo) / 255 wide, the end bins open to
   -inf / +inf), or its density for continuous data (decoder='gaussian'). As in Ho et al.'s code, the
-  decoder's variance is beta-tilde_2 (the posterior variance of step 2) for both fixed choices.
+  decoder's variance is beta-tilde_2 (the posterior variance of step 2) for both fixed choices; the
+  learned one interpolates between beta-tilde_2 and beta_1 (iDDPM's posterior_log_variance_clipped).
+
+`bound_term` is one term given the model's x0 estimate (and v): the ELBO and the hybrid training
+loss (losses.py) share it.
 
 Each expectation is one draw x_t ~ q(x_t | x0) per term and example (noise from fold_in(key, example
 index), so an example's value does not depend on its batch). `elbo` sums all T terms in one
@@ -27,10 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
-from diffjax.denoiser import Denoiser
+from diffjax.denoiser import Denoiser, require_learned_variance
 from diffjax.models.layers import inference_groupnorm
 from diffjax.processes import Process, bcast, check_variance
-from diffjax.samplers import example_keys, example_noise, predict
+from diffjax.processes.base import learned_log_variance
+from diffjax.samplers import example_keys, example_noise, predict, predict_with_variance
 
 Array = jax.Array
 DECODERS = ("discretized", "gaussian")
@@ -86,14 +92,51 @@ def prior_kl(process: Process, x0: Array) -> Array:
     return _sum(gaussian_kl(a * x0, 2.0 * jnp.log(s), 0.0, 2.0 * math.log(process.prior_std())))
 
 
-def model_log_variance(process: Process, t: Array, variance: str = "fixed_small") -> Array:
+def model_log_variance(process: Process, t: Array, variance: str = "fixed_small", v: Array | None = None) -> Array:
     """log of the model's step variance at integer times t: `Process.step_variance(t, t - 1)`; at t = 1
-    (the decoder) beta-tilde_2 for both choices, as Ho et al.'s code (beta-tilde_1 is 0)."""
+    (the decoder) beta-tilde_2 for both fixed choices, as Ho et al.'s code (beta-tilde_1 is 0).
+
+    'learned' (v of x's shape, t per example): v log beta_t + (1 - v) log beta-tilde_t, with
+    beta-tilde_2 in place of beta-tilde_1 at t = 1 (iDDPM); of v's shape, the fixed ones of t's."""
     t = jnp.asarray(t, jnp.float32)
     safe = jnp.maximum(t, 2.0)
-    var = process.step_variance(safe, safe - 1.0, variance)
     var_2 = process.posterior(jnp.float32(2.0), jnp.float32(1.0))[2]
+    if variance == "learned":
+        if v is None:
+            raise ValueError("model_log_variance('learned') needs the network's variance output v")
+        small = jnp.where(t <= 1, var_2, process.posterior(safe, safe - 1.0)[2])
+        return learned_log_variance(v, bcast(small, v), bcast(process.transition(t, t - 1.0)[1], v))
+    var = process.step_variance(safe, safe - 1.0, variance)
     return jnp.log(jnp.where(t <= 1, var_2, var))
+
+
+def bound_term(
+    process: Process,
+    x0: Array,
+    x_t: Array,
+    t: Array,
+    x0_hat: Array,
+    *,
+    variance: str = "fixed_small",
+    v: Array | None = None,
+    decoder: str = "discretized",
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    num_bins: int = 256,
+) -> Array:
+    """The bound's term at integer times t (B,) given the model's x0 estimate x0_hat at x_t (and its
+    variance output v for variance='learned'), in nats per example (B,): KL(q(x_{t-1} | x_t, x0) ||
+    p(x_{t-1} | x_t)) for t >= 2, the decoder's -log p(x0 | x_1) for t = 1."""
+    first = t <= 1
+    c0, ct, var_q = process.posterior(t, t - 1.0)
+    logvar_p = bcast(model_log_variance(process, t, variance, v), x0)
+    logvar_q = bcast(jnp.log(jnp.where(first, 1.0, var_q)), x0)
+    kl = gaussian_kl(bcast(c0, x0) * (x0 - x0_hat), logvar_q, 0.0, logvar_p)
+    mean = bcast(c0, x0) * x0_hat + bcast(ct, x0) * x_t  # t = 1: c0 = 1, ct = 0, the mean is x0_hat
+    if decoder == "discretized":
+        logp = discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar_p, data_range=data_range, num_bins=num_bins)
+    else:
+        logp = gaussian_log_likelihood(x0, mean, 0.5 * logvar_p)
+    return jnp.where(first, -_sum(logp), _sum(kl))
 
 
 def elbo_terms(
@@ -117,20 +160,16 @@ def elbo_terms(
     still a bound)."""
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x0.shape[:1])
     x_t = process.marginal(x0, t, eps)
-    x0_hat = predict(denoiser, process, x_t, t, cond, "x0")
+    v = None
+    if variance == "learned":
+        x0_hat, v = predict_with_variance(denoiser, process, x_t, t, cond, "x0")
+    else:
+        x0_hat = predict(denoiser, process, x_t, t, cond, "x0")
     if clip_x0 is not None:
         x0_hat = jnp.clip(x0_hat, *clip_x0)
-    first = t <= 1
-    c0, ct, var_q = process.posterior(t, t - 1.0)
-    logvar_p = bcast(model_log_variance(process, t, variance), x0)
-    logvar_q = bcast(jnp.log(jnp.where(first, 1.0, var_q)), x0)
-    kl = gaussian_kl(bcast(c0, x0) * (x0 - x0_hat), logvar_q, 0.0, logvar_p)
-    mean = bcast(c0, x0) * x0_hat + bcast(ct, x0) * x_t  # t = 1: c0 = 1, ct = 0, the mean is x0_hat
-    if decoder == "discretized":
-        logp = discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar_p, data_range=data_range, num_bins=num_bins)
-    else:
-        logp = gaussian_log_likelihood(x0, mean, 0.5 * logvar_p)
-    return jnp.where(first, -_sum(logp), _sum(kl))
+    return bound_term(
+        process, x0, x_t, t, x0_hat, variance=variance, v=v, decoder=decoder, data_range=data_range, num_bins=num_bins
+    )
 
 
 @partial(jax.jit, static_argnames=("process", "num_terms", "opts"))
@@ -183,6 +222,8 @@ def elbo(
     T terms, nan for K = 1); prior (B,) = L_T; terms (B, T) with all T terms; num_terms; nfe.
     """
     _check(process, x0, num_terms, time_weights, variance, decoder, data_range, num_bins)
+    if variance == "learned":
+        require_learned_variance(denoiser)
     x0 = jnp.asarray(x0, jnp.float32)
     log_p = None
     if num_terms is not None:

@@ -42,7 +42,7 @@ def training_flops(model_config, shape: Sequence[int]) -> float:
     def loss(params, rest, x, noise_cond, eps, key):
         net = nnx.merge(graphdef, params, rest)
         out = net(x, noise_cond, train=True, rngs=nnx.Rngs(dropout=key))
-        return jnp.mean(jnp.square(out - eps))
+        return jnp.mean(jnp.square(out - eps) if out.shape == eps.shape else jnp.square(out))  # classifiers: logits
 
     sds = lambda s, d=jnp.float32: jax.ShapeDtypeStruct(tuple(s), d)  # noqa: E731
     key = jax.eval_shape(lambda: jax.random.key(0))

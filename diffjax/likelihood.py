@@ -1,5 +1,6 @@
 """Likelihoods: exact through the probability-flow ODE (Song et al. 2021, app. D.2), or the
-variational bound of a discrete-time chain (`elbo`, Ho et al. 2020; diffjax.elbo).
+variational bound (`elbo`): of a discrete-time chain (Ho et al. 2020; diffjax.elbo) or of a
+continuous process (VDM, Kingma et al. 2021; diffjax.vlb).
 
 log p_0(x) = log p_T(x_T) + int_{t_min}^{T} div f~(x_t, t) dt, with f~ the probability-flow drift,
 solved forwards in time with diffrax as one jit-compiled program. The divergence is the
@@ -16,14 +17,30 @@ import diffrax
 import jax
 import jax.numpy as jnp
 
+from diffjax import elbo as discrete_elbo
+from diffjax import vlb
 from diffjax.denoiser import Denoiser
-from diffjax.elbo import elbo as elbo
 from diffjax.processes import Process
 from diffjax.samplers import ODE_PRECISION, probability_flow_drift
 
 Array = jax.Array
 TRACES = ("hutchinson", "exact")
 PROBES = ("rademacher", "gaussian")
+
+
+def elbo(denoiser: Denoiser, process: Process, key: Array, x0: Array, **kwargs) -> tuple[Array, dict]:
+    """A lower bound on log p(x0) in nats per example (B,), and an info dict (bpd, bpd_stderr, ...).
+
+    Discrete chains: `diffjax.elbo.elbo` (its keywords). Continuous processes: `diffjax.vlb.elbo`
+    (num_terms: K antithetic times per example, default 16; decoder, data_range, num_bins); the
+    discrete bound's reverse-step options (variance, clip_x0) do not apply there and are ignored."""
+    if process.discrete:
+        return discrete_elbo.elbo(denoiser, process, key, x0, **kwargs)
+    if kwargs.get("time_weights") is not None:
+        raise ValueError("time_weights is for the discrete chain's K-term estimator")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("variance", "clip_x0", "time_weights")}
+    kwargs["num_terms"] = 16 if kwargs.get("num_terms") is None else kwargs["num_terms"]
+    return vlb.elbo(denoiser, process, key, x0, **kwargs)
 
 
 def _per_example_sum(v: Array) -> Array:

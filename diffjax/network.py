@@ -6,6 +6,8 @@
 - `network_denoiser(graphdef, rest, process, config, weights)`: a `Denoiser` whose apply is
   `NetworkApply` (the network at the process's noise conditioning), wrapped in `EDMPrecond`
   (D(x; s) = c_skip x + c_out F(c_in x; c_noise), as EDM's `EDMPrecond`) for the edm process.
+  With model.learn_sigma the network's channels are split into (prediction, v): a denoiser with
+  `learned_variance` (diffjax.denoiser).
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ class NetworkApply:
     the network's output at the process's noise conditioning of t.
 
     augment_labels: EDM's augmentation labels of the batch being denoised (training with
-    data.augment_p > 0), or None (no augmentation: sampling, evaluation)."""
+    data.augment_p > 0), or None (no augmentation: sampling, evaluation). learn_sigma: the output's
+    last axis holds the prediction then the variance output v; the pair (prediction, v) is returned."""
 
     graphdef: Any
     process: Process
     train: bool = False
+    learn_sigma: bool = False
 
     def __call__(self, params, x, t, cond):
         weights, rest, dropout_key, augment_labels = params
@@ -47,7 +51,8 @@ class NetworkApply:
         kw = dict(train=self.train, rngs=nnx.Rngs(dropout=dropout_key) if self.train else None)
         if augment_labels is not None:
             kw["augment_labels"] = augment_labels
-        return model(x, self.process.noise_cond(t), cond, **kw)
+        out = model(x, self.process.noise_cond(t), cond, **kw)
+        return tuple(jnp.split(out, 2, axis=-1)) if self.learn_sigma else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,13 +78,17 @@ def network_denoiser(
     dropout_key: Array | None = None,
     augment_labels: Array | None = None,
 ) -> Denoiser:
-    """The network with `weights` as a Denoiser of the config's prediction kind (EDM: x0)."""
-    apply: Any = NetworkApply(graphdef, process, train)
+    """The network with `weights` as a Denoiser of the config's prediction kind (EDM: x0), with a
+    learned variance when model.learn_sigma."""
+    learn_sigma = bool(config.model.get("learn_sigma", False))
+    apply: Any = NetworkApply(graphdef, process, train, learn_sigma)
     prediction = config.model.prediction
     if isinstance(process, EDM):
+        if learn_sigma:
+            raise ValueError("model.learn_sigma (a learned reverse variance) is not supported with the 'edm' process")
         apply, prediction = EDMPrecond(apply, process), "x0"
     key = jax.random.PRNGKey(0) if dropout_key is None else dropout_key
-    return Denoiser(apply, (weights, rest, key, augment_labels), prediction)
+    return Denoiser(apply, (weights, rest, key, augment_labels), prediction, learn_sigma)
 
 
 def data_shape(config) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import commandline, distributed, plotting, processes, samplers, storage
+from diffjax import commandline, distributed, guidance, plotting, processes, samplers, storage
 from diffjax.workdir import Workdir, load_workdir
 
 __all__ = [
@@ -81,16 +81,19 @@ def generate(
     seed: int = 0,
     labels=None,
     guidance_scale=None,
+    wrap=None,
     **opts,
 ) -> np.ndarray:
     """`num` samples from the network with params `weights`, clipped by `output_range` (images only).
 
     The batch is split over every device of every process (the config's mesh; padded to a multiple
     of the device count), so a sample grid or a training-time FID set does not run whole on each
-    chip. Example i's noise is fold_in(key(seed), i), as in one unsharded call."""
+    chip. Example i's noise is fold_in(key(seed), i), as in one unsharded call. `wrap(denoiser)`, if
+    given, replaces the network's denoiser (classifier guidance: diffjax.guidance)."""
     from diffjax import network, trainer
 
     den = network.network_denoiser(graphdef, rest, process, config, weights)
+    den = den if wrap is None else wrap(den)
     sampler, steps, opts = config_sampler(config, sampler, steps, opts)
     mesh = trainer.make_mesh(config)
     padded = -(-num // mesh.devices.size) * mesh.devices.size
@@ -166,6 +169,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--label", type=int, default=None, help="class label for every sample (conditional models)")
     parser.add_argument("--guidance_scale", type=float, default=None)
+    guidance.add_flags(parser)
     parser.add_argument("--out", default="grid.png")
     parser.add_argument(
         "--out_dir",
@@ -192,6 +196,7 @@ def main(argv: list[str]) -> int:
     storage.check_writable(storage.path(args.out).parent, parser.prog, "--out", args.out)
     config, graphdef, rest, process, state, step = load_workdir(args.workdir, only=("ema",), ema=args.ema)
     labels = None if args.label is None else jnp.full((args.num,), args.label, jnp.int32)
+    wrap = guidance.from_flags(args, config, parser.prog, labels)
     opts = {} if args.spacing is None else {"spacing": args.spacing}
     start = time.perf_counter()
     try:
@@ -207,6 +212,7 @@ def main(argv: list[str]) -> int:
             seed=args.seed,
             labels=labels,
             guidance_scale=args.guidance_scale,
+            wrap=wrap,
             **opts,
         )
     except ValueError as err:
@@ -225,6 +231,8 @@ def _sample_set(args) -> int:
 
     w = Workdir(args.workdir, inference=True, ema=args.ema)
     state, step = w.restore(only=("ema",))
+    label = None if args.label is None else [args.label]  # --classifier without --label: labels drawn (eval sets)
+    guide = guidance.from_flags(args, w.config, "diffjax sample", label, need_labels=False)
     try:
         protocol = generate.write_samples(
             w,
@@ -240,6 +248,7 @@ def _sample_set(args) -> int:
             label=args.label,
             guidance_scale=args.guidance_scale,
             progress=not args.no_progress,
+            guide=guide,
             **({} if args.spacing is None else {"spacing": args.spacing}),
         )
     except ValueError as err:

@@ -59,6 +59,12 @@ def predict(denoiser: Denoiser, process: Process, x: Array, t: Array, cond, kind
     return process.convert(denoiser.prediction, kind, denoiser(x, t, cond), x, t)
 
 
+def predict_with_variance(denoiser: Denoiser, process: Process, x: Array, t: Array, cond, kind: str) -> tuple[Array, Array]:
+    """(prediction of `kind`, v): `predict` plus the denoiser's learned-variance output (ValueError without one)."""
+    out, v = denoiser.with_variance(x, t, cond)
+    return process.convert(denoiser.prediction, kind, out, x, t), v
+
+
 def example_noise_coded(keys: Array, shape: tuple[int, ...], step: Array | int, code: Array | int) -> Array:
     """A stepper's noise: example_noise(keys, shape, step) for code 0, else example_noise(keys, shape,
     step, code); step and code may be per-example arrays (the server's slots)."""
@@ -86,8 +92,12 @@ def run_stepper(
         noise = lambda code: example_noise_coded(keys, shape, i, code)  # noqa: E731
         for sub in range(evals):  # static unroll: evals is 1, 2 (Heun) or 1 + corrector steps (PC)
             state, x_in, t_in = stepper.prepare(process, state, sub, step, noise)
-            out = predict(denoiser, process, x_in, t_in, cond, stepper.kind)
-            state = stepper.update(process, state, out, sub, step, noise)
+            if stepper.learned_variance:
+                out, v = predict_with_variance(denoiser, process, x_in, t_in, cond, stepper.kind)
+                state = stepper.update(process, state, out, sub, step, noise, v=v)  # type: ignore[call-arg]
+            else:
+                out = predict(denoiser, process, x_in, t_in, cond, stepper.kind)
+                state = stepper.update(process, state, out, sub, step, noise)
         return state
 
     state = stepper.init(process, x, per_example(grid[0]))

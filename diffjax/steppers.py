@@ -14,7 +14,9 @@ slot of the batch at its own step. The contract:
   names from ``STATE_KEYS``).
 - ``prepare(process, state, sub, step, noise) -> (state, x_in, t_in)``: where evaluation ``sub``
   of the step happens (Heun's churn moves x there).
-- ``update(process, state, out, sub, step, noise) -> state``: the step, given the prediction.
+- ``update(process, state, out, sub, step, noise) -> state``: the step, given the prediction; a
+  stepper with ``learned_variance`` (the ancestral sampler with variance='learned') also takes
+  ``v=``, the denoiser's variance output (`Denoiser.with_variance`), which the drivers pass it.
 - ``output(state) -> x``.
 
 ``step`` is a `Step` (index i, grid size n, times t_prev, t, t_next, last); under the engine
@@ -74,6 +76,7 @@ def posterior_step(
     noise: Array,
     eta: float | Array = 1.0,
     variance: str = "fixed_small",
+    v: Array | None = None,
 ) -> Array:
     """Move x_t to time s < t given an x0 estimate (DDPM posterior / DDIM, any process).
 
@@ -81,16 +84,25 @@ def posterior_step(
     has variance c^2 = var_ts s_s^2 / s_t^2. DDIM (Song et al. 2021, eq. 12):
     x_s = a_s x0 + sqrt(s_s^2 - eta^2 c^2) eps_hat + eta c z; eta = 1 is the ancestral sampler.
     variance='fixed_large' keeps that mean and draws the noise with the forward step's variance
-    eta^2 var_ts instead (Ho et al.'s sigma^2 = beta; diffusers' 'fixed_large'), none on a step to s = 0.
+    eta^2 var_ts instead (Ho et al.'s sigma^2 = beta; diffusers' 'fixed_large'), none on a step to s = 0;
+    variance='learned' with eta^2 exp(v log var_ts + (1 - v) log c^2 / eta^2), v the network's variance
+    output (Nichol & Dhariwal 2021, eq. 15; diffusers' 'learned_range' with its v = 2 v_ours - 1).
     """
     check_variance(variance)
+    if variance == "learned" and v is None:
+        raise ValueError("posterior_step with variance='learned' needs the network's variance output v")
     a_t, s_t = _coefs(process, t, x)
     a_s, s_s = _coefs(process, s, x)
     eps_hat = (x - a_t * x0) / s_t
     var_ts = bcast(process.transition(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32))[1], x)
     eta = bcast(jnp.asarray(eta, x.dtype), x) if not isinstance(eta, (int, float)) else eta
     c2 = eta**2 * var_ts * s_s**2 / s_t**2
-    noise_var = c2 if variance == "fixed_small" else jnp.where(s_s > 0, eta**2 * var_ts, 0.0)
+    if variance == "fixed_small":
+        noise_var = c2
+    elif variance == "fixed_large":
+        noise_var = jnp.where(s_s > 0, eta**2 * var_ts, 0.0)
+    else:  # learned: between the posterior's beta-tilde and var_ts, per dimension (0 on a step to s = 0)
+        noise_var = eta**2 * process.step_variance(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32), variance, v)
     return a_s * x0 + jnp.sqrt(jnp.maximum(s_s**2 - c2, 0.0)) * eps_hat + jnp.sqrt(noise_var) * noise
 
 
@@ -107,6 +119,11 @@ class Stepper:
     dynamic: ClassVar[tuple[str, ...]] = ()  # numeric options the server takes per request
     paper_spacing: ClassVar[str] = "default"  # the grid the sampler's paper recommends
     spacing: str = "auto"  # 'auto': paper_spacing, or the process's own grid for the discrete ddpm
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether update takes v=, the denoiser's learned variance output (the module docstring)."""
+        return False
 
     def grid_spacing(self, process: Process) -> str:
         if self.spacing != "auto":
@@ -152,10 +169,10 @@ class DDIM(Stepper):
     def draws_noise(self, options: dict) -> bool:
         return float(options.get("eta", self.eta)) != 0
 
-    def update(self, process, state, out, sub, step, noise):
+    def update(self, process, state, out, sub, step, noise, v=None):
         x0 = out if self.clip_x0 is None else jnp.clip(out, *self.clip_x0)
         z = jnp.zeros_like(x0) if _is_zero(self.eta) else noise(0)
-        x = posterior_step(process, state["x"], x0, step.t, step.t_next, z, self.eta, self._noise_variance)
+        x = posterior_step(process, state["x"], x0, step.t, step.t_next, z, self.eta, self._noise_variance, v)
         return {**state, "x": x}
 
     @property
@@ -167,7 +184,8 @@ class DDIM(Stepper):
 @dataclasses.dataclass(frozen=True)
 class Ancestral(DDIM):
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): DDIM at eta 1, i.e. the posterior mean plus noise
-    of variance 'fixed_small' (beta-tilde, the default) or 'fixed_large' (beta, Ho et al.'s CIFAR-10 runs)."""
+    of variance 'fixed_small' (beta-tilde, the default), 'fixed_large' (beta, Ho et al.'s CIFAR-10 runs)
+    or 'learned' (the network's interpolation of the two, Nichol & Dhariwal 2021: `posterior_step`)."""
 
     dynamic: ClassVar[tuple[str, ...]] = ()
     eta: float = dataclasses.field(default=1.0, init=False)
@@ -179,6 +197,10 @@ class Ancestral(DDIM):
     @property
     def _noise_variance(self) -> str:
         return self.variance
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance == "learned"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -258,7 +258,8 @@ def main(argv: list[str]) -> int:
     import jax
     import numpy as np
 
-    from diffjax import data, flops, snapshots, trainer
+    from diffjax import data, flops, learned_schedule, losses, snapshots, trainer
+    from diffjax.denoiser import require_learned_variance
 
     config = parser.load_config(args.config, args.overrides)
     check_workdir(args.workdir)
@@ -267,6 +268,12 @@ def main(argv: list[str]) -> int:
         mesh = trainer.make_mesh(config)
         trainer.check_batch_size(config, mesh)
         trainer.check_augmentation(config)
+        learned_schedule.check_loss(trainer.build_process(config), str(config.training.loss))
+        learn_sigma = bool(config.model.get("learn_sigma", False))
+        if config.training.loss == "hybrid":  # needs model.learn_sigma and the ddpm process
+            losses.check_loss("hybrid", trainer.build_process(config), learn_sigma)
+        if config.sampling.get("variance") == "learned":  # the snapshots' samples need the variance output
+            require_learned_variance(learn_sigma)
     except ValueError as err:
         commandline.usage_error("diffjax train", str(err))
     if is_main:
@@ -299,6 +306,10 @@ def main(argv: list[str]) -> int:
 
     train_step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
     evaluate = None  # snapshots.EvalLoss, built at the first evaluation and reused
+    classifier = t.loss == "classifier"  # diffjax.guidance: held-out loss and accuracy, no sample grids
+    from diffjax.guidance import ClassifierEval
+
+    evaluator = ClassifierEval if classifier else snapshots.EvalLoss
     fid_freq = int(config.eval.get("fid_freq", 0))
     training_fid = None
     if fid_freq > 0:  # reference and extractor loaded before the first step: a missing file stops here
@@ -390,15 +401,18 @@ def main(argv: list[str]) -> int:
             if progress is not None:
                 progress.update(finished.count() - progress.n)
             if crossed(t.eval_freq, before, step):  # every process: the eval batch spans all devices
-                evaluate = evaluate or snapshots.EvalLoss(config, graphdef, rest, process)
+                evaluate = evaluate or evaluator(config, graphdef, rest, process)
                 eval_loss = evaluate(state)
-                logger.write(step, {"eval_loss": eval_loss})
+                logger.write(step, eval_loss if isinstance(eval_loss, dict) else {"eval_loss": eval_loss})
             if training_fid is not None and (crossed(fid_freq, before, step) or step == n_iters):
                 logger.write(step, training_fid(state, step))
             if crossed(t.snapshot_freq, before, step) or step == n_iters:
                 check_finite()
                 trainer.save(manager, step, state)
-                path = snapshots.sample_grid(config, graphdef, rest, process, state, logger.samples_dir(), step)
+                current = learned_schedule.restored_process(process, state.get(learned_schedule.KEY))  # VDM's learned one
+                path = None
+                if not classifier:
+                    path = snapshots.sample_grid(config, graphdef, rest, current, state, logger.samples_dir(), step)
                 if path:
                     logger.image(step, "samples", path)
         if preempted.stopping:

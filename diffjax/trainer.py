@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from diffjax import losses, models, storage
+from diffjax import learned_schedule, losses, models, storage, vlb
 from diffjax.augment import AUGMENT_DIM
 from diffjax.network import NetworkApply, abstract_model, build_process, data_shape, inference_rest, network_denoiser  # noqa: F401
 from diffjax.processes import Process
@@ -179,6 +179,7 @@ def state_layout(config, mesh: Mesh):
     tx = make_optimizer(config)
     replicated = NamedSharding(mesh, P())
     extra = extra_ema_rates(config)
+    process = build_process(config)
 
     def create(seed_key):
         model = models.create(config.model, nnx.Rngs(seed_key))
@@ -193,6 +194,8 @@ def state_layout(config, mesh: Mesh):
         }
         if extra:
             state["ema_extra"] = {ema_key(r): jax.tree.map(jnp.copy, pure) for r in extra}
+        if learned_schedule.is_learned(process):  # VDM: the schedule's own params, EMA, optimiser
+            state[learned_schedule.KEY] = learned_schedule.init_state(process, seed_key, tx)
         return state, rest
 
     abstract_state, _ = jax.eval_shape(create, jax.random.PRNGKey(0))
@@ -222,6 +225,8 @@ def _state_shardings(abstract_state, p_shard, replicated):
     shardings = {"step": replicated, "params": p_shard, "ema": p_shard, "opt_state": opt, "rng": replicated}
     if "ema_extra" in abstract_state:
         shardings["ema_extra"] = {k: p_shard for k in abstract_state["ema_extra"]}
+    if learned_schedule.KEY in abstract_state:
+        shardings[learned_schedule.KEY] = jax.tree.map(lambda _: replicated, abstract_state[learned_schedule.KEY])
     return shardings
 
 
@@ -236,6 +241,11 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         rng, k_loss, k_drop = jax.random.split(state["rng"], 3)
 
         def loss_fn(weights):
+            if t.loss == "classifier":  # a noise-conditional classifier for guidance: cross-entropy on x_t
+                from diffjax import guidance
+
+                clf = guidance.network_classifier(graphdef, rest, process, weights, train=True, dropout_key=k_drop)
+                return guidance.classifier_loss(clf, process, batch, k_loss)[0]
             den = network_denoiser(
                 graphdef, rest, process, config, weights, train=True, dropout_key=k_drop, augment_labels=batch.get("augment")
             )
@@ -248,9 +258,19 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
                 likelihood_weighting=bool(t.likelihood_weighting),
                 label_dropout=float(t.label_dropout),
                 reduce_mean=bool(t.get("reduce_mean", True)),
+                vlb_weight=float(t.get("vlb_weight", 0.001)),
+                data_range=(-1.0, 1.0) if config.data.get("centered", True) else (0.0, 1.0),
             )
 
-        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        if learned_schedule.KEY in state:  # VDM: the ELBO, the schedule's variance-minimising gradient
+            make = lambda w: network_denoiser(graphdef, rest, process, config, w, train=True, dropout_key=k_drop)  # noqa: E731
+            entry = state[learned_schedule.KEY]
+            loss, (grads, g_sched) = vlb.vdm_value_and_grad(
+                make, state["params"], entry["params"], process, batch, k_loss, **vlb.training_decoder(config)
+            )
+            schedule = learned_schedule.update(tx, entry, g_sched, ema_rate)
+        else:
+            loss, grads = jax.value_and_grad(loss_fn)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         applied = tx.has_updated(opt_state) if isinstance(tx, optax.MultiSteps) else None
@@ -270,6 +290,8 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
         }
         if extra:
             new["ema_extra"] = {k: move(state["ema_extra"][k], r) for k, r in extra.items()}
+        if learned_schedule.KEY in state:
+            new[learned_schedule.KEY] = schedule
         return new, loss
 
     # XLA:CPU runs conv gradients inside a while loop ~20x slower than the same ops unrolled

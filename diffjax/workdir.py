@@ -12,7 +12,7 @@ import json
 
 import jax
 
-from diffjax import commandline, storage
+from diffjax import commandline, learned_schedule, storage
 
 
 def written_config(config: dict) -> dict:
@@ -70,6 +70,8 @@ class Workdir:
             del state
         self.process = network.build_process(self.config)
         self.manager = trainer.checkpoint_manager(workdir, async_save=False)
+        if learned_schedule.is_learned(self.process) and self.latest_step() is not None:
+            self._load_schedule()  # VDM: the static process of the newest checkpoint's learned schedule
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint step on disk now (re-reads the directory)."""
@@ -82,10 +84,27 @@ class Workdir:
         """'' for training.ema_rate's EMA, else '_ema<RATE>': results of another EMA get other file names."""
         return "" if self._ema_key is None else f"_ema{self.ema_rate!r}"
 
+    def _load_schedule(self, entry: dict | None = None) -> None:
+        """self.process <- the config's process with a learned schedule (read from the newest checkpoint
+        unless given): samplers, the ELBO and the ODE likelihood then see a static process."""
+        from diffjax import network
+
+        k = learned_schedule.KEY
+        if entry is None:
+            entry = self._restore({k: self.abstract_state[k]}, {k: self.shardings[k]}, (k,))[0][k]
+        self.process = learned_schedule.restored_process(network.build_process(self.config), entry)
+
     def restore(self, only: tuple[str, ...] | None = None):
         """(state, step) of the newest readable checkpoint (just the `only` entries if given);
         exits with a message if there is none. state["ema"] is the selected EMA (see __init__'s
-        `ema`); with only=("ema",) just that EMA is read."""
+        `ema`); with only=("ema",) just that EMA is read. A learned schedule (VDM) is read too and
+        self.process rebuilt from it."""
+        state, step = self._restore_selected(only)
+        if learned_schedule.is_learned(self.process):
+            self._load_schedule(state.get(learned_schedule.KEY))
+        return state, step
+
+    def _restore_selected(self, only: tuple[str, ...] | None):
         key = self._ema_key
         if key is None or (only is not None and "ema" not in only):
             return self._restore(self.abstract_state, self.shardings, only)

@@ -24,6 +24,7 @@ REPRODUCTIONS = {  # config -> a number of the paper it targets, quoted in its d
     "configs/ve/cifar10_ncsnpp_continuous.py": "2.38",
     "configs/ve/cifar10_ncsnpp_deep_continuous.py": "2.20",
     "configs/edm/cifar10_ddpmpp.py": "1.97",
+    "configs/vdm/cifar10.py": "2.65",
 }
 SCHEMA = {
     "": ["seed", "process", "training", "model", "data", "optim", "sampling", "eval"],
@@ -95,7 +96,7 @@ def test_schema(path):
     params = {k: v for k, v in c.process.items() if k != "name"}
     process = processes.get(c.process.name, **params)
     assert process.name == c.process.name
-    assert c.training.loss in ("eps", "dsm", "v", "edm")
+    assert c.training.loss in ("eps", "dsm", "v", "edm", "classifier", "elbo")  # classifier: guidance; elbo: configs/vdm
     assert c.model.prediction in ("eps", "score", "x0", "v")
     assert c.model.dtype in ("float32", "bfloat16")
     assert c.model.name in models.available()

@@ -1,6 +1,7 @@
 """The discrete-time ELBO (Ho et al. 2020, eq. 5) and the fixed reverse-step variances, against oracles:
 closed forms for Gaussian data with its exact denoiser, the 8-Gaussians mixture's exact likelihood,
-scipy's normal CDF, and diffusers' DDPMScheduler for the ancestral step."""
+scipy's normal CDF, and diffusers' DDPMScheduler for the ancestral step (fixed variances and iDDPM's
+learned one, variance_type='learned_range'; the rest of the learned variances: tests/test_variances.py)."""
 
 from __future__ import annotations
 
@@ -254,6 +255,40 @@ def test_ancestral_step_is_diffusers_ddpm_step(variance):
         np.testing.assert_allclose(ours, _peer_step(torch, sched, eps, t, x, z), atol=1e-5, err_msg=f"t={t}")
 
 
+@pytest.mark.parametrize("stride", [1, 100])
+def test_learned_ancestral_step_is_diffusers_learned_range_step(stride):
+    """Same x_t, same model output (eps and the variance channels, v' in [-1, 1]; ours v = (v' + 1) / 2),
+    same noise: one step of each; stride 100 is a 10-step run (diffusers' leading spacing), where both
+    interpolate between the strided step's own beta and beta-tilde."""
+    torch, sched = _ddpm_scheduler("learned_range", 1000)
+    if stride > 1:
+        sched.set_timesteps(1000 // stride)
+    process = processes.get("ddpm")
+    rng = np.random.default_rng(0)
+    x, eps, z = (rng.standard_normal((4, 3, 8, 8)).astype(np.float32) for _ in range(3))  # NCHW: theirs split dim 1
+    v_range = rng.uniform(-1.0, 1.0, x.shape).astype(np.float32)
+    stepper = steppers.Ancestral(variance="learned")
+    assert stepper.learned_variance
+    for t in (1000, 700, 50, 2, 1) if stride == 1 else (901, 501, 101, 1):
+        tt = jnp.full((4,), float(t))
+        x0 = process.convert("eps", "x0", jnp.asarray(eps), jnp.asarray(x), tt)
+        step = steppers.Step(0, 1000 // stride, tt, tt, jnp.maximum(tt - stride, 0.0), t == 1)
+        v = jnp.asarray((v_range + 1.0) / 2.0)
+        ours = stepper.update(process, {"x": jnp.asarray(x)}, x0, 0, step, lambda code: jnp.asarray(z), v=v)["x"]
+        theirs = _peer_step(torch, sched, np.concatenate([eps, v_range], axis=1), t, x, z)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=f"t={t}")
+    # v = 0 and v = 1 are exactly the two fixed choices
+    tt = jnp.full((4,), 700.0)
+    step = steppers.Step(0, 1000, tt, tt, tt - 1, False)
+    x0 = process.convert("eps", "x0", jnp.asarray(eps), jnp.asarray(x), tt)
+    for v, fixed in ((0.0, "fixed_small"), (1.0, "fixed_large")):
+        a = steppers.posterior_step(
+            process, jnp.asarray(x), x0, tt, tt - 1, jnp.asarray(z), variance="learned", v=jnp.full(x.shape, v)
+        )
+        b = steppers.posterior_step(process, jnp.asarray(x), x0, tt, tt - 1, jnp.asarray(z), variance=fixed)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_fixed_large_sampler_from_the_config_is_diffusers_trajectory():
     """ddpm_cifar10's sampling block (fixed_large) through config_sampler and samplers.sample on a T = 20 chain,
     against the DDPMScheduler loop fed the same model outputs and the sampler's per-step noise."""
@@ -276,10 +311,11 @@ def test_fixed_large_sampler_from_the_config_is_diffusers_trajectory():
 
 def test_variance_and_elbo_refuse_bad_input_in_one_line():
     config = load_config(os.path.join(ROOT, "configs/digits.py"))
-    for value, message in (("learned", "sampling.variance 'learned'"), ("big", "sampling.variance must be one of")):
-        config.sampling.variance = value
-        with pytest.raises(ValueError, match=message):
-            config_sampler(config, "ancestral", None, {})
+    config.sampling.variance = "learned"  # a learned variance (tests/test_variances.py) reaches the sampler
+    assert config_sampler(config, "ancestral", None, {})[2] == {"variance": "learned"}
+    config.sampling.variance = "big"
+    with pytest.raises(ValueError, match="sampling.variance must be one of"):
+        config_sampler(config, "ancestral", None, {})
     with pytest.raises(ValueError, match="variance must be one of"):
         steppers.make("ancestral", variance="large")
     den, x = GAUSS.denoiser(CHAIN), jnp.zeros((2, 3))
@@ -296,13 +332,13 @@ def test_variance_and_elbo_refuse_bad_input_in_one_line():
     vp, ddpm = processes.get("vp"), processes.get("ddpm")
     for process, flags, message in (
         (ddpm, dict(method="ode"), "--method ode: process 'ddpm' is a discrete chain"),
-        (vp, dict(method="elbo"), "--method elbo: the continuous-time ELBO"),
         (ddpm, dict(method=None, elbo_terms=1001), "--elbo_terms must be at most T = 1000"),
         (vp, dict(method=None, elbo_terms=8), "--elbo_terms is for --method elbo"),
     ):
         with pytest.raises(ValueError, match=message):
             evaluate._bpd_method(argparse.Namespace(**{"elbo_terms": None, **flags}), process)
     assert evaluate._bpd_method(argparse.Namespace(method=None, elbo_terms=1000), ddpm) == ("elbo", None)
+    assert evaluate._bpd_method(argparse.Namespace(method="elbo", elbo_terms=None), vp) == ("elbo", 16)  # diffjax.vlb
     assert evaluate._bpd_method(argparse.Namespace(method=None, elbo_terms=None), vp) == ("ode", None)
 
 

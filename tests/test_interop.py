@@ -443,3 +443,62 @@ def test_scheduler_variance_type_becomes_sampling_variance(tmp_path, variance_ty
         return
     config, _ = interop_diffusers.translate(source, base)
     assert config.sampling.variance == expected
+
+
+def test_variance_type_learned_is_refused_in_one_line(tmp_path):
+    """diffusers' variance_type='learned' is a network outputting the variance itself, which diffjax's
+    learned variance (iDDPM's interpolation of log beta-tilde and log beta) cannot represent."""
+    from diffjax.interop import diffusers as interop_diffusers
+
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({"_class_name": "UNet2DModel", **CIFAR_LAYOUT, **DDPM_RELEASE, "block_out_channels": (32, 64, 64, 64)}, f)
+    with open(tmp_path / "scheduler_config.json", "w") as f:
+        json.dump({"_class_name": "DDPMScheduler", "variance_type": "learned"}, f)
+    source = interop_diffusers.Source(str(tmp_path / "config.json"), "", str(tmp_path / "scheduler_config.json"))
+    with pytest.raises(
+        interop_diffusers.UnsupportedModel, match=r"variance_type='learned' \(the network outputs the variance"
+    ):
+        interop_diffusers.translate(source)
+
+
+def test_learned_range_unet_ancestral_trajectory_matches_diffusers(tmp_path):
+    """A random-weight UNet with out_channels = 2 in_channels and DDPMScheduler(variance_type='learned_range')
+    imports with model.learn_sigma and sampling.variance 'learned'; the whole T = 20 ancestral trajectory
+    equals diffusers' DDPM loop (its UNet, its scheduler.step) fed the same x_T and per-step noise."""
+    from unittest import mock as _mock
+
+    from diffjax import network, samplers
+
+    T = 20
+    model = _unet(
+        5,
+        sample_size=8,
+        in_channels=3,
+        out_channels=6,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        **DDPM_RELEASE,
+    )
+    scheduler = {**DDPM_SCHEDULER, "num_train_timesteps": T, "clip_sample": False, "variance_type": "learned_range"}
+    config, den = load_diffusers(_save(model, tmp_path / "m", scheduler))
+    assert config.model.learn_sigma and config.sampling.variance == "learned" and den.learned_variance
+    process = network.build_process(config)
+    key, shape = jax.random.key(3), (2, 8, 8, 3)
+    x_T = np.random.RandomState(4).randn(*shape).astype(np.float32)
+    ours, _ = samplers.sample("ancestral", den, process, key, shape, T, x_T=jnp.asarray(x_T), variance="learned")
+
+    sched = diffusers.DDPMScheduler(**{k: v for k, v in scheduler.items() if k != "_class_name"})
+    sched.set_timesteps(T)
+    keys, x = samplers.example_keys(key, shape[0]), torch.from_numpy(x_T.transpose(0, 3, 1, 2))
+    for i, t in enumerate(sched.timesteps):
+        z = np.array(samplers.example_noise_coded(keys, shape[1:], i, 0)).transpose(0, 3, 1, 2).copy()
+        with (
+            torch.no_grad(),
+            _mock.patch("diffusers.schedulers.scheduling_ddpm.randn_tensor", return_value=torch.from_numpy(z)),
+        ):
+            x = sched.step(model(x, t).sample, t, x).prev_sample
+    theirs = x.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * float(np.abs(theirs).max()))

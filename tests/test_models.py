@@ -86,6 +86,10 @@ def run(model, x, noise_cond, labels=None, train=False, rngs=None):
         ("configs/subvp/cifar10_ddpmpp_deep_continuous.py", 106_632_579),
         ("configs/ve/cifar10_ncsnpp_continuous.py", 62_758_915),
         ("configs/ve/cifar10_ncsnpp_deep_continuous.py", 107_587_075),
+        # ours (no published count to match): VDM's network approximated by the one-level DDPM UNet,
+        # an ADM-style classifier (the digits one: tests/test_guidance.py)
+        ("configs/vdm/cifar10.py", 30_572_419),
+        ("configs/classifier/cifar10.py", 14_143_882),
     ],
 )
 def test_reference_parameter_counts(path, expected):

@@ -12,6 +12,22 @@ CONTINUOUS = ["vp", "subvp", "ve", "edm"]
 ALL = ["ddpm"] + CONTINUOUS
 
 
+def test_vdm_learned_schedule_process():
+    """A VDM process with a trained (here random, strongly curved) schedule: an ordinary static process
+    (hashable, equal when rebuilt), variance preserving, gamma at its end points, SDE by autodiff."""
+    from diffjax.processes import vdm
+
+    params = vdm.init_schedule(jax.random.key(0), -10.0, 6.0, hidden=8)
+    params["l2_w"], params["l3_w"] = params["l2_w"] * 500.0, params["l3_w"] * 5000.0
+    p = processes.get("vdm", hidden=8).with_schedule(params)
+    assert p == processes.get("vdm", hidden=8).with_schedule(params) and hash(p) == hash(processes.VDM(**vars(p)))
+    t = jnp.linspace(p.t_min, 1.0, 9)
+    np.testing.assert_allclose(p.alpha(t) ** 2 + p.sigma(t) ** 2, 1.0, atol=1e-6)
+    np.testing.assert_allclose(p.gamma(jnp.array([p.t_min, 1.0])), [-10.0, 6.0], atol=1e-4)
+    np.testing.assert_allclose(p.log_snr(t), -vdm.gamma(params, t, p.t_min, 1.0), atol=1e-5)
+    assert np.all(np.diff(np.asarray(p.log_snr(t))) < 0)
+
+
 def test_ddpm_chain_marginal_matches_simulation():
     p = processes.get("ddpm")
     betas = jnp.asarray(p.betas(), jnp.float32)
@@ -30,7 +46,7 @@ def test_ddpm_chain_marginal_matches_simulation():
         assert float(jnp.std(xs)) == pytest.approx(float(p.sigma(t)), rel=0.03)
 
 
-@pytest.mark.parametrize("name", CONTINUOUS)
+@pytest.mark.parametrize("name", CONTINUOUS + ["vdm"])
 def test_sde_marginal_matches_euler_maruyama(name):
     p = processes.get(name)
     t_end = 5.0 if name == "edm" else 1.0
@@ -80,7 +96,7 @@ def test_paper_schedule_numbers():
     assert grid[9] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + ["vdm"])
 def test_conversions_round_trip(name):
     p = processes.get(name)
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
@@ -95,7 +111,7 @@ def test_conversions_round_trip(name):
             np.testing.assert_allclose(back, out, rtol=2e-3, atol=2e-3, err_msg=f"{src}->{dst}->{src}")
 
 
-@pytest.mark.parametrize("name", CONTINUOUS)
+@pytest.mark.parametrize("name", CONTINUOUS + ["vdm"])
 @pytest.mark.parametrize("spacing", ["karras", "logsnr"])
 def test_time_at_ratio_inverts_noise_level(name, spacing):
     p = processes.get(name)
@@ -109,7 +125,7 @@ def test_time_at_ratio_inverts_noise_level(name, spacing):
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match=r"unknown process 'foo'.*\['ddpm', 'edm', 'subvp', 've', 'vp'\]"):
+    with pytest.raises(ValueError, match=r"unknown process 'foo'.*\['ddpm', 'edm', 'subvp', 'vdm', 've', 'vp'\]"):
         processes.get("foo")
     with pytest.raises(ValueError, match="no field.*beta_maxx"):
         processes.get("vp", beta_maxx=3)

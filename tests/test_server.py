@@ -519,10 +519,12 @@ def test_toy_samples_are_clipped_by_neither_the_cli_nor_the_server(toy_workdir, 
     np.testing.assert_allclose(served, cli, rtol=1e-5, atol=2e-4)
 
 
-def test_engine_ancestral_variance_as_the_offline_sampler():
-    """sampling.variance reaches the served ancestral stepper: with fixed_large the engine's slots
-    equal samplers.sample('ancestral', variance='fixed_large') (same key), which differs from the
-    default fixed_small; two requests co-batched in the slots equal each alone."""
+@pytest.mark.parametrize("variance", ["fixed_large", "learned"])
+def test_engine_ancestral_variance_as_the_offline_sampler(variance):
+    """sampling.variance reaches the served ancestral stepper: with fixed_large (or learned, from a
+    denoiser with a variance output v varying per dimension) the engine's slots equal
+    samplers.sample('ancestral', variance=...) (same key), which differs from the default fixed_small;
+    two requests co-batched in the slots equal each alone."""
     import jax
     import ml_collections
 
@@ -531,8 +533,12 @@ def test_engine_ancestral_variance_as_the_offline_sampler():
     from diffjax.serving.scheduler import Job, Scheduler, wait_events
 
     process = processes.get("ddpm", num_scales=100)
-    den = denoiser.from_fn(lambda x, t, cond: 0.5 * jax.numpy.tanh(x), prediction="x0")
-    sampling = ml_collections.ConfigDict({"variance": "fixed_large"})
+    if variance == "learned":  # v in (0, 1), per dimension: between beta-tilde and beta
+        fn = lambda x, t, cond: (0.5 * jax.numpy.tanh(x), jax.nn.sigmoid(3.0 * x))  # noqa: E731
+        den = denoiser.from_fn(fn, prediction="x0", learned_variance=True)
+    else:
+        den = denoiser.from_fn(lambda x, t, cond: 0.5 * jax.numpy.tanh(x), prediction="x0")
+    sampling = ml_collections.ConfigDict({"variance": variance})
     engine = Engine(
         den, process, (4, 4, 1), batch_slots=8, served=served_steppers(sampling, None, process), devices=jax.devices()[:1]
     )
@@ -547,7 +553,7 @@ def test_engine_ancestral_variance_as_the_offline_sampler():
                 if event[0] == "batch":
                     got[event[1]] = event[2]
             key = jax.random.PRNGKey(seed)
-            want, _ = samplers.sample("ancestral", den, process, key, (3, 4, 4, 1), 6, variance="fixed_large")
+            want, _ = samplers.sample("ancestral", den, process, key, (3, 4, 4, 1), 6, variance=variance)
             small, _ = samplers.sample("ancestral", den, process, key, (3, 4, 4, 1), 6)
             np.testing.assert_allclose(got, want, atol=2e-4)
             assert np.abs(np.asarray(want) - np.asarray(small)).max() > 1e-2  # the variance matters here

@@ -210,6 +210,9 @@ def cmd_workdir(argv: list[str]) -> int:
     p.add_argument("--no_progress", action="store_true")
     _add_weights_flag(p)
     commandline.add_ema_flag(p)
+    from diffjax import guidance
+
+    guidance.add_flags(p)  # labels drawn uniformly from the classifier's classes
     args = distributed.parse(p, argv)  # --tpu / --coordinator_address: every host takes part
     from diffjax.evaluation import evaluate
 
@@ -241,7 +244,8 @@ def cmd_bpd(argv: list[str]) -> int:
         "--method",
         choices=("elbo", "ode"),
         default=None,
-        help="elbo: the variational bound, discretised 8-bit decoder (Ho et al.; default for the discrete ddpm process); "
+        help="elbo: the variational bound, discretised 8-bit decoder (Ho et al.; default for the discrete ddpm process; "
+        "continuous processes: VDM's continuous-time bound); "
         "ode: the probability-flow ODE on dequantised data (Song et al.; default for continuous processes)",
     )
     p.add_argument(
@@ -249,7 +253,8 @@ def cmd_bpd(argv: list[str]) -> int:
         type=commandline.positive_int,
         default=None,
         metavar="K",
-        help="--method elbo: estimate the sum of the T terms from K uniformly drawn ones (default: all T terms)",
+        help="--method elbo: estimate the sum of the T terms from K uniformly drawn ones (default: all T terms); "
+        "continuous processes: K antithetic times of the diffusion loss per example (default 16)",
     )
     p.add_argument("--no_progress", action="store_true")
     commandline.add_ema_flag(p)

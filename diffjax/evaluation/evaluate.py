@@ -226,6 +226,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
     """Sample (or reuse) the newest checkpoint's set, compute the metrics, write W/eval/step_N.json."""
+    from diffjax import guidance
     from diffjax.evaluation import generate
     from diffjax.workdir import Workdir
 
@@ -246,11 +247,12 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
         raise ValueError(f"--ref {ref}: no such file")
     extractor = Extractor(args.inception_weights, args.batch_size) if set(metrics) - {"digits"} else None
     state, step = w.restore(only=("ema",))
+    guide = guidance.from_flags(args, w.config, "diffjax eval", need_labels=False)  # --classifier: labels drawn
     sampler = args.sampler or w.config.sampling.sampler
     steps = int(args.steps or w.config.sampling.num_steps)
     seed = int(args.seed if args.seed is not None else ev.get("seed", 0))
     rule = ev.get("quantize", "round")
-    ema = w.ema_suffix  # --ema: another set
+    ema = w.ema_suffix + ("" if guide is None else f"_classifier{guide.scale:g}")  # --ema, --classifier: another set
     out_dir = str(storage.path(args.workdir) / "eval" / f"samples_step{step}_{sampler}{steps}_seed{seed}_n{num}_{rule}{ema}")
     protocol = generate.write_samples(
         w,
@@ -264,6 +266,7 @@ def evaluate_workdir(args) -> tuple[dict[str, Any], str]:
         shard_size=args.shard_size,
         quantize_rule=rule,
         progress=not args.no_progress,
+        guide=guide,
     )
     images, _ = generate.read_set(out_dir)
     result = compare(images, ref or images, metrics, extractor=extractor)
@@ -300,10 +303,12 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     """Bits/dim of a workdir's newest EMA weights on a data split, sharded over all devices; mean and
     standard error over examples; writes W/eval/bpd_step_N.json (_elboK for K < T terms). Methods:
     ode (continuous processes): score_sde's, uniform dequantisation, fresh Hutchinson noise per pass;
-    elbo (ddpm): Ho et al.'s bound, discretised decoder, the config's sampling.variance and clip_x0."""
+    elbo (ddpm): Ho et al.'s bound, discretised decoder, the config's sampling.variance and clip_x0;
+    elbo (continuous processes): VDM's continuous-time bound (diffjax.vlb), discretised decoder at t_min."""
     import jax
 
     from diffjax import likelihood, network, trainer
+    from diffjax.data import TOY_DATASETS
     from diffjax.sample import data_range, host_array
     from diffjax.workdir import Workdir
 
@@ -313,6 +318,11 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     if args.passes < 1 or args.batch_size < 1:
         raise ValueError(f"--passes and --batch_size must be positive, got {args.passes}, {args.batch_size}")
     method, terms = _bpd_method(args, w.process)
+    if method == "elbo" and w.config.data.dataset in TOY_DATASETS:
+        raise ValueError(
+            f"--method elbo: the discretised 8-bit decoder needs image data, but data.dataset="
+            f"{w.config.data.dataset!r} is continuous 2-D points (no 8-bit data range)"
+        )
     images = split_images(w.config, args.split)[: args.num or None]
     state, step = w.restore(only=("ema",))
     mesh = trainer.make_mesh(w.config)
@@ -345,7 +355,10 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     result = dict(bpd=float(per_example.mean()), bpd_stderr=stderr, num=int(len(images)), passes=int(args.passes))
     protocol: dict[str, Any] = dict(workdir=str(args.workdir), checkpoint_step=int(step), weights="ema")
     protocol.update(ema_rate=float(w.ema_rate), split=args.split, seed=int(args.seed), method=method, num_bins=256)
-    if method == "elbo":
+    if method == "elbo" and not w.process.discrete:
+        estimator = f"continuous time (VDM), {terms} antithetic times per example"
+        protocol.update(num_terms=terms, estimator=estimator, decoder="discretized", decoder_time=float(w.process.t_min))
+    elif method == "elbo":
         estimator = "all T terms" if terms is None else f"{terms} of T terms, t uniform, each scaled by T/K"
         protocol.update(num_terms=terms or int(w.process.t_max), estimator=estimator, decoder="discretized", **elbo_opts)
     else:
@@ -355,16 +368,20 @@ def bits_per_dim_split(args) -> tuple[dict[str, Any], str]:
     return _write_record(str(storage.path(args.workdir) / "eval" / name), step, result, protocol)
 
 
+CONTINUOUS_ELBO_TERMS = 16  # --method elbo on a continuous process: diffusion-loss times per example
+
+
 def _bpd_method(args, process) -> tuple[str, int | None]:
-    """(method, K or None for all T terms) from --method / --elbo_terms, checked against the process."""
+    """(method, K or None for all T terms) from --method / --elbo_terms, checked against the process
+    (continuous processes: K antithetic times of the diffusion loss, default CONTINUOUS_ELBO_TERMS)."""
     method = getattr(args, "method", None) or ("elbo" if process.discrete else "ode")
     terms, T, name = getattr(args, "elbo_terms", None), int(process.t_max), process.name
     if method == "ode" and terms is not None:
         raise ValueError("--elbo_terms is for --method elbo")
     if method == "ode" and process.discrete:
         raise ValueError(f"--method ode: process {name!r} is a discrete chain (no probability-flow ODE); use --method elbo")
-    if method == "elbo" and not process.discrete:
-        raise ValueError(f"--method elbo: the continuous-time ELBO ({name!r}) is not implemented yet; use --method ode")
+    if method == "elbo" and not process.discrete:  # VDM's continuous-time bound: K antithetic times per example
+        return method, int(terms or CONTINUOUS_ELBO_TERMS)
     if method == "elbo" and terms is not None and terms > T:
         raise ValueError(f"--elbo_terms must be at most T = {T} (leave it out for all T terms), got {terms}")
     return method, None if method == "ode" or terms in (None, T) else int(terms)

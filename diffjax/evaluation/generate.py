@@ -110,11 +110,13 @@ def write_samples(
     label: int | None = None,
     guidance_scale: float | None = None,
     progress: bool = True,
+    guide: Any = None,
     **opts: Any,
 ) -> dict:
     """Draw `num` samples of the EMA weights in `state` into `out_dir` (see the module docstring).
 
-    `workdir` is a diffjax.workdir.Workdir; returns the protocol dict (also DIR/protocol.json)."""
+    `workdir` is a diffjax.workdir.Workdir; returns the protocol dict (also DIR/protocol.json).
+    guide: classifier guidance (diffjax.guidance.Guide): labels are drawn from its classes."""
     from diffjax import network, trainer
     from diffjax.sample import config_sampler, host_array
     from diffjax.sample import data_range as config_data_range
@@ -125,7 +127,7 @@ def write_samples(
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize_rule!r}")
     config, process = workdir.config, workdir.process
     sampler, steps, opts = config_sampler(config, sampler, steps, opts)
-    num_classes = int(config.model.get("num_classes", 0))
+    num_classes = int(guide.num_classes if guide is not None else config.model.get("num_classes", 0))
     shape = tuple(network.data_shape(config))
     if len(shape) != 3:
         raise ValueError(f"--out_dir writes uint8 image shards; this workdir's data has shape {shape}")
@@ -149,10 +151,12 @@ def write_samples(
         label=label,
         guidance_scale=guidance_scale,
         noise="fold_in(key(seed), global index)",
+        **({} if guide is None else guide.protocol),
     )
     _agree_protocol(out_dir, protocol)
 
     den = network.network_denoiser(workdir.graphdef, workdir.rest, process, config, state["ema"])
+    den = den if guide is None else guide(den)
     key = jax.random.PRNGKey(seed)
     sharding = trainer.batch_sharding(mesh)
     n_shards = math.ceil(num / shard_size)

@@ -10,7 +10,9 @@ through diffjax's restricted torch-zip reader), the network config is translated
   same betas ('linear' or 'squaredcos_cap_v2' = our 'cosine') and T = num_train_timesteps; our time
   t = diffusers' timestep + 1; data in [-1, 1]; prediction from ``prediction_type``; the
   scheduler's ``clip_sample`` -> ``sampling.clip_x0``, DDPMScheduler's ``variance_type`` ->
-  ``sampling.variance`` (fixed_small / fixed_large; learned ones are refused).
+  ``sampling.variance`` (fixed_small / fixed_large; 'learned_range' -> 'learned' for a UNet with
+  out_channels = 2 in_channels (model.learn_sigma); 'learned', a network outputting the variance
+  itself, is refused).
 - ``ScoreSdeVeScheduler``: ``ve`` process (sigma_min, sigma_max, sampling_eps); the network
   conditions on sigma and returns the score; data in [0, 1] (ScoreSdeVePipeline clamps to [0, 1]).
 """
@@ -204,10 +206,12 @@ def _variance(name: str, scheduler: dict) -> str:
     kind = scheduler.get("variance_type") or "fixed_small"
     if kind in VARIANCE_TYPES:
         return VARIANCE_TYPES[kind]
-    if kind in ("learned", "learned_range"):
+    if kind == "learned_range":  # iDDPM's interpolation of log beta-tilde and log beta (diffjax.denoiser)
+        return "learned"
+    if kind == "learned":
         raise UnsupportedModel(
-            f"{name}: variance_type={kind!r} needs a network that also outputs its variance (learn_sigma), "
-            f"which diffjax does not have yet; supported: {', '.join(VARIANCE_TYPES)}"
+            f"{name}: variance_type='learned' (the network outputs the variance itself) is not supported; "
+            "diffjax learns iDDPM's interpolation between beta-tilde and beta: 'learned_range'"
         )
     raise UnsupportedModel(f"{name}: variance_type={kind!r} is not supported; choose one of {', '.join(VARIANCE_TYPES)}")
 
@@ -235,6 +239,11 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
         scheduler = _read_json(src.scheduler_path)
         notes["scheduler"] = src.scheduler_path
     process, sampling, centered, prediction = _process_block(scheduler, model["embedding_type"])
+    if sampling["variance"] == "learned" and not model.get("learn_sigma"):
+        raise UnsupportedModel(
+            f"{scheduler.get('_class_name')}: variance_type='learned_range' needs a network that also outputs its "
+            "variance (learn_sigma): out_channels = 2 x in_channels"
+        )
 
     config = ml_collections.ConfigDict((base if base is not None else default_config()).to_dict())
     config.unlock()

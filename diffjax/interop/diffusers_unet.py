@@ -11,6 +11,12 @@ Two families of diffusers' UNet2DModel are ours exactly:
 Anything else (another block type, multi-head attention, a class embedding, scale-shift
 conditioning, another GroupNorm epsilon or padding) raises ``UnsupportedModel`` naming the field.
 
+A DDPM UNet with out_channels = 2 in_channels (Nichol & Dhariwal's learned variance) is imported
+with ``learn_sigma``: its second half of output channels is the variance output in diffusers'
+``learned_range`` convention, v in [-1, 1] giving log beta-tilde .. log beta; ours (diffjax.denoiser)
+is the weight (v + 1) / 2, so those output channels of ``conv_out`` are mapped affinely (kernel / 2,
+bias / 2 + 1 / 2).
+
 Weights: torch layouts (conv OIHW, linear (out, in)) -> ours (conv HWIO, dense (in, out), the
 attention's q/k/v stacked into one (C, 3, C) kernel). Every tensor of the file is used exactly
 once and every parameter of ours is filled, or ``WeightsError`` names what is missing or extra.
@@ -85,8 +91,10 @@ def model_config(cfg: dict) -> tuple[dict, str]:
     if not isinstance(size, int) or size % 2 ** (len(channels) - 1):
         _fail("sample_size", size, f"an int divisible by 2^{len(channels) - 1}")
     in_ch, out_ch = int(cfg.get("in_channels", 3)), int(cfg.get("out_channels", 3))
-    if in_ch != out_ch:
-        _fail("out_channels", out_ch, f"must equal in_channels={in_ch}")
+    if out_ch not in (in_ch, 2 * in_ch):
+        _fail("out_channels", out_ch, f"must equal in_channels={in_ch} (or twice it: a learned variance)")
+    if out_ch != in_ch and family != "ddpm":
+        _fail("out_channels", out_ch, f"a learned variance (out_channels = 2 x {in_ch}) is imported for the DDPM UNet only")
     nf = channels[0]
     if any(c % nf for c in channels):
         _fail("block_out_channels", channels, "each a multiple of the first")
@@ -122,6 +130,7 @@ def model_config(cfg: dict) -> tuple[dict, str]:
         conditional=True,
         num_classes=0,
         augment_dim=0,
+        learn_sigma=out_ch == 2 * in_ch,
     )
     if model["attn_resolutions"] == ():
         model["attn_resolutions"] = (-1,)  # ml_collections keeps the tuple type with one element
@@ -365,4 +374,15 @@ def map_weights(
             f"the weights file has {len(extra)} tensor(s) this architecture does not use, e.g. "
             f"{extra[0]!r}: its config.json does not describe it"
         )
+    if model.get("learn_sigma"):
+        _learned_range_to_weight(out, int(model["num_channels"]))
     return _unflatten(out)
+
+
+def _learned_range_to_weight(params: dict[tuple, np.ndarray], channels: int) -> None:
+    """diffusers' learned_range output v' in [-1, 1] -> our interpolation weight v = (v' + 1) / 2, exactly
+    affine in conv_out's variance channels (the last `channels` outputs)."""
+    kernel, bias = params[("conv_out", "kernel")].copy(), params[("conv_out", "bias")].copy()
+    kernel[..., channels:] *= 0.5
+    bias[channels:] = 0.5 * bias[channels:] + 0.5
+    params[("conv_out", "kernel")], params[("conv_out", "bias")] = kernel, bias

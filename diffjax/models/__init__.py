@@ -40,6 +40,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from diffjax.models.classifier import ClassifierMLP, ClassifierUNet
 from diffjax.models.ddpm_unet import DDPMUNet
 from diffjax.models.mlp import MLP
 from diffjax.models.ncsnpp import NCSNpp
@@ -48,6 +49,8 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "ddpm_unet": DDPMUNet,
     "ncsnpp": NCSNpp,
     "mlp": MLP,
+    "classifier_unet": ClassifierUNet,  # noise-conditional classifiers: logits, for classifier guidance
+    "classifier_mlp": ClassifierMLP,
 }
 
 # config.model keys read outside the network: the registry's name, diffjax.network's prediction.

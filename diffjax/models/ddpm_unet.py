@@ -58,11 +58,13 @@ class DDPMUNet(nnx.Module):
         centered: bool = True,
         image_size: int = 32,
         num_channels: int = 3,
+        learn_sigma: bool = False,
         rngs: nnx.Rngs,
     ):
         """Defaults: Ho et al.'s CIFAR-10 network. conditional: the time embedding is on;
         augment_dim: 9 to condition on EDM's augmentation labels; centered: data in [-1, 1]
-        (else [0, 1], mapped to [-1, 1] first)."""
+        (else [0, 1], mapped to [-1, 1] first); learn_sigma: 2 num_channels outputs, the prediction
+        then the variance output v (Nichol & Dhariwal 2021; diffjax.denoiser)."""
         nf, ch_mult = int(nf), L.as_tuple(ch_mult)
         nrb, attn_res = int(num_res_blocks), L.as_tuple(attn_resolutions)
         channels, dropout, with_conv = int(num_channels), float(dropout), bool(resamp_with_conv)
@@ -136,7 +138,9 @@ class DDPMUNet(nnx.Module):
         assert not skip_ch
 
         self.norm_out = L.GroupNorm(ch, groups=groups, dtype=compute_dtype)
-        self.conv_out = L.conv(ch, channels, init_scale=0.0, dtype=compute_dtype, rngs=rngs)
+        self.learn_sigma = bool(learn_sigma)
+        out_ch = 2 * channels if self.learn_sigma else channels
+        self.conv_out = L.conv(ch, out_ch, init_scale=0.0, dtype=compute_dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         kw = dict(train=train, rngs=rngs)
@@ -166,6 +170,4 @@ class DDPMUNet(nnx.Module):
         assert not hs
 
         h = self.conv_out(self.act(self.norm_out(h))).astype(jnp.float32)
-        if self.scale_by_sigma:
-            h = h / noise_cond.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1))
-        return h
+        return L.scale_output(h, noise_cond, self.scale_by_sigma, self.learn_sigma)

@@ -88,6 +88,18 @@ def dense(in_f, out_f, *, init_scale=1.0, dtype, rngs) -> nnx.Linear:
     )
 
 
+def scale_output(h: jax.Array, noise_cond: jax.Array, scale_by_sigma: bool, learn_sigma: bool) -> jax.Array:
+    """score_sde's scale_by_sigma: the prediction divided by noise_cond; with learn_sigma the output's
+    channels are (prediction, variance v) and only the prediction half is scaled."""
+    if not scale_by_sigma:
+        return h
+    sigma = noise_cond.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1))
+    if not learn_sigma:
+        return h / sigma
+    pred, v = jnp.split(h, 2, axis=-1)
+    return jnp.concatenate([pred / sigma, v], axis=-1)
+
+
 def num_groups(ch: int) -> int:
     """score_sde's rule min(C // 4, 32) (= 32 for C >= 128), lowered until it divides C."""
     g = max(1, min(ch // 4, 32))

@@ -35,7 +35,8 @@ class _MLPBlock(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """model(x: (B, D), noise_cond: (B,), labels=None, *, train=False) -> (B, D) float32."""
+    """model(x: (B, D), noise_cond: (B,), labels=None, *, train=False) -> (B, D) float32; learn_sigma:
+    (B, 2D), the prediction then the variance output v (diffjax.denoiser)."""
 
     def __init__(
         self,
@@ -53,12 +54,13 @@ class MLP(nnx.Module):
         augment_dim: int = 0,
         dtype: str = "float32",
         data_dim: int = 2,
+        learn_sigma: bool = False,
         rngs: nnx.Rngs,
     ):
         nf, dim = int(nf), int(data_dim)
         self.dtype = compute_dtype = L.parse_dtype(dtype)
         self.act = act = L.get_act(nonlinearity)
-        self.scale_by_sigma = bool(scale_by_sigma)
+        self.scale_by_sigma, self.learn_sigma = bool(scale_by_sigma), bool(learn_sigma)
         conditional, num_classes = bool(conditional), int(num_classes)
         self.embed = L.NoiseClassEmbedding(
             nf,
@@ -79,7 +81,8 @@ class MLP(nnx.Module):
                 for _ in range(int(num_res_blocks))
             ]
         )
-        self.dense_out = L.dense(nf, dim, init_scale=float(init_scale), dtype=compute_dtype, rngs=rngs)
+        out_dim = 2 * dim if self.learn_sigma else dim
+        self.dense_out = L.dense(nf, out_dim, init_scale=float(init_scale), dtype=compute_dtype, rngs=rngs)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         temb = self.embed(noise_cond, labels, augment_labels)
@@ -87,6 +90,4 @@ class MLP(nnx.Module):
         for blk in self.blocks:
             h = blk(h, temb, train=train, rngs=rngs)
         h = self.dense_out(self.act(h)).astype(jnp.float32)
-        if self.scale_by_sigma:
-            h = h / noise_cond.astype(jnp.float32)[:, None]
-        return h
+        return L.scale_output(h, noise_cond, self.scale_by_sigma, self.learn_sigma)

@@ -6,7 +6,8 @@ Architecture of score_sde's ``ncsnpp`` model, rewritten for Flax NNX. Keyword ar
   resblock_type 'ddpm' | 'biggan', progressive 'none' | 'output_skip' | 'residual',
   progressive_input 'none' | 'input_skip' | 'residual', progressive_combine 'sum' | 'cat',
   init_scale, embedding_type 'fourier' | 'positional', fourier_scale, scale_by_sigma,
-  plus num_classes, augment_dim, dtype, centered, image_size, num_channels.
+  plus num_classes, augment_dim, dtype, centered, image_size, num_channels and learn_sigma (2 num_channels
+  outputs: the prediction, then the variance output v of diffjax.denoiser).
 Their defaults are NCSN++ cont. (VE) on CIFAR-10 (score_sde ve/cifar10_ncsnpp_continuous);
 DDPM++ differs in fir, progressive_input, embedding_type and scale_by_sigma (configs/default.ddpmpp).
 
@@ -113,6 +114,7 @@ class NCSNpp(nnx.Module):
         centered: bool = True,
         image_size: int = 32,
         num_channels: int = 3,
+        learn_sigma: bool = False,
         rngs: nnx.Rngs,
     ):
         nf, ch_mult = int(nf), L.as_tuple(ch_mult)
@@ -129,7 +131,8 @@ class NCSNpp(nnx.Module):
         self.dtype = compute_dtype = L.parse_dtype(dtype)
         self.act = act = L.get_act(nonlinearity)
         self.centered = bool(centered)
-        self.scale_by_sigma = bool(scale_by_sigma)
+        self.scale_by_sigma, self.learn_sigma = bool(scale_by_sigma), bool(learn_sigma)
+        out_ch = 2 * channels if self.learn_sigma else channels  # learn_sigma: the prediction, then v
         self.resblock_type = kind
         if prog not in ("none", "output_skip", "residual"):
             raise ValueError(f"progressive must be none/output_skip/residual, got {prog!r}")
@@ -213,9 +216,9 @@ class NCSNpp(nnx.Module):
             level_attn = attn(ch) if res in attn_res else None
             pyramid_norm = pyramid_conv = pyramid_up = resampler = None
             if prog == "output_skip":
-                pyramid_norm, pyramid_conv = gn_conv(ch, channels, init_scale)
+                pyramid_norm, pyramid_conv = gn_conv(ch, out_ch, init_scale)
                 if i != len(ch_mult) - 1:
-                    pyramid_up = L.Upsample(channels, with_conv=False, **resample)
+                    pyramid_up = L.Upsample(out_ch, with_conv=False, **resample)
             elif prog == "residual":
                 if i == len(ch_mult) - 1:
                     pyramid_norm, pyramid_conv = gn_conv(ch, ch)
@@ -231,7 +234,7 @@ class NCSNpp(nnx.Module):
 
         self.norm_out: L.GroupNorm | None
         self.conv_out: nnx.Conv | None
-        self.norm_out, self.conv_out = (None, None) if prog == "output_skip" else gn_conv(ch, channels, init_scale)
+        self.norm_out, self.conv_out = (None, None) if prog == "output_skip" else gn_conv(ch, out_ch, init_scale)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
         kw = dict(train=train, rngs=rngs)
@@ -286,7 +289,4 @@ class NCSNpp(nnx.Module):
         else:
             assert self.norm_out is not None and self.conv_out is not None  # built unless output_skip
             h = self.conv_out(act(self.norm_out(h)))
-        h = h.astype(jnp.float32)
-        if self.scale_by_sigma:
-            h = h / noise_cond.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1))
-        return h
+        return L.scale_output(h.astype(jnp.float32), noise_cond, self.scale_by_sigma, self.learn_sigma)

@@ -16,7 +16,8 @@ Samplers, losses and likelihood only use the interface of `Process`:
 - `noise_cond(t)`: what the network is conditioned on (score_sde's conventions).
 
 Processes: `ddpm` (Ho et al. 2020, discrete T-step chain, linear or cosine betas), `vp`, `subvp`,
-`ve` (Song et al. 2021, score_sde defaults) and `edm` (Karras et al. 2022).
+`ve` (Song et al. 2021, score_sde defaults), `edm` (Karras et al. 2022) and `vdm` (Kingma et al. 2021:
+a learned monotone log-SNR; diffjax.processes.vdm).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from diffjax.processes.base import (
 )
 from diffjax.processes.discrete import DDPM
 from diffjax.processes.sdes import EDM, VE, VP, SubVP
+from diffjax.processes.vdm import VDM
 
 __all__ = [
     "PREDICTIONS",
@@ -52,11 +54,12 @@ __all__ = [
     "VE",
     "VP",
     "SubVP",
+    "VDM",
     "REGISTRY",
     "get",
 ]
 
-REGISTRY: dict[str, type[Process]] = {p.name: p for p in (DDPM, VP, SubVP, VE, EDM)}
+REGISTRY: dict[str, type[Process]] = {p.name: p for p in (DDPM, VP, SubVP, VE, EDM, VDM)}
 
 
 def get(name: str, **overrides) -> Process:

@@ -15,7 +15,8 @@ import numpy as np
 Array = jax.Array
 PREDICTIONS = ("eps", "x0", "v", "score")
 SPACINGS = ("default", "karras", "logsnr", "leading")
-VARIANCES = ("fixed_small", "fixed_large")  # reverse-step variances: beta-tilde (posterior) or beta (forward)
+# reverse-step variances: beta-tilde (posterior), beta (forward) or the network's interpolation of the two
+VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
 def bcast(coef: Array, x: Array) -> Array:
@@ -167,10 +168,17 @@ class Process:
         a_s, s_s = self.coefficients(s)
         return a_s * var_ts / s_t**2, alpha_ts * s_s**2 / s_t**2, var_ts * s_s**2 / s_t**2
 
-    def step_variance(self, t: Array, s: Array, variance: str = "fixed_small") -> Array:
-        """The variance of a fixed-variance reverse step p(x_s | x_t) (Ho et al. sec. 3.2): 'fixed_small'
-        the posterior's beta-tilde, 'fixed_large' the forward step's var_ts (beta_t)."""
+    def step_variance(self, t: Array, s: Array, variance: str = "fixed_small", v: Array | None = None) -> Array:
+        """The variance of the reverse step p(x_s | x_t) (Ho et al. sec. 3.2): 'fixed_small' the
+        posterior's beta-tilde, 'fixed_large' the forward step's var_ts (beta_t), per example (B,);
+        'learned' exp(v log var_ts + (1 - v) log beta-tilde) of v's shape (B, ...) (Nichol & Dhariwal
+        2021, eq. 15, with a strided step's own var_ts and beta-tilde), 0 where beta-tilde is 0 (s = 0)."""
         check_variance(variance)
+        if variance == "learned":
+            if v is None:
+                raise ValueError("step_variance('learned') needs the network's variance output v")
+            small, large = (bcast(u, v) for u in (self.posterior(t, s)[2], self.transition(t, s)[1]))
+            return jnp.where(small > 0, jnp.exp(learned_log_variance(v, small, large)), 0.0)
         return self.posterior(t, s)[2] if variance == "fixed_small" else self.transition(t, s)[1]
 
     # ---- prediction conversions --------------------------------------------------------------
@@ -217,13 +225,15 @@ def check_prediction(kind: str) -> None:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {kind!r}")
 
 
+def learned_log_variance(v: Array, small: Array, large: Array) -> Array:
+    """v log(large) + (1 - v) log(small) (iDDPM eq. 15): v = 0 gives `small` (beta-tilde), v = 1 `large`
+    (beta); a zero `small` (the step to the data) is read as 1 (callers mask those entries)."""
+    small = jnp.where(small > 0, small, 1.0)
+    return v * jnp.log(large) + (1.0 - v) * jnp.log(small)
+
+
 def check_variance(variance: str, name: str = "variance") -> None:
-    """A fixed reverse-step variance, one of VARIANCES; `name` is what the message calls the option."""
-    if variance == "learned":
-        raise ValueError(
-            f"{name} 'learned' (a network that also outputs its variance, Nichol & Dhariwal 2021) is not "
-            f"supported yet; choose one of {VARIANCES}"
-        )
+    """A reverse-step variance, one of VARIANCES; `name` is what the message calls the option."""
     if variance not in VARIANCES:
         raise ValueError(f"{name} must be one of {VARIANCES}, got {variance!r}")
 

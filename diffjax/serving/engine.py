@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from diffjax import samplers, steppers
-from diffjax.denoiser import Denoiser, guided
+from diffjax.denoiser import Denoiser, guided, require_learned_variance
 from diffjax.models.layers import inference_groupnorm
 from diffjax.processes import Process, bcast
 
@@ -101,16 +101,18 @@ def time_grid(process: Process, num_steps: int, spacing: str = "default") -> np.
     return np.asarray(process.time_grid(num_steps, spacing), np.float32)
 
 
-def _prediction(den: Denoiser, process: Process, x, t, label, scale, num_classes: int):
-    """The denoiser's own prediction for every slot; slots with a guidance weight use classifier-free guidance."""
-    plain = lambda: den(x, t, label if num_classes else None)  # noqa: E731
+def _prediction(den: Denoiser, process: Process, x, t, label, scale, num_classes: int, with_variance: bool = False):
+    """The denoiser's own prediction for every slot; slots with a guidance weight use classifier-free
+    guidance. with_variance: the pair (prediction, v) with the learned variance output v."""
+    call = (lambda d: d.with_variance) if with_variance else (lambda d: d)  # noqa: E731
+    plain = lambda: call(den)(x, t, label if num_classes else None)  # noqa: E731
     if not num_classes:
         return plain()
     guided_slots = ~jnp.isnan(scale)
 
     def with_guidance():
-        g = guided(den, jnp.where(guided_slots, scale, 1.0))(x, t, label)
-        return jnp.where(bcast(guided_slots, x), g, plain())
+        g = call(guided(den, jnp.where(guided_slots, scale, 1.0)))(x, t, label)
+        return jax.tree.map(lambda a, b: jnp.where(bcast(guided_slots, x), a, b), g, plain())
 
     return jax.lax.cond(jnp.any(guided_slots), with_guidance, plain)
 
@@ -178,11 +180,16 @@ def _advance(den, state, col, ints, floats, process, kinds, dynamic, sample_shap
     x_in = pick([p_[1] for p_ in prepared])
     t_in = pick([jnp.broadcast_to(p_[2], col["t"].shape) for p_ in prepared])
     label = jnp.where(new, col["label"], state["label"])
-    out = _prediction(den, process, x_in, t_in, label, col["scale"], num_classes)
+    with_v = any(st.learned_variance for st in kinds)  # the ancestral sampler with variance='learned'
+    out = _prediction(den, process, x_in, t_in, label, col["scale"], num_classes, with_v)
+    out, extra = (out[0], {"v": out[1]}) if with_v else (out, {})
     # sorted: one program in every process (a set of strings iterates in hash order)
     by_kind = {kd: process.convert(den.prediction, kd, out, x_in, t_in) for kd in sorted({st.kind for st in kinds})}
     updated = [
-        st.update(process, prepared[k][0], by_kind[st.kind], sub, step, noise_for(k)) for k, st in enumerate(kind_steppers)
+        st.update(
+            process, prepared[k][0], by_kind[st.kind], sub, step, noise_for(k), **(extra if st.learned_variance else {})
+        )
+        for k, st in enumerate(kind_steppers)
     ]
     nxt = {name: pick([{**_zero_state(state["x"]), **u}[name] for u in updated]) for name in steppers.STATE_KEYS}
     state = {
@@ -217,6 +224,8 @@ class Engine:
         self.process, self.sample_shape = process, tuple(int(d) for d in sample_shape)
         self.batch_slots, self.num_classes = int(batch_slots), int(num_classes)
         self.served = dict(served or served_steppers(clip_x0=clip_x0))
+        if any(st.learned_variance for st in self.served.values()):
+            require_learned_variance(denoiser)
         self.kind_of = {name: k for k, name in enumerate(self.served)}
         # Per-request numeric options of each sampler; churn needs the inverse noise level, which
         # the discrete ddpm process lacks (there Heun runs without churn).

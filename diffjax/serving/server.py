@@ -50,6 +50,8 @@ class ServerOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     ema: float | None = None  # the EMA rate served (None: training.ema_rate; --ema picks one of training.ema_rates)
+    classifier: str | None = None  # a classifier workdir: every request is classifier-guided (diffjax.guidance)
+    classifier_scale: float | None = None
 
 
 class Model:
@@ -62,6 +64,7 @@ class Model:
         self.num_classes = int(config.model.get("num_classes", 0) or 0)
         self.data_min, self.data_max = data_range(config)
         self.max_steps = max_steps
+        self.classifier = False  # classifier guidance: labels in [0, num_classes) required (Server._load)
         clip_x0 = self.data_min, self.data_max
         self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None, process)
         self.default_sampler = config.sampling.sampler if config.sampling.sampler in self.samplers else "ddim"
@@ -123,6 +126,8 @@ class Servicer(pb_grpc.SamplingServicer):
             if given.min() < -1 or given.max() >= m.num_classes:
                 bad(f"labels must be in [0, {m.num_classes}) or -1 (unconditional), got {sorted(set(given.tolist()))[:8]}")
             labels[:] = given
+        if m.classifier and (not request.labels or labels.min() < 0):
+            bad(f"this server guides with a classifier (--classifier): labels in [0, {m.num_classes}) are required")
         scale = None
         if request.HasField("guidance_scale"):
             scale = float(request.guidance_scale)
@@ -288,6 +293,11 @@ class Server:
             max_steps = min(max_steps, process.max_steps)
         shape = network.data_shape(config)
         self.model = Model(config, process, shape, max_steps)
+        from diffjax import guidance
+
+        self.guide = guidance.from_flags(self.options, config, "diffjax serve", need_labels=False)
+        if self.guide is not None:  # every request guided: labels range over the classifier's classes
+            self.model.num_classes, self.model.classifier = self.guide.num_classes, True
         engine = Engine(
             self._denoiser(state),
             process,
@@ -331,7 +341,8 @@ class Server:
         from diffjax import network
 
         w = self.source
-        return network.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
+        den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
+        return den if self.guide is None else self.guide(den)
 
     def _watch_checkpoints(self) -> None:
         while not self._stop.wait(self.options.reload_s):
@@ -390,6 +401,9 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
     commandline.add_ema_flag(p)
+    from diffjax import guidance
+
+    guidance.add_flags(p)
     args = distributed.parse(p, argv)
     distributed.refuse_multihost(p.prog, args)  # never a hang: one host serves
     if (args.tls_cert is None) != (args.tls_key is None):

@@ -1,0 +1,1 @@
+"""Noise-conditional classifiers for classifier guidance (training.loss = "classifier")."""
