@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,8 @@ import pytest
 from diffjax import likelihood, processes, toy, vlb
 from diffjax.denoiser import Denoiser
 from diffjax.processes import vdm
+from diffjax.serving import Client
+from diffjax.serving.subprocess_server import ServerProcess
 from tests.tiny_configs import DIGITS, ROOT
 
 MU, S, D = 0.3, 0.5, 4
@@ -164,6 +168,7 @@ def test_tiny_vdm_train_sample_eval(tmp_path):
     and `diffjax eval bpd --method elbo` (run side by side) read its workdir and rebuild the learned process."""
     workdir = str(tmp_path / "vdm")
     flags = [f"--config={ROOT}/configs/vdm/digits.py", *DIGITS[1:], "--config.process.hidden=16"]
+    flags += ["--config.training.n_iters=4", "--config.training.snapshot_freq=2"]  # checkpoints 2 and 4
     code, _, err = _finish(_start("train", f"--workdir={workdir}", *flags))
     assert code == 0, err[-3000:]
     sample = _start("sample", f"--workdir={workdir}", "--num=4", "--no_progress", f"--out={tmp_path}/grid.png")
@@ -177,6 +182,21 @@ def test_tiny_vdm_train_sample_eval(tmp_path):
     (code, _, err), (code_e, out_e, err_e) = _finish(sample), _finish(evaluation)
     assert code == 0, err[-3000:]
     assert code_e == 0 and "ELBO, continuous time" in out_e, err_e[-3000:]
+
+    # The server serves step 2; step 4 appears (its schedule trained on): the schedule is compiled into
+    # the served step, so it is not swapped in; the log says to restart, and step 2 keeps serving.
+    step4 = tmp_path / "step4"
+    shutil.move(f"{workdir}/checkpoints/4", step4)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    with ServerProcess(workdir, "--batch_slots=4", "--reload_s=0.2", env=env, cwd=ROOT, timeout=300) as server:
+        shutil.move(step4, f"{workdir}/checkpoints/4")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any("another learned noise schedule" in x for x in server.lines):
+            time.sleep(0.2)
+        assert any("step 4 has another learned noise schedule than the served step 2" in x for x in server.lines)
+        with Client(server.addr, timeout=120) as client:
+            reply = client.sample_response(2, sampler="ddim", num_steps=3, seed=1)
+        assert reply.checkpoint_step == 2
 
 
 def test_bad_inputs(tmp_path):

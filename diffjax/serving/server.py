@@ -345,13 +345,21 @@ class Server:
         return den if self.guide is None else self.guide(den)
 
     def _watch_checkpoints(self) -> None:
+        passed = 0  # a newer step that cannot be swapped in (another learned schedule), told once
         while not self._stop.wait(self.options.reload_s):
             try:
                 latest = self.source.latest_step()
-                if latest is None or latest <= self.scheduler.checkpoint_step:
+                if latest is None or latest <= max(self.scheduler.checkpoint_step, passed):
                     continue
                 state, step = self.source.restore(only=("ema",))
                 if step <= self.scheduler.checkpoint_step:  # the newer step was unreadable
+                    continue
+                if self.source.process != self.model.process:  # VDM: the schedule is compiled into the step
+                    self.source.process, passed = self.model.process, step
+                    self.log(
+                        f"diffjax serve: step {step} has another learned noise schedule than the served step "
+                        f"{self.scheduler.checkpoint_step}, which stays: restart the server to serve step {step}"
+                    )
                     continue
                 self.scheduler.stage_weights(self._denoiser(state), step)
                 self.log(f"diffjax serve: step {step} staged; swapping in when the busy slots drain")
