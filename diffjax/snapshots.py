@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from diffjax import losses, storage
+from diffjax import learned_schedule, losses, storage
 from diffjax.sample import data_range, generate, host_array, save_samples
 
 __all__ = ["sample_grid", "EvalLoss"]
@@ -30,7 +30,7 @@ class EvalLoss:
     """
 
     def __init__(self, config, graphdef, rest, process):
-        from diffjax import data, network, trainer
+        from diffjax import data, network, trainer, vlb
 
         mesh = trainer.make_mesh(config)
         it = data.make_iterator(config, "eval", seed=0)
@@ -39,8 +39,13 @@ class EvalLoss:
         if not config.model.get("num_classes", 0):
             self.batch.pop("label")
         t = config.training
+        self.learned = learned_schedule.is_learned(process)
 
-        def loss(weights, batch):
+        def loss(weights, schedule, batch):
+            if self.learned:  # VDM: the bound under the state's EMA schedule (traced: no recompiles)
+                make = lambda w: network.network_denoiser(graphdef, rest, process, config, w)  # noqa: E731
+                opts = vlb.training_decoder(config)
+                return vlb.vdm_loss(make, weights, schedule, process, batch, jax.random.PRNGKey(0), **opts)
             den = network.network_denoiser(graphdef, rest, process, config, weights)
             return losses.loss(
                 t.loss,
@@ -50,9 +55,12 @@ class EvalLoss:
                 jax.random.PRNGKey(0),
                 likelihood_weighting=bool(t.likelihood_weighting),
                 reduce_mean=bool(t.get("reduce_mean", True)),
+                vlb_weight=float(t.get("vlb_weight", 0.001)),
+                data_range=(-1.0, 1.0) if config.data.get("centered", True) else (0.0, 1.0),
             )
 
         self.loss = jax.jit(loss)
 
     def __call__(self, state) -> float:
-        return float(host_array(self.loss(state["ema"], self.batch)))
+        schedule = state[learned_schedule.KEY]["ema"] if self.learned else None
+        return float(host_array(self.loss(state["ema"], schedule, self.batch)))

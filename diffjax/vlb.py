@@ -259,6 +259,16 @@ def _terms(den, g, slope, g_min, g_max, process, x0, t, eps, eps0, cond, opts):
     return dict(prior=prior / bits, reconstruction=recon / bits, diffusion=diff / bits)
 
 
+def vdm_loss(
+    make_denoiser: Callable[[Any], Denoiser], weights, schedule: dict, process: VDM, batch: dict, key: Array, **opts
+) -> Array:
+    """The bound's batch mean in bits/dim under traced schedule params: the value of
+    `vdm_value_and_grad` (the eval loss of a learned schedule)."""
+    x0, labels, k_t, eps, eps0 = _batch(batch, key)
+    t = antithetic_times(k_t, x0.shape[:1], process.t_min, process.t_max)
+    return jnp.mean(sum(vdm_terms(make_denoiser, weights, schedule, process, x0, t, eps, eps0, labels, **opts).values()))
+
+
 def vdm_value_and_grad(
     make_denoiser: Callable[[Any], Denoiser], weights, schedule: dict, process: VDM, batch: dict, key: Array, **opts
 ) -> tuple[Array, tuple[Any, dict]]:

@@ -7,6 +7,7 @@ between equal end points, and the bound lies below the exact log-density on aver
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -144,6 +145,7 @@ def test_variance_minimising_gradient():
     total = lambda w, s: jnp.mean(sum(terms(w, s).values()))  # noqa: E731
     want_w, want_s = jax.grad(total, argnums=(0, 1))(weights, sched)
     assert np.isclose(loss, total(weights, sched), rtol=1e-5)
+    assert np.isclose(vlb.vdm_loss(make, weights, sched, process, batch, key), loss, rtol=1e-5)  # the eval loss
     for k in shape:
         assert np.allclose(g_s[k], want_shape[k], rtol=1e-4, atol=1e-7), k
     for k in vdm.ENDS:
@@ -169,8 +171,11 @@ def test_tiny_vdm_train_sample_eval(tmp_path):
     workdir = str(tmp_path / "vdm")
     flags = [f"--config={ROOT}/configs/vdm/digits.py", *DIGITS[1:], "--config.process.hidden=16"]
     flags += ["--config.training.n_iters=4", "--config.training.snapshot_freq=2"]  # checkpoints 2 and 4
+    flags += ["--config.training.eval_freq=2"]  # the eval loss under the state's EMA schedule
     code, _, err = _finish(_start("train", f"--workdir={workdir}", *flags))
     assert code == 0, err[-3000:]
+    evals = [m for m in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [2, 4] and all(0 < m["eval_loss"] < 100 for m in evals), evals  # bits/dim
     sample = _start("sample", f"--workdir={workdir}", "--num=4", "--no_progress", f"--out={tmp_path}/grid.png")
     bpd = ["--num=8", "--batch_size=8", "--passes=1", "--method=elbo", "--elbo_terms=2", "--no_progress"]
     evaluation = _start("eval", "bpd", f"--workdir={workdir}", *bpd)
