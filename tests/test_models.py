@@ -106,9 +106,16 @@ def test_abstract_count_allocates_nothing():
 # ---- shapes --------------------------------------------------------------------------------
 
 
+def output_shape(c, x) -> tuple[int, ...]:
+    """A diffusion network's output has the input's shape; a noise-conditional classifier's is
+    (B, num_classes) logits."""
+    return (x.shape[0], c.model.num_classes) if c.training.loss == "classifier" else x.shape
+
+
 @pytest.mark.parametrize("path", CONFIGS)
 def test_reference_size_output_shape_abstract(path):
-    """Every config at its real size traces to an output of the input's shape (eval_shape: no FLOPs)."""
+    """Every config at its real size traces to an output of the input's shape, or a classifier's to
+    its logits (eval_shape: no FLOPs)."""
     c = cfg(path)
     x = x_for(c, batch=2)
 
@@ -118,7 +125,7 @@ def test_reference_size_output_shape_abstract(path):
         return nnx.merge(graphdef, params, rest)(x, nc)
 
     out = jax.eval_shape(fwd, params, rest, x, noise_cond_for(c))
-    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert out.shape == output_shape(c, x) and out.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -127,7 +134,7 @@ def test_tiny_forward_every_config(path):
     model = models.create(c.model, nnx.Rngs(0))
     x = x_for(c)
     out = run(model, x, noise_cond_for(c))
-    assert out.shape == x.shape and out.dtype == jnp.float32
+    assert out.shape == output_shape(c, x) and out.dtype == jnp.float32
     assert np.all(np.isfinite(np.asarray(out)))
 
 
