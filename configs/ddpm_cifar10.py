@@ -4,6 +4,8 @@
 T = 1000 linear betas 1e-4..0.02, eps-prediction MSE, Adam 2e-4
 with 5000 warmup steps, grad clip 1, batch 128, EMA 0.9999, 800k steps, random flips,
 1000-step ancestral sampling with the x0 estimate clipped to [-1, 1] and variance beta_t (fixed_large).
+Its bound (`diffjax eval bpd`, the ELBO over all T terms, beta-tilde decoder variance as Ho's code):
+<= 3.75 bits/dim on the test set for this L_simple model (Table 1; 3.70 for the model trained on L).
 """
 
 from configs import default
@@ -34,5 +36,5 @@ def get_config():
     sampling.num_steps = 1000
     sampling.clip_x0 = True  # Ho et al.'s sampler clips the x0 estimate to [-1, 1] (clip_denoised)
     sampling.variance = "fixed_large"  # sigma_t^2 = beta_t: Ho et al.'s run_cifar.py (model_var_type='fixedlarge')
-    config.eval.targets.update({"fid": 3.17, "is": 9.46})
+    config.eval.targets.update({"fid": 3.17, "is": 9.46, "bpd": 3.75})
     return config
