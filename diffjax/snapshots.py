@@ -56,7 +56,7 @@ class EvalLoss:
                 likelihood_weighting=bool(t.likelihood_weighting),
                 reduce_mean=bool(t.get("reduce_mean", True)),
                 vlb_weight=float(t.get("vlb_weight", 0.001)),
-                data_range=(-1.0, 1.0) if config.data.get("centered", True) else (0.0, 1.0),
+                data_range=data_range(config),
             )
 
         self.loss = jax.jit(loss)

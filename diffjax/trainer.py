@@ -31,6 +31,7 @@ from diffjax import learned_schedule, losses, models, storage, vlb
 from diffjax.augment import AUGMENT_DIM
 from diffjax.network import NetworkApply, abstract_model, build_process, data_shape, inference_rest, network_denoiser  # noqa: F401
 from diffjax.processes import Process
+from diffjax.sample import data_range as sample_data_range
 
 Array = jax.Array
 __all__ = [
@@ -259,7 +260,7 @@ def make_train_step(config, graphdef, rest, process: Process, shardings, mesh: M
                 label_dropout=float(t.label_dropout),
                 reduce_mean=bool(t.get("reduce_mean", True)),
                 vlb_weight=float(t.get("vlb_weight", 0.001)),
-                data_range=(-1.0, 1.0) if config.data.get("centered", True) else (0.0, 1.0),
+                data_range=sample_data_range(config),
             )
 
         if learned_schedule.KEY in state:  # VDM: the ELBO, the schedule's variance-minimising gradient

@@ -229,10 +229,11 @@ def training_decoder(config) -> dict:
     images (a density on 8-bit data grows without bound as gamma_min falls: the end point would drift),
     the Gaussian density for the continuous toy data (or uniformly dequantised images)."""
     from diffjax.data import TOY_DATASETS
+    from diffjax.sample import data_range
 
     if config.data.dataset in TOY_DATASETS or config.data.get("uniform_dequantization", False):
         return dict(decoder="gaussian")
-    return dict(decoder="discretized", data_range=(-1.0, 1.0) if config.data.centered else (0.0, 1.0))
+    return dict(decoder="discretized", data_range=data_range(config))
 
 
 def vdm_terms(
