@@ -9,6 +9,8 @@ float16 inputs whose head size cuDNN takes, XLA's fused softmax attention everyw
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 
@@ -37,6 +39,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str =
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "reference":
         return reference_attention(q, k, v)
-    if implementation == "auto":
-        implementation = "cudnn" if _cudnn_supported(q) else "xla"
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)  # type: ignore[arg-type]
+    fused: Literal["xla", "cudnn"] = (
+        "cudnn" if implementation == "cudnn" or (implementation == "auto" and _cudnn_supported(q)) else "xla"
+    )
+    return jax.nn.dot_product_attention(q, k, v, implementation=fused)

@@ -32,4 +32,4 @@ def remat_call(call: F, remat: str, static_argnums: int | tuple[int, ...] = ()) 
     if remat == "none":
         return call
     policy = None if remat == "block" else jax.checkpoint_policies.checkpoint_dots
-    return nnx.remat(call, policy=policy, static_argnums=static_argnums)  # type: ignore[return-value]
+    return nnx.remat(call, policy=policy, static_argnums=static_argnums)
