@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffjax/serving/sampling.proto\x12\ndiffjax.v1\"\xa9\x02\n\rSampleRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x05\x12\x0f\n\x07sampler\x18\x02 \x01(\t\x12\x11\n\tnum_steps\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0e\n\x06labels\x18\x05 \x03(\x05\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12(\n\x06output\x18\x07 \x01(\x0e\x32\x18.diffjax.v1.OutputFormat\x12\x37\n\x07options\x18\x08 \x03(\x0b\x32&.diffjax.v1.SampleRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_guidance_scale\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0eSampleResponse\x12#\n\x07samples\x18\x01 \x01(\x0b\x32\x12.diffjax.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\x12\x17\n\x0f\x63heckpoint_step\x18\x03 \x01(\x03\x12\x0b\n\x03nfe\x18\x04 \x01(\x05\"i\n\x0bSampleBatch\x12\x0f\n\x07indices\x18\x01 \x03(\x05\x12#\n\x07samples\x18\x02 \x01(\x0b\x32\x12.diffjax.v1.Tensor\x12\x0b\n\x03png\x18\x03 \x03(\x0c\x12\x17\n\x0f\x63heckpoint_step\x18\x04 \x01(\x03\"\x15\n\x13GetModelInfoRequest\"\x8f\x02\n\tModelInfo\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x10\n\x08samplers\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\x05 \x01(\t\x12\x15\n\rdefault_steps\x18\x06 \x01(\x05\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x08 \x01(\x05\x12\x17\n\x0f\x63heckpoint_step\x18\t \x01(\x03\x12\x0f\n\x07process\x18\n \x01(\t\x12\x10\n\x08\x64\x61ta_min\x18\x0b \x01(\x02\x12\x10\n\x08\x64\x61ta_max\x18\x0c \x01(\x02\"\x18\n\x16GetServerStatusRequest\"\xfd\x01\n\x0cServerStatus\x12\x13\n\x0b\x62\x61tch_slots\x18\x01 \x01(\x05\x12\x12\n\nbusy_slots\x18\x02 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x11\n\tsteps_run\x18\x05 \x01(\x03\x12\x1a\n\x12requests_completed\x18\x06 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x07 \x01(\x03\x12\x19\n\x11samples_completed\x18\x08 \x01(\x03\x12\x17\n\x0f\x63heckpoint_step\x18\t \x01(\x03\x12\x0f\n\x07reloads\x18\n \x01(\x03*C\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x07\n\x03PNG\x10\x02\x32\xaa\x02\n\x08Sampling\x12?\n\x06Sample\x12\x19.diffjax.v1.SampleRequest\x1a\x1a.diffjax.v1.SampleResponse\x12\x44\n\x0cSampleStream\x12\x19.diffjax.v1.SampleRequest\x1a\x17.diffjax.v1.SampleBatch0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.diffjax.v1.GetModelInfoRequest\x1a\x15.diffjax.v1.ModelInfo\x12O\n\x0fGetServerStatus\x12\".diffjax.v1.GetServerStatusRequest\x1a\x18.diffjax.v1.ServerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iffjax/serving/sampling.proto\x12\ndiffjax.v1\"\xb8\x02\n\rSampleRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x05\x12\x0f\n\x07sampler\x18\x02 \x01(\t\x12\x11\n\tnum_steps\x18\x03 \x01(\x05\x12\x0c\n\x04seed\x18\x04 \x01(\r\x12\x0e\n\x06labels\x18\x05 \x03(\x05\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12(\n\x06output\x18\x07 \x01(\x0e\x32\x18.diffjax.v1.OutputFormat\x12\x37\n\x07options\x18\x08 \x03(\x0b\x32&.diffjax.v1.SampleRequest.OptionsEntry\x12\r\n\x05model\x18\t \x01(\t\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_guidance_scale\"4\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"h\n\x0eSampleResponse\x12#\n\x07samples\x18\x01 \x01(\x0b\x32\x12.diffjax.v1.Tensor\x12\x0b\n\x03png\x18\x02 \x03(\x0c\x12\x17\n\x0f\x63heckpoint_step\x18\x03 \x01(\x03\x12\x0b\n\x03nfe\x18\x04 \x01(\x05\"i\n\x0bSampleBatch\x12\x0f\n\x07indices\x18\x01 \x03(\x05\x12#\n\x07samples\x18\x02 \x01(\x0b\x32\x12.diffjax.v1.Tensor\x12\x0b\n\x03png\x18\x03 \x03(\x0c\x12\x17\n\x0f\x63heckpoint_step\x18\x04 \x01(\x03\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x9d\x02\n\tModelInfo\x12\x13\n\x0b\x63onfig_json\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x05\x12\x10\n\x08samplers\x18\x04 \x03(\t\x12\x17\n\x0f\x64\x65\x66\x61ult_sampler\x18\x05 \x01(\t\x12\x15\n\rdefault_steps\x18\x06 \x01(\x05\x12\x11\n\tmax_steps\x18\x07 \x01(\x05\x12\x1f\n\x17max_samples_per_request\x18\x08 \x01(\x05\x12\x17\n\x0f\x63heckpoint_step\x18\t \x01(\x03\x12\x0f\n\x07process\x18\n \x01(\t\x12\x10\n\x08\x64\x61ta_min\x18\x0b \x01(\x02\x12\x10\n\x08\x64\x61ta_max\x18\x0c \x01(\x02\x12\x0c\n\x04name\x18\r \x01(\t\"\x13\n\x11ListModelsRequest\"2\n\tModelList\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.diffjax.v1.ModelInfo\"\'\n\x16GetServerStatusRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xfd\x01\n\x0cServerStatus\x12\x13\n\x0b\x62\x61tch_slots\x18\x01 \x01(\x05\x12\x12\n\nbusy_slots\x18\x02 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x03 \x01(\x05\x12\x1b\n\x13max_queued_requests\x18\x04 \x01(\x05\x12\x11\n\tsteps_run\x18\x05 \x01(\x03\x12\x1a\n\x12requests_completed\x18\x06 \x01(\x03\x12\x1a\n\x12requests_cancelled\x18\x07 \x01(\x03\x12\x19\n\x11samples_completed\x18\x08 \x01(\x03\x12\x17\n\x0f\x63heckpoint_step\x18\t \x01(\x03\x12\x0f\n\x07reloads\x18\n \x01(\x03*C\n\x0cOutputFormat\x12\x1d\n\x19OUTPUT_FORMAT_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x07\n\x03PNG\x10\x02\x32\xee\x02\n\x08Sampling\x12?\n\x06Sample\x12\x19.diffjax.v1.SampleRequest\x1a\x1a.diffjax.v1.SampleResponse\x12\x44\n\x0cSampleStream\x12\x19.diffjax.v1.SampleRequest\x1a\x17.diffjax.v1.SampleBatch0\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.diffjax.v1.GetModelInfoRequest\x1a\x15.diffjax.v1.ModelInfo\x12O\n\x0fGetServerStatus\x12\".diffjax.v1.GetServerStatusRequest\x1a\x18.diffjax.v1.ServerStatus\x12\x42\n\nListModels\x12\x1d.diffjax.v1.ListModelsRequest\x1a\x15.diffjax.v1.ModelListb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLEREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_SAMPLEREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTPUTFORMAT']._serialized_start=1192
-  _globals['_OUTPUTFORMAT']._serialized_end=1259
+  _globals['_OUTPUTFORMAT']._serialized_start=1324
+  _globals['_OUTPUTFORMAT']._serialized_end=1391
   _globals['_SAMPLEREQUEST']._serialized_start=47
-  _globals['_SAMPLEREQUEST']._serialized_end=344
-  _globals['_SAMPLEREQUEST_OPTIONSENTRY']._serialized_start=279
-  _globals['_SAMPLEREQUEST_OPTIONSENTRY']._serialized_end=325
-  _globals['_TENSOR']._serialized_start=346
-  _globals['_TENSOR']._serialized_end=398
-  _globals['_SAMPLERESPONSE']._serialized_start=400
-  _globals['_SAMPLERESPONSE']._serialized_end=504
-  _globals['_SAMPLEBATCH']._serialized_start=506
-  _globals['_SAMPLEBATCH']._serialized_end=611
-  _globals['_GETMODELINFOREQUEST']._serialized_start=613
-  _globals['_GETMODELINFOREQUEST']._serialized_end=634
-  _globals['_MODELINFO']._serialized_start=637
-  _globals['_MODELINFO']._serialized_end=908
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=910
-  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=934
-  _globals['_SERVERSTATUS']._serialized_start=937
-  _globals['_SERVERSTATUS']._serialized_end=1190
-  _globals['_SAMPLING']._serialized_start=1262
-  _globals['_SAMPLING']._serialized_end=1560
+  _globals['_SAMPLEREQUEST']._serialized_end=359
+  _globals['_SAMPLEREQUEST_OPTIONSENTRY']._serialized_start=294
+  _globals['_SAMPLEREQUEST_OPTIONSENTRY']._serialized_end=340
+  _globals['_TENSOR']._serialized_start=361
+  _globals['_TENSOR']._serialized_end=413
+  _globals['_SAMPLERESPONSE']._serialized_start=415
+  _globals['_SAMPLERESPONSE']._serialized_end=519
+  _globals['_SAMPLEBATCH']._serialized_start=521
+  _globals['_SAMPLEBATCH']._serialized_end=626
+  _globals['_GETMODELINFOREQUEST']._serialized_start=628
+  _globals['_GETMODELINFOREQUEST']._serialized_end=664
+  _globals['_MODELINFO']._serialized_start=667
+  _globals['_MODELINFO']._serialized_end=952
+  _globals['_LISTMODELSREQUEST']._serialized_start=954
+  _globals['_LISTMODELSREQUEST']._serialized_end=973
+  _globals['_MODELLIST']._serialized_start=975
+  _globals['_MODELLIST']._serialized_end=1025
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_start=1027
+  _globals['_GETSERVERSTATUSREQUEST']._serialized_end=1066
+  _globals['_SERVERSTATUS']._serialized_start=1069
+  _globals['_SERVERSTATUS']._serialized_end=1322
+  _globals['_SAMPLING']._serialized_start=1394
+  _globals['_SAMPLING']._serialized_end=1760
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ FLOAT32: OutputFormat
 PNG: OutputFormat
 
 class SampleRequest(_message.Message):
-    __slots__ = ("num_samples", "sampler", "num_steps", "seed", "labels", "guidance_scale", "output", "options")
+    __slots__ = ("num_samples", "sampler", "num_steps", "seed", "labels", "guidance_scale", "output", "options", "model")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class SampleRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     num_samples: int
     sampler: str
     num_steps: int
@@ -41,7 +42,8 @@ class SampleRequest(_message.Message):
     guidance_scale: float
     output: OutputFormat
     options: _containers.ScalarMap[str, float]
-    def __init__(self, num_samples: _Optional[int] = ..., sampler: _Optional[str] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., options: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    model: str
+    def __init__(self, num_samples: _Optional[int] = ..., sampler: _Optional[str] = ..., num_steps: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., guidance_scale: _Optional[float] = ..., output: _Optional[_Union[OutputFormat, str]] = ..., options: _Optional[_Mapping[str, float]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")
@@ -78,11 +80,13 @@ class SampleBatch(_message.Message):
     def __init__(self, indices: _Optional[_Iterable[int]] = ..., samples: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[_Iterable[bytes]] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("config_json", "sample_shape", "num_classes", "samplers", "default_sampler", "default_steps", "max_steps", "max_samples_per_request", "checkpoint_step", "process", "data_min", "data_max")
+    __slots__ = ("config_json", "sample_shape", "num_classes", "samplers", "default_sampler", "default_steps", "max_steps", "max_samples_per_request", "checkpoint_step", "process", "data_min", "data_max", "name")
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +99,7 @@ class ModelInfo(_message.Message):
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     DATA_MIN_FIELD_NUMBER: _ClassVar[int]
     DATA_MAX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     config_json: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
@@ -107,11 +112,24 @@ class ModelInfo(_message.Message):
     process: str
     data_min: float
     data_max: float
-    def __init__(self, config_json: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., default_sampler: _Optional[str] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., checkpoint_step: _Optional[int] = ..., process: _Optional[str] = ..., data_min: _Optional[float] = ..., data_max: _Optional[float] = ...) -> None: ...
+    name: str
+    def __init__(self, config_json: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., samplers: _Optional[_Iterable[str]] = ..., default_sampler: _Optional[str] = ..., default_steps: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_samples_per_request: _Optional[int] = ..., checkpoint_step: _Optional[int] = ..., process: _Optional[str] = ..., data_min: _Optional[float] = ..., data_max: _Optional[float] = ..., name: _Optional[str] = ...) -> None: ...
 
-class GetServerStatusRequest(_message.Message):
+class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ModelList(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetServerStatusRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ServerStatus(_message.Message):
     __slots__ = ("batch_slots", "busy_slots", "queued_requests", "max_queued_requests", "steps_run", "requests_completed", "requests_cancelled", "samples_completed", "checkpoint_step", "reloads")

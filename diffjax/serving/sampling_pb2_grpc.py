@@ -54,6 +54,11 @@ class SamplingStub:
                 request_serializer=diffjax_dot_serving_dot_sampling__pb2.GetServerStatusRequest.SerializeToString,
                 response_deserializer=diffjax_dot_serving_dot_sampling__pb2.ServerStatus.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/diffjax.v1.Sampling/ListModels',
+                request_serializer=diffjax_dot_serving_dot_sampling__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=diffjax_dot_serving_dot_sampling__pb2.ModelList.FromString,
+                _registered_method=True)
 
 
 class SamplingServicer:
@@ -85,6 +90,13 @@ class SamplingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model this server serves (`--workdir` is "default"; `--model NAME=WORKDIR` adds more).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SamplingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +119,11 @@ def add_SamplingServicer_to_server(servicer, server):
                     servicer.GetServerStatus,
                     request_deserializer=diffjax_dot_serving_dot_sampling__pb2.GetServerStatusRequest.FromString,
                     response_serializer=diffjax_dot_serving_dot_sampling__pb2.ServerStatus.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=diffjax_dot_serving_dot_sampling__pb2.ListModelsRequest.FromString,
+                    response_serializer=diffjax_dot_serving_dot_sampling__pb2.ModelList.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -217,6 +234,33 @@ class Sampling:
             '/diffjax.v1.Sampling/GetServerStatus',
             diffjax_dot_serving_dot_sampling__pb2.GetServerStatusRequest.SerializeToString,
             diffjax_dot_serving_dot_sampling__pb2.ServerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diffjax.v1.Sampling/ListModels',
+            diffjax_dot_serving_dot_sampling__pb2.ListModelsRequest.SerializeToString,
+            diffjax_dot_serving_dot_sampling__pb2.ModelList.FromString,
             options,
             channel_credentials,
             insecure,
