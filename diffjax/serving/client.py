@@ -1,4 +1,4 @@
-"""`diffjax.serving.Client` and `diffjax client {sample,info,status,health} --addr HOST:PORT`."""
+"""`diffjax.serving.Client` and `diffjax client {sample,info,status,models,health} --addr HOST:PORT [--model NAME]`."""
 
 from __future__ import annotations
 
@@ -67,9 +67,10 @@ class Client:
         guidance_scale: float | None = None,
         output: str = "float32",
         options: dict[str, float] | None = None,
+        model: str = "",
     ) -> pb.SampleRequest:
         """options: the sampler's per-request numeric options (ddim eta, pc snr, heun s_churn, s_tmin,
-        s_tmax, s_noise)."""
+        s_tmax, s_noise); model: a served model's name ("" = the server's default model)."""
         if output not in _OUTPUTS:
             raise ValueError(f"output must be one of {sorted(_OUTPUTS)}, got {output!r}")
         req = pb.SampleRequest(
@@ -79,6 +80,7 @@ class Client:
             seed=seed,
             labels=list(labels or []),
             output=_OUTPUTS[output],
+            model=model,
         )
         if guidance_scale is not None:
             req.guidance_scale = guidance_scale
@@ -102,11 +104,15 @@ class Client:
             x = png_to_numpy(batch.png) if batch.png else tensor_to_numpy(batch.samples)
             yield list(batch.indices), x
 
-    def model_info(self) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+    def model_info(self, model: str = "") -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=self.timeout)
 
-    def status(self) -> pb.ServerStatus:
-        return self.stub.GetServerStatus(pb.GetServerStatusRequest(), timeout=self.timeout)
+    def status(self, model: str = "") -> pb.ServerStatus:
+        return self.stub.GetServerStatus(pb.GetServerStatusRequest(model=model), timeout=self.timeout)
+
+    def models(self) -> list[pb.ModelInfo]:
+        """Every served model's ModelInfo (`.name` the name requests use), the default first."""
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
 
     def health(self, service: str = "") -> str:
         """'SERVING', 'NOT_SERVING', ... of the standard grpc.health.v1 service."""
@@ -138,11 +144,13 @@ class Client:
 def main(argv: list[str]) -> int:
     p = commandline.Parser("diffjax client", "Talk to a `diffjax serve` server.")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("sample", "info", "status", "health"):
+    for name in ("sample", "info", "status", "models", "health"):
         s = sub.add_parser(name)  # a commandline.Parser too
         s.add_argument("--addr", default="127.0.0.1:50051")
         s.add_argument("--timeout", type=commandline.positive_float, default=600.0)
         s.add_argument("--tls_ca", default=None, help="PEM root certificate (TLS)")
+        if name in ("sample", "info", "status"):
+            s.add_argument("--model", default="", help="a served model's name (default: the server's default model)")
         if name == "sample":
             s.add_argument("--num", type=commandline.positive_int, default=16)
             s.add_argument("--sampler", default="")
@@ -172,15 +180,11 @@ def main(argv: list[str]) -> int:
             if args.command == "health":
                 print(client.health())
             elif args.command == "status":
-                print(str(client.status()).strip())
+                print(str(client.status(args.model)).strip())
             elif args.command == "info":
-                info = client.model_info()
-                summary = {f.name: v for f, v in info.ListFields() if f.name != "config_json"}
-                print(
-                    json.dumps(
-                        {k: list(v) if not isinstance(v, (int, float, str)) else v for k, v in summary.items()}, indent=1
-                    )
-                )
+                print(json.dumps(_summary(client.model_info(args.model)), indent=1))
+            elif args.command == "models":
+                print(json.dumps([_summary(info) for info in client.models()], indent=1))
             else:
                 return _sample(client, args)
         except grpc.RpcError as err:
@@ -189,12 +193,18 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _summary(info: pb.ModelInfo) -> dict:
+    """A ModelInfo as JSON-ready fields, the config left out."""
+    summary = {f.name: v for f, v in info.ListFields() if f.name != "config_json"}
+    return {k: list(v) if not isinstance(v, (int, float, str)) else v for k, v in summary.items()}
+
+
 def _sample(client: Client, args) -> int:
     """Streams the samples (any count fits), then writes the PNG grid / scatter and the .npz."""
     from diffjax.sample import save_samples
 
     start = time.perf_counter()
-    info = client.model_info()
+    info = client.model_info(args.model)
     x = np.zeros((max(args.num, 0), *info.sample_shape), np.float32)
     for indices, batch in client.sample_stream(
         args.num,
@@ -204,11 +214,12 @@ def _sample(client: Client, args) -> int:
         labels=args.labels,
         guidance_scale=args.guidance_scale,
         options=args.options,
+        model=args.model,
     ):
         x[indices] = batch
     png, npz = save_samples(x, args.out, (info.data_min, info.data_max))
     print(
-        f"{len(x)} samples ({args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
+        f"{len(x)} samples ({info.name}: {args.sampler or info.default_sampler}, {args.steps or info.default_steps} steps, "
         f"checkpoint step {info.checkpoint_step}) in {time.perf_counter() - start:.1f}s -> {png}, {npz}"
     )
     return 0

@@ -203,6 +203,20 @@ def _zero_state(x):
     return {name: jnp.zeros_like(x) for name in steppers.STATE_KEYS}
 
 
+@functools.lru_cache(maxsize=32)
+def _shared_step(rows, **statics):
+    return jax.jit(partial(_step, **statics), donate_argnums=(1,), out_shardings=rows)
+
+
+def _jitted_step(rows, **statics):
+    """The jitted step; engines of one network, process and samplers (a server's models at two EMA
+    rates, or two names for one workdir) share one jit object, so its program compiles once."""
+    try:
+        return _shared_step(rows, **statics)
+    except TypeError:  # an unhashable static (e.g. a process holding arrays): a program of its own
+        return jax.jit(partial(_step, **statics), donate_argnums=(1,), out_shardings=rows)
+
+
 class Engine:
     """Host side of the slot batch: builds admissions, runs the compiled step, returns finished rows."""
 
@@ -240,18 +254,14 @@ class Engine:
         self._rows = NamedSharding(self.mesh, P("batch"))
         self._replicated = NamedSharding(self.mesh, P())
         self._den_leaves, self._den_tree = jax.tree.flatten(jax.device_put(denoiser, self._replicated))
-        self._step = jax.jit(
-            partial(
-                _step,
-                den_tree=self._den_tree,
-                process=process,
-                kinds=tuple(self.served.values()),
-                dynamic=tuple(self.dynamic.values()),
-                sample_shape=self.sample_shape,
-                num_classes=self.num_classes,
-            ),
-            donate_argnums=(1,),
-            out_shardings=self._rows,
+        self._step = _jitted_step(
+            self._rows,
+            den_tree=self._den_tree,
+            process=process,
+            kinds=tuple(self.served.values()),
+            dynamic=tuple(self.dynamic.values()),
+            sample_shape=self.sample_shape,
+            num_classes=self.num_classes,
         )
         self.state = self._initial_state()
         # Host mirrors of the per-slot counters (the device never needs to be asked what finished).

@@ -56,15 +56,29 @@ class Job:
     checkpoint_step: int | None = None
     key: np.ndarray | None = None
     options: dict = dataclasses.field(default_factory=dict)  # per-request numeric sampler options
+    submitted: float = 0.0  # time.perf_counter() at submit
+    started: float | None = None  # ... at its first slot
 
 
 class Scheduler:
     """Continuous batching over an Engine; thread-safe submit/cancel from gRPC handler threads."""
 
-    def __init__(self, engine: Engine, *, checkpoint_step: int, max_queued_requests: int = 256, admission: str = "fifo"):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        checkpoint_step: int,
+        max_queued_requests: int = 256,
+        admission: str = "fifo",
+        on_step: Callable[[float], None] | None = None,
+        on_start: Callable[[float], None] | None = None,
+    ):
+        """on_step(seconds): called after each step call with its wall time; on_start(seconds): when a
+        request gets its first slot, with its time in the queue (both on the scheduler thread)."""
         if admission not in ADMISSION:
             raise ValueError(f"admission must be one of {ADMISSION}, got {admission!r}")
         self.engine, self.admission = engine, admission
+        self.on_step, self.on_start = on_step, on_start
         self.checkpoint_step = checkpoint_step
         self.max_queued_requests = int(max_queued_requests)
         self._pending: collections.deque[Job] = collections.deque()
@@ -88,6 +102,7 @@ class Scheduler:
             if len(self._pending) >= self.max_queued_requests:
                 raise QueueFull(f"request queue is full ({self.max_queued_requests} queued requests)")
             job.key = request_key(job.seed)
+            job.submitted = time.perf_counter()
             self._pending.append(job)
             self._cond.notify()
         return job
@@ -175,6 +190,10 @@ class Scheduler:
                     slot, index = slots.pop(0), job.admitted
                     if job.checkpoint_step is None:
                         job.checkpoint_step = self.checkpoint_step
+                    if job.started is None:
+                        job.started = time.perf_counter()
+                        if self.on_start is not None:
+                            self.on_start(job.started - job.submitted)
                     assert job.key is not None  # request_key(seed), set by submit
                     admissions.append(
                         Admission(
@@ -201,7 +220,10 @@ class Scheduler:
                     plan = self._plan()
                 if plan is None:
                     return
+                calls, t0 = self.engine.calls, time.perf_counter()
                 finished = self.engine.step(*plan)
+                if self.on_step is not None and self.engine.calls != calls:  # a step call ran (not only frees)
+                    self.on_step(time.perf_counter() - t0)
                 if finished:
                     self._deliver(finished)
         except BaseException as err:  # noqa: BLE001 - fail every waiting request, not silently hang

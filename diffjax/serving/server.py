@@ -1,14 +1,18 @@
-"""`diffjax serve --workdir DIR [--port 50051]`: the gRPC sampling server.
+"""`diffjax serve --workdir DIR [--model NAME=WORKDIR[,ema=RATE] ...] [--port 50051]`: the gRPC sampling server.
 
-Loads the newest checkpoint's EMA weights, compiles and warms up the batched step, then reports
+Serves one or more models (`--workdir` is named "default"; each `--model` adds one), each with its
+newest checkpoint's EMA weights, its own engine, slots, scheduler and hot reload; requests name
+their model (`""` = the default). Compiles and warms up every model's batched step, then reports
 SERVING on the standard grpc.health.v1 service (server reflection is on too). Requests are
-validated (INVALID_ARGUMENT naming the field), queued (RESOURCE_EXHAUSTED when the queue is
-full) and packed by the scheduler into one fixed batch of slots. SIGTERM / SIGINT drain the
-in-flight work, then stop. A newer checkpoint in the workdir is picked up every --reload_s seconds.
+validated (INVALID_ARGUMENT naming the field; NOT_FOUND for an unknown model), queued
+(RESOURCE_EXHAUSTED when the model's queue is full) and packed by its scheduler into one fixed batch
+of slots. SIGTERM / SIGINT drain the in-flight work, then stop. A newer checkpoint in a model's
+workdir is picked up every --reload_s seconds. `--metrics_port` serves Prometheus metrics.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
@@ -18,6 +22,7 @@ import sys
 import threading
 import time
 from concurrent import futures
+from typing import NoReturn, Sequence
 
 import grpc
 import numpy as np
@@ -28,8 +33,17 @@ from diffjax import commandline, distributed
 from diffjax.sample import clip_output
 from diffjax.serving import sampling_pb2 as pb
 from diffjax.serving import sampling_pb2_grpc as pb_grpc
-from diffjax.serving.engine import served_steppers
-from diffjax.serving.scheduler import ADMISSION, Job, NotAccepting, QueueFull, Scheduler, wait_events
+from diffjax.serving.metrics import UNKNOWN, Metrics, RequestRecord
+from diffjax.serving.models import (
+    DEFAULT,
+    Model,
+    ModelSpec,
+    ServedModel,
+    check_names,
+    check_workdir,
+    parse_model_flag,
+)
+from diffjax.serving.scheduler import ADMISSION, Job, NotAccepting, QueueFull, wait_events
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Sampling"].full_name  # "diffjax.v1.Sampling"
 
@@ -38,9 +52,9 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Sampling"].full_name  # "diffjax.v1.Sa
 class ServerOptions:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port
-    batch_slots: int = 64
+    batch_slots: int = 64  # per model
     max_samples_per_request: int = 1024
-    max_queued_requests: int = 256
+    max_queued_requests: int = 256  # per model
     max_steps: int = 1000
     max_message_bytes: int = 64 << 20
     reload_s: float = 30.0  # 0 = never look for newer checkpoints
@@ -49,49 +63,64 @@ class ServerOptions:
     admission: str = "fifo"  # or "fair" (scheduler.ADMISSION)
     tls_cert: str | None = None
     tls_key: str | None = None
-    ema: float | None = None  # the EMA rate served (None: training.ema_rate; --ema picks one of training.ema_rates)
+    ema: float | None = None  # --workdir's EMA rate (None: training.ema_rate; --ema picks one of training.ema_rates)
     classifier: str | None = None  # a classifier workdir: every request is classifier-guided (diffjax.guidance)
     classifier_scale: float | None = None
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port (None: off; 0: any free port)
+    http_port: int | None = None  # the HTTP/JSON API (diffjax.serving.http_api) on host:http_port (None: off)
 
 
-class Model:
-    """What the servicer knows of the model: shapes, classes, data range, defaults."""
-
-    def __init__(self, config, process, sample_shape, max_steps: int):
-        from diffjax.sample import data_range
-
-        self.config, self.process, self.sample_shape = config, process, tuple(sample_shape)
-        self.num_classes = int(config.model.get("num_classes", 0) or 0)
-        self.data_min, self.data_max = data_range(config)
-        self.max_steps = max_steps
-        self.classifier = False  # classifier guidance: labels in [0, num_classes) required (Server._load)
-        clip_x0 = self.data_min, self.data_max
-        self.samplers = served_steppers(config.sampling, clip_x0 if config.sampling.get("clip_x0", False) else None, process)
-        self.default_sampler = config.sampling.sampler if config.sampling.sampler in self.samplers else "ddim"
-        self.default_steps = min(int(config.sampling.num_steps), max_steps)
+DEADLINE_SLACK_S = 0.25  # a client's own deadline fires a little before the server's copy of it
 
 
-def m_nfe(model: Model, job: Job) -> int:
-    """Network evaluations per sample of a job (as samplers.sample reports its NFE)."""
-    return model.samplers[job.sampler].nfe(job.num_steps)
+def ended(context) -> grpc.StatusCode:
+    """The status of a call that ended early: its deadline passed (within DEADLINE_SLACK_S: the
+    client cancels at its deadline, which the server learns slightly later), or the client left."""
+    return grpc.StatusCode.DEADLINE_EXCEEDED if context.time_remaining() <= DEADLINE_SLACK_S else grpc.StatusCode.CANCELLED
 
 
 class Servicer(pb_grpc.SamplingServicer):
-    def __init__(self, model: Model, scheduler: Scheduler, options: ServerOptions):
-        self.model, self.scheduler, self.options = model, scheduler, options
+    def __init__(self, models: dict[str, ServedModel], default: str, options: ServerOptions, metrics: Metrics):
+        self.models, self.default, self.options, self.metrics = models, default, options, metrics
         self.serving = threading.Event()
 
-    # ---- validation -----------------------------------------------------------------------------
-    def _job(self, request: pb.SampleRequest, context, *, unary: bool) -> Job:
-        m, o = self.model, self.options
+    def _abort(self, context, record: RequestRecord | None, code: grpc.StatusCode, message: str) -> NoReturn:
+        if record is not None:
+            record.finish(code.name)
+        context.abort(code, message)
+        raise AssertionError("context.abort returned")  # it raises
 
-        def bad(message):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+    def _record(self, context) -> RequestRecord:
+        """The call's metrics record; a call that ends by deadline or cancellation is counted at its end."""
+        record = self.metrics.request()
+        context.add_callback(lambda: record.finish(ended(context).name))
+        return record
+
+    def _served(self, name: str, context, record: RequestRecord | None = None) -> ServedModel:
+        served = self.models.get(name or self.default)
+        if served is None:
+            self._abort(
+                context,
+                record,
+                grpc.StatusCode.NOT_FOUND,
+                f"model {name!r} is not served here; it serves {list(self.models)}",
+            )
+        return served
+
+    # ---- validation -----------------------------------------------------------------------------
+    def _job(self, request: pb.SampleRequest, context, served: ServedModel, record: RequestRecord, *, unary: bool) -> Job:
+        m, o = served.model, self.options
+        scheduler = served.scheduler
+        assert scheduler is not None
+        sampler = request.sampler or m.default_sampler
+        record.sampler = sampler if sampler in m.samplers else UNKNOWN
+
+        def bad(message) -> NoReturn:
+            self._abort(context, record, grpc.StatusCode.INVALID_ARGUMENT, message)
 
         n = request.num_samples
         if not 1 <= n <= o.max_samples_per_request:
             bad(f"num_samples must be in [1, {o.max_samples_per_request}], got {n}")
-        sampler = request.sampler or m.default_sampler
         if sampler == "ode":
             bad(
                 "sampler 'ode' (adaptive steps) is offline-only: use `diffjax sample`; the server serves "
@@ -99,7 +128,7 @@ class Servicer(pb_grpc.SamplingServicer):
             )
         if sampler not in m.samplers:
             bad(f"sampler must be one of {sorted(m.samplers)}, got {request.sampler!r}")
-        options, takes = dict(request.options), self.scheduler.engine.dynamic[sampler]
+        options, takes = dict(request.options), scheduler.engine.dynamic[sampler]
         unknown = sorted(set(options) - set(takes))
         if unknown:
             bad(f"options {unknown} are not options of {sampler} on this model; it takes {list(takes) or 'none'}")
@@ -143,77 +172,89 @@ class Servicer(pb_grpc.SamplingServicer):
                     f"{o.max_message_bytes}; use SampleStream"
                 )
         try:
-            self.scheduler.engine.grid(sampler, steps)  # computed here (cached), not in the scheduler thread
+            scheduler.engine.grid(sampler, steps)  # computed here (cached), not in the scheduler thread
         except ValueError as err:  # e.g. more steps than a discrete process has
             bad(f"num_steps={steps} for {sampler}: {err}")
         return Job(n, sampler, steps, int(request.seed), labels, scale, options=options)
 
-    def _submit(self, request, context, *, unary: bool) -> Job:
+    def _submit(self, request, context, record: RequestRecord, *, unary: bool) -> tuple[ServedModel, Job]:
+        served = self._served(request.model, context, record)
+        record.model = served.name
         if not self.serving.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "server is warming up or shutting down")
-        job = self._job(request, context, unary=unary)
+            self._abort(context, record, grpc.StatusCode.UNAVAILABLE, "server is warming up or shutting down")
+        job = self._job(request, context, served, record, unary=unary)
+        scheduler = served.scheduler
+        assert scheduler is not None
         try:
-            self.scheduler.submit(job)
+            scheduler.submit(job)
         except QueueFull as err:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            self._abort(context, record, grpc.StatusCode.RESOURCE_EXHAUSTED, f"model {served.name}: {err}")
         except NotAccepting as err:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
-        context.add_callback(lambda: self.scheduler.cancel(job))  # deadline / cancel / disconnect
-        return job
+            self._abort(context, record, grpc.StatusCode.UNAVAILABLE, str(err))
+        context.add_callback(lambda: scheduler.cancel(job))  # deadline / cancel / disconnect
+        return served, job
 
-    def _events(self, job: Job, context):
+    def _events(self, served: ServedModel, job: Job, context, record: RequestRecord):
         for event in wait_events(job, context.is_active):
             if event[0] == "error":
-                context.abort(grpc.StatusCode.INTERNAL, event[1])
+                self._abort(context, record, grpc.StatusCode.INTERNAL, event[1])
             if event[0] == "batch":
                 yield event
-        if not context.is_active():
-            self.scheduler.cancel(job)
+        if job.finished != job.num_samples:  # the call ended (deadline, cancel, disconnect) before its samples
+            assert served.scheduler is not None
+            served.scheduler.cancel(job)
+            self._abort(context, record, ended(context), "request cancelled")
 
     # ---- RPCs -----------------------------------------------------------------------------------
     def Sample(self, request, context):
-        job = self._submit(request, context, unary=True)
-        out = np.zeros((job.num_samples, *self.model.sample_shape), np.float32)
-        step = None
-        for _, indices, xs, step in self._events(job, context):
-            out[indices] = xs
-        if job.finished != job.num_samples:
-            context.abort(grpc.StatusCode.CANCELLED, "request cancelled")
-        response = pb.SampleResponse(checkpoint_step=int(step), nfe=m_nfe(self.model, job))
-        self._fill(response, request.output, out)
-        return response
+        record = self._record(context)
+        try:
+            served, job = self._submit(request, context, record, unary=True)
+            out = np.zeros((job.num_samples, *served.model.sample_shape), np.float32)
+            step = None
+            for _, indices, xs, step in self._events(served, job, context, record):
+                out[indices] = xs
+            response = pb.SampleResponse(checkpoint_step=int(step), nfe=served.model.nfe(job))
+            self._fill(served.model, response, request.output, out)
+            if record.finish("OK", nfe=response.nfe):
+                self.metrics.samples.labels(served.name).inc(job.num_samples)
+            return response
+        except BaseException:
+            record.finish("UNKNOWN")  # counted already unless unexpected
+            raise
 
     def SampleStream(self, request, context):
-        job = self._submit(request, context, unary=False)
-        for _, indices, xs, step in self._events(job, context):
-            batch = pb.SampleBatch(indices=indices, checkpoint_step=int(step))
-            self._fill(batch, request.output, xs)
-            yield batch
+        record = self._record(context)
+        try:
+            served, job = self._submit(request, context, record, unary=False)
+            for _, indices, xs, step in self._events(served, job, context, record):
+                batch = pb.SampleBatch(indices=indices, checkpoint_step=int(step))
+                self._fill(served.model, batch, request.output, xs)
+                yield batch
+                self.metrics.samples.labels(served.name).inc(len(indices))
+            record.finish("OK", nfe=served.model.nfe(job))
+        except GeneratorExit:  # the stream was closed under it: the call ended
+            record.finish(ended(context).name)
+            raise
+        except BaseException:
+            record.finish("UNKNOWN")
+            raise
 
     def GetModelInfo(self, request, context):
-        m = self.model
-        return pb.ModelInfo(
-            config_json=m.config.to_json(),
-            sample_shape=list(m.sample_shape),
-            num_classes=m.num_classes,
-            samplers=sorted(m.samplers),
-            default_sampler=m.default_sampler,
-            default_steps=m.default_steps,
-            max_steps=m.max_steps,
-            max_samples_per_request=self.options.max_samples_per_request,
-            checkpoint_step=self.scheduler.checkpoint_step,
-            process=m.process.name,
-            data_min=m.data_min,
-            data_max=m.data_max,
-        )
+        return self._served(request.model, context).info()
+
+    def ListModels(self, request, context):
+        return pb.ModelList(models=[served.info() for served in self.models.values()])
 
     def GetServerStatus(self, request, context):
-        return pb.ServerStatus(**self.scheduler.status())
+        scheduler = self._served(request.model, context).scheduler
+        assert scheduler is not None
+        return pb.ServerStatus(**scheduler.status())
 
-    def _fill(self, message, output: int, x: np.ndarray) -> None:
-        x = clip_output(self.model.config, x).astype(np.float32)  # the rule `diffjax sample` follows
+    def _fill(self, model: Model, message, output: int, x: np.ndarray) -> None:
+        x = clip_output(model.config, x).astype(np.float32)  # the rule `diffjax sample` follows
         if output == pb.PNG:
-            message.png.extend(encode_png(x, (self.model.data_min, self.model.data_max)))
+            message.png.extend(encode_png(x, (model.data_min, model.data_max)))
         else:
             message.samples.CopyFrom(pb.Tensor(shape=list(x.shape), dtype="float32", data=x.astype("<f4").tobytes()))
 
@@ -233,13 +274,28 @@ def encode_png(images: np.ndarray, data_range: tuple[float, float]) -> list[byte
 
 
 class Server:
-    """A running sampling server: `Server(workdir, options).start()`, `.port`, `.stop()`."""
+    """A running sampling server: `Server(workdir_or_specs, options).start()`, `.port`, `.stop()`.
 
-    def __init__(self, workdir: str, options: ServerOptions | None = None, *, log=print):
-        self.workdir, self.options, self.log = workdir, options or ServerOptions(), log
+    A workdir string serves that one model as "default" (at options.ema); a list of ModelSpec serves
+    each under its name, the first being the default (what a request with model "" gets)."""
+
+    def __init__(self, models: str | Sequence[ModelSpec], options: ServerOptions | None = None, *, log=print):
+        self.options, self.log = options or ServerOptions(), log
+        specs = [ModelSpec(DEFAULT, models, self.options.ema)] if isinstance(models, str) else list(models)
+        if not specs:
+            raise ValueError("Server: no model to serve (give a workdir or ModelSpecs)")
+        check_names(specs)
+        self.metrics = Metrics(lambda: self.models)
+        self.models = {spec.name: ServedModel(spec, self.options, self.metrics, log) for spec in specs}
+        self.default = specs[0].name
         self.health = health.HealthServicer()
         self._stop = threading.Event()
-        self._reloader: threading.Thread | None = None
+        self.metrics_port: int | None = None
+
+    @property
+    def scheduler(self):
+        """The default model's scheduler."""
+        return self.models[self.default].scheduler
 
     def start(self) -> "Server":
         o = self.options
@@ -267,104 +323,30 @@ class Server:
             self.port = self.grpc.add_insecure_port(address)
         if not self.port:
             raise SystemExit(f"diffjax serve: cannot bind {address}")
-        self._load()
+        if o.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start(o.host, o.metrics_port)
+            except OSError as err:
+                raise SystemExit(f"diffjax serve: cannot bind --metrics_port {o.host}:{o.metrics_port}: {err}") from None
+            self.log(f"diffjax serve: metrics on http://{o.host}:{self.metrics_port}/metrics")
+        for served in self.models.values():
+            served.load()
+        self.servicer = Servicer(self.models, self.default, o, self.metrics)
         pb_grpc.add_SamplingServicer_to_server(self.servicer, self.grpc)
-        self.grpc.start()  # health answers NOT_SERVING while the step compiles
-        self._warm_up()
+        self.grpc.start()  # health answers NOT_SERVING while the steps compile
+        t0 = time.perf_counter()
+        for served in self.models.values():
+            served.warm_up()
         self.servicer.serving.set()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if o.reload_s > 0:
-            self._reloader = threading.Thread(target=self._watch_checkpoints, daemon=True, name="diffjax-reload")
-            self._reloader.start()
+        for served in self.models.values():
+            served.watch(self._stop)
+        self.log(
+            f"diffjax serve: {len(self.models)} model(s) {list(self.models)} (default {self.default}) compiled and "
+            f"warmed up in {time.perf_counter() - t0:.1f}s; SERVING on {o.host}:{self.port}"
+        )
         return self
-
-    def _load(self) -> None:
-        from diffjax import network
-        from diffjax.serving.engine import Engine
-        from diffjax.workdir import Workdir
-
-        t0 = time.perf_counter()
-        self.source = Workdir(self.workdir, command="diffjax serve", inference=True, ema=self.options.ema)
-        state, step = self.source.restore(only=("ema",))
-        config, process = self.source.config, self.source.process
-        max_steps = self.options.max_steps
-        if process.max_steps is not None:  # ddpm: at most num_scales steps
-            max_steps = min(max_steps, process.max_steps)
-        shape = network.data_shape(config)
-        self.model = Model(config, process, shape, max_steps)
-        from diffjax import guidance
-
-        self.guide = guidance.from_flags(self.options, config, "diffjax serve", need_labels=False)
-        if self.guide is not None:  # every request guided: labels range over the classifier's classes
-            self.model.num_classes, self.model.classifier = self.guide.num_classes, True
-        engine = Engine(
-            self._denoiser(state),
-            process,
-            shape,
-            batch_slots=self.options.batch_slots,
-            num_classes=self.model.num_classes,
-            served=self.model.samplers,
-        )
-        engine.grid(self.model.default_sampler, self.model.default_steps)
-        self.scheduler = Scheduler(
-            engine,
-            checkpoint_step=step,
-            max_queued_requests=self.options.max_queued_requests,
-            admission=self.options.admission,
-        )
-        self.servicer = Servicer(self.model, self.scheduler, self.options)
-        self.log(
-            f"diffjax serve: loaded step {step} of {self.workdir} (EMA {self.source.ema_rate}, {process.name}, "
-            f"samples {list(shape)}, "
-            f"{self.options.batch_slots} slots) in {time.perf_counter() - t0:.1f}s"
-        )
-
-    def _warm_up(self) -> None:
-        """Compile the step (both guidance branches) and run one tiny request end to end."""
-        t0 = time.perf_counter()
-        self.scheduler.start()
-        labels = np.zeros(1, np.int32) if self.model.num_classes else np.full(1, -1, np.int32)
-        job = Job(1, self.model.default_sampler, 2, 0, labels, 1.0 if self.model.num_classes else None)
-        self.scheduler.submit(job)
-        for event in wait_events(job, lambda: True):
-            if event[0] == "error":
-                raise SystemExit(f"diffjax serve: warm-up failed: {event[1]}")
-        self.scheduler.stats.clear()
-        self.log(
-            f"diffjax serve: compiled and warmed up in {time.perf_counter() - t0:.1f}s; "
-            f"SERVING on {self.options.host}:{self.port}"
-        )
-
-    def _denoiser(self, ema_state):
-        """The network with a restored checkpoint's EMA weights, as a diffjax Denoiser."""
-        from diffjax import network
-
-        w = self.source
-        den = network.network_denoiser(w.graphdef, w.rest, w.process, w.config, ema_state["ema"])
-        return den if self.guide is None else self.guide(den)
-
-    def _watch_checkpoints(self) -> None:
-        passed = 0  # a newer step that cannot be swapped in (another learned schedule), told once
-        while not self._stop.wait(self.options.reload_s):
-            try:
-                latest = self.source.latest_step()
-                if latest is None or latest <= max(self.scheduler.checkpoint_step, passed):
-                    continue
-                state, step = self.source.restore(only=("ema",))
-                if step <= self.scheduler.checkpoint_step:  # the newer step was unreadable
-                    continue
-                if self.source.process != self.model.process:  # VDM: the schedule is compiled into the step
-                    self.source.process, passed = self.model.process, step
-                    self.log(
-                        f"diffjax serve: step {step} has another learned noise schedule than the served step "
-                        f"{self.scheduler.checkpoint_step}, which stays: restart the server to serve step {step}"
-                    )
-                    continue
-                self.scheduler.stage_weights(self._denoiser(state), step)
-                self.log(f"diffjax serve: step {step} staged; swapping in when the busy slots drain")
-            except Exception as err:  # noqa: BLE001 - a bad new checkpoint must not take the server down
-                self.log(f"diffjax serve: reload failed, keeping step {self.scheduler.checkpoint_step}: {err!r}")
 
     def stop(self, grace: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new RPCs, finish in-flight ones (up to grace seconds)."""
@@ -373,24 +355,57 @@ class Server:
         self.servicer.serving.clear()
         self.health.enter_graceful_shutdown()
         done = self.grpc.stop(grace)
-        self.scheduler.shutdown(drain=True, timeout=grace)
+        drains = [
+            threading.Thread(target=served.scheduler.shutdown, kwargs=dict(drain=True, timeout=grace), daemon=True)
+            for served in self.models.values()
+            if served.scheduler is not None
+        ]
+        for thread in drains:
+            thread.start()
+        for thread in drains:
+            thread.join()
         done.wait(grace + 5)
+        self.metrics.stop()
 
     def wait(self) -> None:
         self.grpc.wait_for_termination()
 
+    def status(self) -> dict:
+        """{model name: its scheduler's status}."""
+        return {name: served.scheduler.status() for name, served in self.models.items() if served.scheduler is not None}
 
-def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
+
+def _model_flag(text: str) -> ModelSpec:
+    try:
+        return parse_model_flag(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_args(argv: list[str]) -> tuple[list[ModelSpec], ServerOptions]:
+    """(the models to serve, --workdir's "default" first, and the options); one line + exit 2 for a mistake."""
     d = ServerOptions()
     p = commandline.Parser("diffjax serve", __doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="a `diffjax train` workdir (config.json + checkpoints/)")
+    p.add_argument("--workdir", default=None, help="a `diffjax train` workdir (config.json + checkpoints/): model 'default'")
+    p.add_argument(
+        "--model",
+        action="append",
+        type=_model_flag,
+        default=[],
+        metavar="NAME=WORKDIR[,ema=RATE]",
+        help="one more model, repeatable; requests name it in SampleRequest.model (NAME: [A-Za-z0-9_.-]+). "
+        "Without --workdir the first --model is the default model",
+    )
     p.add_argument("--host", default=d.host, help="bind address (default loopback only)")
     p.add_argument("--port", type=commandline.port, default=d.port, help="0 = any free port")
     p.add_argument(
-        "--batch_slots", type=commandline.positive_int, default=d.batch_slots, help="samples advanced together per step"
+        "--batch_slots",
+        type=commandline.positive_int,
+        default=d.batch_slots,
+        help="samples advanced together per step (each model has its own)",
     )
     p.add_argument("--max_samples_per_request", type=commandline.positive_int, default=d.max_samples_per_request)
-    p.add_argument("--max_queued_requests", type=commandline.positive_int, default=d.max_queued_requests)
+    p.add_argument("--max_queued_requests", type=commandline.positive_int, default=d.max_queued_requests, help="per model")
     p.add_argument("--max_steps", type=commandline.positive_int, default=d.max_steps)
     p.add_argument("--max_message_bytes", type=commandline.positive_int, default=d.max_message_bytes)
     p.add_argument(
@@ -408,6 +423,13 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     )
     p.add_argument("--tls_cert", default=None, help="PEM certificate chain (with --tls_key: serve TLS)")
     p.add_argument("--tls_key", default=None, help="PEM private key")
+    p.add_argument(
+        "--metrics_port",
+        type=commandline.port,
+        default=None,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default off)",
+    )
+    p.add_argument("--http_port", type=commandline.port, default=None, help="HTTP/JSON API port (0: any free port)")
     commandline.add_ema_flag(p)
     from diffjax import guidance
 
@@ -416,16 +438,35 @@ def parse_args(argv: list[str]) -> tuple[str, ServerOptions]:
     distributed.refuse_multihost(p.prog, args)  # never a hang: one host serves
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls_cert and --tls_key go together")
+    if args.workdir is None and not args.model:
+        p.error("give --workdir DIR (the model 'default') and/or --model NAME=WORKDIR[,ema=RATE]")
+    if args.workdir is None and args.ema is not None:
+        p.error("--ema is --workdir's EMA rate; a --model takes NAME=WORKDIR,ema=RATE")
+    specs = ([ModelSpec(DEFAULT, args.workdir, args.ema)] if args.workdir is not None else []) + args.model
+    try:
+        check_names(specs)
+    except ValueError as err:
+        p.error(f"--model: {err}")
+    _check_workdirs(p, specs, args.workdir is not None)
     fields = {f.name for f in dataclasses.fields(ServerOptions)}
-    return args.workdir, ServerOptions(**{k: v for k, v in vars(args).items() if k in fields})
+    return specs, ServerOptions(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def _check_workdirs(p: commandline.Parser, specs: list[ModelSpec], has_workdir: bool) -> None:
+    """Every model's workdir, before anything loads (one line, exit 2 for a missing one or an untracked EMA)."""
+    for i, spec in enumerate(specs):
+        check_workdir(spec, p.prog, "--workdir" if has_workdir and i == 0 else "--model")
 
 
 def main(argv: list[str]) -> int:
-    workdir, options = parse_args(argv)
+    specs, options = parse_args(argv)
     from diffjax import compile_cache
 
     compile_cache.enable()
-    server = Server(workdir, options, log=lambda msg: print(msg, flush=True)).start()
+    server = Server(specs, options, log=lambda msg: print(msg, flush=True)).start()
+    from diffjax.serving import http_api
+
+    gateway = http_api.start(server)  # None without --http_port; answers 503 while the server drains
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
@@ -437,8 +478,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.wait()
-    status = server.scheduler.status()
-    print(f"diffjax serve: stopped ({json.dumps(status)})", flush=True)
+    if gateway is not None:
+        gateway.stop()
+    print(f"diffjax serve: stopped ({json.dumps(server.status())})", flush=True)
     return 0
 
 

@@ -10,14 +10,17 @@ import time
 
 
 class ServerProcess:
-    """`diffjax serve --workdir DIR --port 0 FLAGS...`; the port is read from its SERVING line.
+    """`diffjax serve --workdir DIR --port 0 FLAGS...` (workdir None: no --workdir, models from
+    `--model` flags); the port is read from its SERVING line, `metrics_port` (with --metrics_port)
+    from its metrics line.
 
     `lines` collects the server's output; `stop()` kills it (send SIGTERM yourself to drain).
     """
 
     def __init__(self, workdir, *flags: str, env: dict | None = None, cwd: str | None = None, timeout: float = 300):
+        workdir_flag = [] if workdir is None else [f"--workdir={workdir}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "diffjax", "serve", f"--workdir={workdir}", "--port=0", *flags],
+            [sys.executable, "-m", "diffjax", "serve", *workdir_flag, "--port=0", *flags],
             cwd=cwd,
             env=env or dict(os.environ),
             stdout=subprocess.PIPE,
@@ -26,11 +29,14 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.port: int | None = None
+        self.metrics_port: int | None = None
         stdout = self.proc.stdout
         assert stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + timeout
         for line in stdout:
             self.lines.append(line)
+            if "metrics on http://" in line:
+                self.metrics_port = int(line.strip().rsplit(":", 1)[1].split("/")[0])
             if "SERVING on" in line:
                 self.port = int(line.rsplit(":", 1)[1])
                 break
