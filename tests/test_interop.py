@@ -165,6 +165,78 @@ def test_ddpm_256_style_bin_with_old_attention_names(tmp_path):
     _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(steps + 1.0))), _torch_forward(model, x, steps))
 
 
+# UNet2DModel as its own defaults build it (train_unconditional.py and most community checkpoints):
+# norm_eps 1e-5, attention_head_dim 8 (multi-head), downsample_padding 1, freq_shift 0, flip_sin_to_cos.
+DIFFUSERS_DEFAULT_LAYOUT = dict(sample_size=32, block_out_channels=(32, 64, 64, 64))
+NONDEFAULT_LAYOUTS = {
+    "attn_down_up_scale_shift_mish": dict(  # the middle attention has no GroupNorm (scale_shift, no attn groups)
+        sample_size=8,
+        block_out_channels=(16, 48),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+        attention_head_dim=16,
+        resnet_time_scale_shift="scale_shift",
+        act_fn="mish",
+        flip_sin_to_cos=False,
+        freq_shift=2,
+    ),
+    "gelu_scale_shift_attn_groups": dict(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift",
+        attn_norm_num_groups=8,
+        act_fn="gelu",
+        downsample_padding=0,
+        norm_eps=1e-4,
+    ),
+    "no_mid_attention_relu": dict(
+        sample_size=8,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        add_attention=False,
+        act_fn="relu",
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", ["diffusers_defaults", *NONDEFAULT_LAYOUTS])
+def test_unet2dmodel_options_match_diffusers(tmp_path, layout):
+    """UNet2DModel with diffusers' defaults (and layouts setting its other options) imports as
+    ddpm_unet and computes diffusers' forward pass (random weights, f32)."""
+    kw = DIFFUSERS_DEFAULT_LAYOUT if layout == "diffusers_defaults" else NONDEFAULT_LAYOUTS[layout]
+    model = _unet(6, **kw)
+    config, den = load_diffusers(_save(model, tmp_path, DDPM_SCHEDULER))
+    m, size = config.model, kw["sample_size"]
+    assert m.name == "ddpm_unet" and m.norm_eps == pytest.approx(kw.get("norm_eps", 1e-5))
+    assert m.attention_head_dim == kw.get("attention_head_dim", 8)
+    assert m.downsample_padding == kw.get("downsample_padding", 1)
+    x = np.random.RandomState(6).randn(2, size, size, 3).astype(np.float32)
+    steps = np.array([5, 900])
+    _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(steps + 1.0))), _torch_forward(model, x, steps))
+    assert models.param_count(den.params[0]) == sum(p.numel() for p in model.parameters())
+
+
+def test_ncsnpp_port_with_diffusers_default_eps_and_heads(tmp_path):
+    """The NCSN++ port built with UNet2DModel's norm_eps 1e-5 and multi-head attention (32 channels per head)."""
+    model = _unet(7, **{**NCSNPP_PORT, "layers_per_block": 1, "norm_eps": 1e-5, "attention_head_dim": 32})
+    config, den = load_diffusers(_save(model, tmp_path))  # diffusers' default scheduler for 'fourier': VE
+    assert (config.model.name, config.model.norm_eps, config.model.attention_head_dim) == ("ncsnpp", 1e-5, 32)
+    x = np.random.RandomState(7).rand(2, 16, 16, 3).astype(np.float32)
+    t = np.array([0.05, 0.8], np.float32)
+    sigma = config.process.sigma_min * (config.process.sigma_max / config.process.sigma_min) ** t
+    _assert_close(np.asarray(den(jnp.asarray(x), jnp.asarray(t))), _torch_forward(model, x, sigma.astype(np.float32)))
+
+
 def test_ncsnpp_ve_port_matches_diffusers(tmp_path):
     """diffusers' NCSN++ port (skip blocks, FIR, Fourier features, output / sigma) at tiny width."""
     model = _unet(2, **NCSNPP_PORT)
@@ -353,9 +425,11 @@ def test_tensor_of_the_wrong_shape(cifar_ddpm, tmp_path, capsys):
             ["CrossAttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
             "CrossAttnDownBlock2D",
         ),
-        ("attention_head_dim", 8, "attention_head_dim"),
-        ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift"),
-        ("downsample_padding", 1, "downsample_padding"),
+        ("attention_head_dim", 24, "attention_head_dim=24"),  # divides no attention layer's 64 channels
+        ("resnet_time_scale_shift", "spatial", "resnet_time_scale_shift='spatial'"),
+        ("downsample_type", "resnet", "downsample_type='resnet'"),
+        ("act_fn", "tanh", "act_fn='tanh'"),
+        ("attn_norm_num_groups", 4, "attn_norm_num_groups=4"),
     ],
 )
 def test_unsupported_option(cifar_ddpm, tmp_path, capsys, field, value, named):

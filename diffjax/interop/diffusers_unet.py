@@ -8,8 +8,14 @@ Two families of diffusers' UNet2DModel are ours exactly:
   ``SkipUpBlock2D`` / ``AttnSkipUpBlock2D``: BigGAN blocks with FIR resampling, an input-skip pyramid
   summed in, an output-skip pyramid, skip rescaling, Fourier embedding of log sigma, output / sigma)
   -> ``ncsnpp`` with progressive 'output_skip', progressive_input 'input_skip'.
-Anything else (another block type, multi-head attention, a class embedding, scale-shift
-conditioning, another GroupNorm epsilon or padding) raises ``UnsupportedModel`` naming the field.
+The DDPM UNet family takes diffusers' UNet2DModel options (its defaults included, as
+``train_unconditional.py`` trains): ``norm_eps``, ``attention_head_dim`` (multi-head attention),
+``downsample_padding`` 0 | 1, ``resnet_time_scale_shift`` 'default' | 'scale_shift' (with
+``attn_norm_num_groups`` None the middle attention then has no GroupNorm), ``add_attention``,
+``act_fn`` (the residual blocks'; the time embedding and output keep SiLU), ``freq_shift`` and
+``flip_sin_to_cos``; NCSN++ takes ``norm_eps`` and ``attention_head_dim``. Anything else (another
+block type, a class embedding, spatial conditioning, resnet resampling) raises ``UnsupportedModel``
+naming the diffusers config key and value.
 
 A DDPM UNet with out_channels = 2 in_channels (Nichol & Dhariwal's learned variance) is imported
 with ``learn_sigma``: its second half of output channels is the variance output in diffusers'
@@ -35,7 +41,7 @@ DDPM_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 DDPM_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 SKIP_DOWN = {"SkipDownBlock2D": False, "AttnSkipDownBlock2D": True}
 SKIP_UP = {"SkipUpBlock2D": False, "AttnSkipUpBlock2D": True}
-NORM_EPS = 1e-6  # our GroupNorm epsilon (DDPM, score_sde)
+ACT_FNS = {"silu": "swish", "swish": "swish", "mish": "mish", "gelu": "gelu", "relu": "relu"}  # diffusers' act_fn
 
 
 class UnsupportedModel(ValueError):
@@ -98,23 +104,27 @@ def model_config(cfg: dict) -> tuple[dict, str]:
     nf = channels[0]
     if any(c % nf for c in channels):
         _fail("block_out_channels", channels, "each a multiple of the first")
-    _expect(cfg, "act_fn", ("silu", "swish"), "silu")
-    _expect(cfg, "resnet_time_scale_shift", ("default",), "default", "scale-shift conditioning is not built")
+    ddpm = family == "ddpm"
+    _expect(cfg, "act_fn", tuple(ACT_FNS) if ddpm else ("silu", "swish"), "silu")
+    shift = cfg.get("resnet_time_scale_shift", "default")
+    _expect(cfg, "resnet_time_scale_shift", ("default", "scale_shift") if ddpm else ("default",), "default")
     _expect(cfg, "class_embed_type", (None,), None)
     _expect(cfg, "num_class_embeds", (None,), None, "class-conditional imports are not built")
     _expect(cfg, "mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D")
-    _expect(cfg, "add_attention", (True,), True)
+    add_attention = cfg.get("add_attention", True)
+    _expect(cfg, "add_attention", (True, False) if ddpm else (True,), True)
     _expect(cfg, "time_embedding_dim", (None, 4 * nf), None)
-    _expect(cfg, "attn_norm_num_groups", (None,), None)
-    if not math.isclose(float(cfg.get("norm_eps", 1e-5)), NORM_EPS, rel_tol=1e-6):
-        _fail("norm_eps", cfg.get("norm_eps", 1e-5), f"diffjax's GroupNorm uses {NORM_EPS}")
-    head = cfg.get("attention_head_dim")
-    if head is not None and any(a and head != c for a, c in zip(down_attn, channels)):
-        _fail("attention_head_dim", head, "single-head attention only (null: one head of all channels)")
+    eps = cfg.get("norm_eps", 1e-5)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
+        _fail("norm_eps", eps, "a positive number")
+    head = cfg.get("attention_head_dim", 8)
+    attn_channels = [c for a, c in zip(down_attn, channels) if a] + ([channels[-1]] if add_attention else [])
+    if head is not None and (not isinstance(head, int) or head <= 0 or any(c % head for c in attn_channels)):
+        _fail("attention_head_dim", head, f"channels per head: must divide every attention layer's channels {attn_channels}")
     emb = cfg.get("time_embedding_type", "positional")
     _expect(cfg, "time_embedding_type", ("positional", "fourier"), "positional")
-    if emb == "positional" and int(cfg.get("freq_shift", 0)) != 1:
-        _fail("freq_shift", cfg.get("freq_shift", 0), "the DDPM embedding divides by half - 1: freq_shift 1")
+    if emb == "positional" and not ddpm and cfg.get("freq_shift", 0) != 1:
+        _fail("freq_shift", cfg.get("freq_shift", 0), "NCSN++'s positional embedding divides by half - 1: freq_shift 1")
 
     model = dict(
         nf=nf,
@@ -131,12 +141,14 @@ def model_config(cfg: dict) -> tuple[dict, str]:
         num_classes=0,
         augment_dim=0,
         learn_sigma=out_ch == 2 * in_ch,
+        norm_eps=float(eps),
+        attention_head_dim=int(head or 0),
     )
     if model["attn_resolutions"] == ():
         model["attn_resolutions"] = (-1,)  # ml_collections keeps the tuple type with one element
     mid_scale = float(cfg.get("mid_block_scale_factor", 1.0))
     if family == "ddpm":
-        _expect(cfg, "downsample_padding", (0,), 1, "the DDPM releases pad (0, 1) before the stride-2 conv")
+        _expect(cfg, "downsample_padding", (0, 1), 1)
         _expect(cfg, "downsample_type", ("conv",), "conv")
         _expect(cfg, "upsample_type", ("conv",), "conv")
         if mid_scale != 1.0:
@@ -145,8 +157,24 @@ def model_config(cfg: dict) -> tuple[dict, str]:
         for c in channels:
             if c % groups:
                 _fail("norm_num_groups", groups, f"must divide every block's channels {channels}")
-        model.update(name="ddpm_unet", num_groups=groups, resamp_with_conv=True, scale_by_sigma=False)
+        attn_groups = cfg.get("attn_norm_num_groups")
+        if attn_groups is not None and int(attn_groups) != groups:
+            _fail("attn_norm_num_groups", attn_groups, f"the middle attention normalises in norm_num_groups={groups}")
+        model.update(
+            name="ddpm_unet",
+            num_groups=groups,
+            resamp_with_conv=True,
+            scale_by_sigma=False,
+            downsample_padding=int(cfg.get("downsample_padding", 1)),
+            resnet_time_scale_shift=shift,
+            add_attention=bool(add_attention),
+            # diffusers' middle attention under scale_shift has no GroupNorm unless attn_norm_num_groups is set
+            mid_attn_norm=shift == "default" or attn_groups is not None,
+            resblock_nonlinearity=ACT_FNS[cfg.get("act_fn", "silu")],
+            freq_shift=float(cfg.get("freq_shift", 0)) if emb == "positional" else 1.0,
+        )
     else:
+        _expect(cfg, "attn_norm_num_groups", (None,), None)
         if not math.isclose(mid_scale, math.sqrt(2.0), rel_tol=1e-6):
             _fail("mid_block_scale_factor", mid_scale, "NCSN++ rescales skips by sqrt(2)")
         if in_ch != 3:
@@ -234,11 +262,9 @@ def _module_pairs(model: dict, family: str) -> list[tuple[tuple, str, str]]:
                 (("down", i, "resample"), f"{d}.resnet_down", "resblock"),
                 (("down", i, "combine", "proj"), f"{d}.skip_conv", "conv1x1"),
             ]
-    pairs += [
-        (("mid_block1",), "mid_block.resnets.0", "resblock"),
-        (("mid_attn",), "mid_block.attentions.0", "attn"),
-        (("mid_block2",), "mid_block.resnets.1", "resblock"),
-    ]
+    pairs += [(("mid_block1",), "mid_block.resnets.0", "resblock"), (("mid_block2",), "mid_block.resnets.1", "resblock")]
+    if model.get("add_attention", True):
+        pairs.append((("mid_attn",), "mid_block.attentions.0", "attn"))
     for k in range(L):
         u, last = f"up_blocks.{k}", k == L - 1
         for j in range(nrb + 1):
@@ -284,7 +310,8 @@ def _leaves(
         return [(ours + ("kernel",), [f"{prefix}.weight"], fn), (ours + ("bias",), [f"{prefix}.bias"], lambda b: b)]
     if kind == "attn":
         qkv = [f"{prefix}.to_{n}" for n in "qkv"]
-        return _leaves(ours + ("norm",), f"{prefix}.group_norm", "norm", False, has) + [
+        norm = _leaves(ours + ("norm",), f"{prefix}.group_norm", "norm", False, has) if has(ours + ("norm", "bias")) else []
+        return norm + [
             (ours + ("qkv",), [f"{n}.weight" for n in qkv], lambda *ws: np.stack([w.T for w in ws], axis=1)),
             (ours + ("qkv_bias",), [f"{n}.bias" for n in qkv], lambda *bs: np.stack(bs)),
             *_leaves(ours + ("proj",), f"{prefix}.to_out.0", "dense", False, has),

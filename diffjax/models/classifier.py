@@ -8,7 +8,7 @@ Both are called like the score networks but return logits::
 ``labels`` is accepted (and ignored) so that diffjax.network's apply drives a classifier unchanged.
 
 - ``classifier_unet``: the encoder half of the DDPM UNet (diffjax.models.ddpm_unet: its residual
-  blocks, attention and downsampling from diffjax.models.layers) and its middle block, then
+  blocks, attention and downsampling from diffjax.models.blocks / layers) and its middle block, then
   GroupNorm-act and a pooling head: ADM's attention pooling (``pool='attention'``: a mean token
   attends over every position plus a learnt position embedding, multi-head) or ``'mean'`` (global
   average pool + Dense).
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffjax.models import blocks as B
 from diffjax.models import layers as L
 from diffjax.models.mlp import _MLPBlock
 
@@ -117,10 +118,10 @@ class ClassifierUNet(nnx.Module):
         self.centered = bool(centered)
         self.embed = _embedding(nf, embedding_type, fourier_scale, conditional, augment_dim, act, dt, rngs)
         temb = 4 * nf if conditional else None
-        block = lambda i, o: L.ResBlock(  # noqa: E731
+        block = lambda i, o: B.ResBlock(  # noqa: E731
             i, o, temb_dim=temb, dropout=float(dropout), init_scale=0.0, act=act, groups=groups, dtype=dt, rngs=rngs
         )
-        attn = lambda c: L.AttnBlock(c, init_scale=0.0, groups=groups, dtype=dt, rngs=rngs)  # noqa: E731
+        attn = lambda c: B.AttnBlock(c, init_scale=0.0, groups=groups, dtype=dt, rngs=rngs)  # noqa: E731
         self.conv_in = L.conv(int(num_channels), nf, dtype=dt, rngs=rngs)
         layers: list[nnx.Module] = []  # applied in order; ResBlocks take the time embedding
         ch, mults = nf, L.as_tuple(ch_mult)
@@ -150,7 +151,7 @@ class ClassifierUNet(nnx.Module):
         h = x.astype(self.dtype)
         h = self.conv_in(h if self.centered else 2 * h - 1)
         for layer in self.layers:
-            h = layer(h, temb, train=train, rngs=rngs) if isinstance(layer, L.ResBlock) else layer(h)
+            h = layer(h, temb, train=train, rngs=rngs) if isinstance(layer, B.ResBlock) else layer(h)
         h = self.act(self.norm_out(h))
         return self.head(h if self.pool == "attention" else h.mean(axis=(1, 2))).astype(jnp.float32)
 

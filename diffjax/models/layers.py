@@ -45,12 +45,18 @@ def swish(x):
     return jax.nn.silu(x)
 
 
+def gelu(x):
+    return jax.nn.gelu(x, approximate=False)  # the exact (erf) GELU, as torch's nn.GELU
+
+
 ACTIVATIONS = {
     "swish": swish,
     "silu": swish,
     "relu": jax.nn.relu,
     "elu": jax.nn.elu,
     "lrelu": lambda x: jax.nn.leaky_relu(x, 0.2),
+    "mish": jax.nn.mish,
+    "gelu": gelu,
 }
 
 
@@ -61,14 +67,14 @@ def get_act(name: str):
         raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
-def conv(in_ch, out_ch, *, kernel=3, stride=1, init_scale=1.0, dtype, rngs) -> nnx.Conv:
+def conv(in_ch, out_ch, *, kernel=3, stride=1, init_scale=1.0, padding="SAME", dtype, rngs) -> nnx.Conv:
     """A 'SAME'-padded conv with bias and DDPM init (score_sde's ddpm_conv3x3 / conv1x1)."""
     return nnx.Conv(
         in_ch,
         out_ch,
         (kernel, kernel),
         strides=stride,
-        padding="SAME",
+        padding=padding,
         kernel_init=default_init(init_scale),
         dtype=dtype,
         rngs=rngs,
@@ -128,7 +134,7 @@ def inference_groupnorm():
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm over (H, W, C/G) with float32 statistics; eps 1e-6 as in DDPM/score_sde."""
+    """GroupNorm over (H, W, C/G) with float32 statistics; eps 1e-6 as in DDPM/score_sde (diffusers' default 1e-5)."""
 
     def __init__(self, ch: int, *, groups: int | None = None, eps: float = 1e-6, dtype=jnp.float32):
         """groups: None (or 0) for score_sde's rule ``num_groups(ch)``; else it must divide ch."""
@@ -167,10 +173,11 @@ class GroupNorm(nnx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def timestep_embedding(t, dim: int, max_positions: int = 10000):
-    """DDPM's sinusoidal embedding of a (B,) float array: [sin(t w_i), cos(t w_i)]."""
+def timestep_embedding(t, dim: int, max_positions: int = 10000, freq_shift: float = 1.0):
+    """DDPM's sinusoidal embedding of a (B,) float array: [sin(t w_i), cos(t w_i)] with
+    w_i = max_positions^(-i / (dim / 2 - freq_shift)) (DDPM: freq_shift 1; diffusers' default 0)."""
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_positions) / (half - 1) * jnp.arange(half, dtype=jnp.float32))
+    freqs = jnp.exp(-math.log(max_positions) / (half - freq_shift) * jnp.arange(half, dtype=jnp.float32))
     args = t.astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
@@ -211,11 +218,13 @@ class NoiseClassEmbedding(nnx.Module):
         augment_dim=0,
         act=swish,
         out_dim=None,
+        freq_shift: float = 1.0,
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         out_dim = out_dim or 4 * nf
         self.nf, self.act, self.embedding_type, self.dtype = nf, act, embedding_type, dtype
+        self.freq_shift = float(freq_shift)
         self.num_classes, self.out_dim = num_classes, out_dim
         if embedding_type not in ("positional", "fourier"):
             raise ValueError(f"embedding_type must be 'positional' or 'fourier', got {embedding_type!r}")
@@ -259,7 +268,7 @@ class NoiseClassEmbedding(nnx.Module):
             if self.fourier is not None:
                 emb = self.fourier(jnp.log(noise_cond))
             else:
-                emb = timestep_embedding(noise_cond, self.nf)
+                emb = timestep_embedding(noise_cond, self.nf, freq_shift=self.freq_shift)
             if augment_labels is not None:
                 emb = emb + self.augment(augment_labels.astype(jnp.float32))
             temb = self.dense1(self.act(self.dense0(emb)))
@@ -271,37 +280,6 @@ class NoiseClassEmbedding(nnx.Module):
             cemb = self.label_emb(labels)
             temb = cemb if temb is None else temb + cemb
         return None if temb is None else temb.astype(self.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention
-# ----------------------------------------------------------------------------------------------
-
-
-class AttnBlock(nnx.Module):
-    """Single-head self-attention over H*W positions (DDPM's AttnBlock / score_sde's AttnBlockpp).
-
-    q, k, v are one fused (C, 3, C) kernel (same parameter count as three NIN layers, each
-    initialised like a separate fan-avg NIN at scale 0.1)."""
-
-    def __init__(self, ch: int, *, skip_rescale=False, init_scale=0.0, groups=None, dtype=jnp.float32, rngs):
-        self.norm = GroupNorm(ch, groups=groups, dtype=dtype)
-        init = jax.nn.initializers.variance_scaling(0.1, "fan_avg", "uniform", in_axis=0, out_axis=2, batch_axis=(1,))
-        self.qkv = nnx.Param(init(rngs.params(), (ch, 3, ch), jnp.float32), **sharding_meta((None, None, "fsdp")))
-        self.qkv_bias = nnx.Param(jnp.zeros((3, ch), jnp.float32))
-        self.proj = dense(ch, ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
-        self.skip_rescale, self.dtype = skip_rescale, dtype
-
-    def __call__(self, x):
-        b, hgt, wid, c = x.shape
-        h = self.norm(x).reshape(b, hgt * wid, c)
-        qkv = jnp.einsum("bnc,cjd->jbnd", h, self.qkv[...].astype(self.dtype))
-        qkv = qkv + self.qkv_bias[...].astype(self.dtype)[:, None, None, :]
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        w = jnp.einsum("bnc,bmc->bnm", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
-        w = jax.nn.softmax(w, axis=-1).astype(self.dtype)
-        h = self.proj(jnp.einsum("bnm,bmc->bnc", w, v)).reshape(x.shape)
-        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,9 +398,25 @@ class Upsample(nnx.Module):
 
 
 class Downsample(nnx.Module):
-    """/2 downsampling: stride-2 3x3 conv or 2x2 average pool, or their FIR variants."""
+    """/2 downsampling: stride-2 3x3 conv or 2x2 average pool, or their FIR variants.
 
-    def __init__(self, in_ch, out_ch=None, *, with_conv=False, fir=False, fir_kernel=(1, 3, 3, 1), dtype=jnp.float32, rngs):
+    padding (the plain conv's): 0 pads (0, 1) as DDPM ('SAME' on even sizes), 1 pads (1, 1) as
+    diffusers' Downsample2D(padding=1)."""
+
+    def __init__(
+        self,
+        in_ch,
+        out_ch=None,
+        *,
+        with_conv=False,
+        fir=False,
+        fir_kernel=(1, 3, 3, 1),
+        padding: int = 0,
+        dtype=jnp.float32,
+        rngs,
+    ):
+        if padding not in (0, 1):
+            raise ValueError(f"model.downsample_padding must be 0 or 1, got {padding!r}")
         out_ch = out_ch or in_ch
         self.fir, self.fir_kernel = fir, tuple(fir_kernel)
         if not with_conv and out_ch != in_ch:
@@ -432,89 +426,13 @@ class Downsample(nnx.Module):
             if not with_conv
             else FIRConv(in_ch, out_ch, down=True, fir_kernel=fir_kernel, dtype=dtype, rngs=rngs)
             if fir
-            else conv(in_ch, out_ch, stride=2, dtype=dtype, rngs=rngs)
+            else conv(in_ch, out_ch, stride=2, padding="SAME" if padding == 0 else ((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
         )
 
     def __call__(self, x):
         if self.conv is not None:
             return self.conv(x)
         return downsample_2d(x, self.fir_kernel) if self.fir else naive_downsample(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Residual blocks
-# ----------------------------------------------------------------------------------------------
-
-
-class ResBlock(nnx.Module):
-    """Residual block: GN-act-conv (+ Dense(act(temb))) GN-act-dropout-conv, plus a shortcut.
-
-    kind='ddpm': Ho et al.'s block (score_sde ResnetBlockDDPM/DDPMpp); 1x1 NIN shortcut (init 0.1)
-      when the channel count changes.
-    kind='biggan': NCSN++'s ResnetBlockBigGANpp; optional up/down-sampling of both branches (FIR or
-      nearest/avg-pool) after the first norm; 1x1 conv shortcut when channels change or resampling.
-    skip_rescale divides the sum by sqrt(2); init_scale is the init of the second conv (0 -> 1e-10);
-    groups: the GroupNorms' group count (None: score_sde's rule).
-    """
-
-    def __init__(
-        self,
-        in_ch,
-        out_ch=None,
-        *,
-        temb_dim=None,
-        dropout=0.1,
-        kind="ddpm",
-        up=False,
-        down=False,
-        fir=False,
-        fir_kernel=(1, 3, 3, 1),
-        skip_rescale=False,
-        init_scale=0.0,
-        act=swish,
-        groups=None,
-        dtype=jnp.float32,
-        rngs,
-    ):
-        if kind not in ("ddpm", "biggan"):
-            raise ValueError(f"resblock_type must be 'ddpm' or 'biggan', got {kind!r}")
-        if kind == "ddpm" and (up or down):
-            raise ValueError("only the 'biggan' block resamples")
-        out_ch = out_ch or in_ch
-        self.act, self.up, self.down, self.fir = act, up, down, fir
-        self.fir_kernel, self.skip_rescale = tuple(fir_kernel), skip_rescale
-        self.norm1 = GroupNorm(in_ch, groups=groups, dtype=dtype)
-        self.conv1 = conv(in_ch, out_ch, dtype=dtype, rngs=rngs)
-        self.temb_proj = dense(temb_dim, out_ch, dtype=dtype, rngs=rngs) if temb_dim else None
-        self.norm2 = GroupNorm(out_ch, groups=groups, dtype=dtype)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.conv2 = conv(out_ch, out_ch, init_scale=init_scale, dtype=dtype, rngs=rngs)
-        shortcut = None
-        if kind == "ddpm" and in_ch != out_ch:
-            shortcut = dense(in_ch, out_ch, init_scale=0.1, dtype=dtype, rngs=rngs)  # NIN
-        elif kind == "biggan" and (in_ch != out_ch or up or down):
-            shortcut = dense(in_ch, out_ch, dtype=dtype, rngs=rngs)  # conv1x1
-        self.shortcut = nnx.data(shortcut)
-
-    def _resample(self, x):
-        if self.up:
-            return upsample_2d(x, self.fir_kernel) if self.fir else naive_upsample(x)
-        if self.down:
-            return downsample_2d(x, self.fir_kernel) if self.fir else naive_downsample(x)
-        return x
-
-    def __call__(self, x, temb=None, *, train=False, rngs=None):
-        h = self.act(self.norm1(x))
-        h, x = self._resample(h), self._resample(x)
-        h = self.conv1(h)
-        if self.temb_proj is not None and temb is not None:
-            h = h + self.temb_proj(self.act(temb))[:, None, None, :]
-        h = self.act(self.norm2(h))
-        h = self.dropout(h, deterministic=not train, rngs=rngs)
-        h = self.conv2(h)
-        if self.shortcut is not None:
-            x = self.shortcut(x)
-        return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
 def parse_dtype(name) -> jnp.dtype:

@@ -7,7 +7,9 @@ Architecture of score_sde's ``ncsnpp`` model, rewritten for Flax NNX. Keyword ar
   progressive_input 'none' | 'input_skip' | 'residual', progressive_combine 'sum' | 'cat',
   init_scale, embedding_type 'fourier' | 'positional', fourier_scale, scale_by_sigma,
   plus num_classes, augment_dim, dtype, centered, image_size, num_channels and learn_sigma (2 num_channels
-  outputs: the prediction, then the variance output v of diffjax.denoiser).
+  outputs: the prediction, then the variance output v of diffjax.denoiser), norm_eps (every
+  GroupNorm's epsilon), attention_head_dim (channels per attention head, 0: one head; diffusers'
+  UNet2DModel keys) and remat ('none' | 'block' | 'dots': rematerialise each residual / attention block).
 Their defaults are NCSN++ cont. (VE) on CIFAR-10 (score_sde ve/cifar10_ncsnpp_continuous);
 DDPM++ differs in fir, progressive_input, embedding_type and scale_by_sigma (configs/default.ddpmpp).
 
@@ -17,13 +19,15 @@ NCSN++ cont. (VE) 62,758,915, deep 107,587,075.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from diffjax.models import blocks as B
 from diffjax.models import layers as L
+from diffjax.models.remat import check_remat
 
 
 class Combine(nnx.Module):
@@ -46,9 +50,9 @@ class _DownLevel(nnx.Module):
 
     def __init__(
         self,
-        blocks: list[L.ResBlock],
-        attns: list[L.AttnBlock],
-        resample: L.Downsample | L.ResBlock | None,
+        blocks: list[B.ResBlock],
+        attns: list[B.AttnBlock],
+        resample: L.Downsample | B.ResBlock | None,
         pyramid_down: L.Downsample | None,
         combine: Combine | None,
     ):
@@ -62,12 +66,12 @@ class _UpLevel(nnx.Module):
 
     def __init__(
         self,
-        blocks: list[L.ResBlock],
-        attn: L.AttnBlock | None,
+        blocks: list[B.ResBlock],
+        attn: B.AttnBlock | None,
         pyramid_norm: L.GroupNorm | None,
         pyramid_conv: nnx.Conv | None,
         pyramid_up: L.Upsample | None,
-        resample: L.Upsample | L.ResBlock | None,
+        resample: L.Upsample | B.ResBlock | None,
     ):
         self.blocks, self.attn = nnx.List(blocks), attn
         self.pyramid_norm, self.pyramid_conv, self.pyramid_up = pyramid_norm, pyramid_conv, pyramid_up
@@ -115,6 +119,9 @@ class NCSNpp(nnx.Module):
         image_size: int = 32,
         num_channels: int = 3,
         learn_sigma: bool = False,
+        norm_eps: float = 1e-6,
+        attention_head_dim: int = 0,
+        remat: str = "none",
         rngs: nnx.Rngs,
     ):
         nf, ch_mult = int(nf), L.as_tuple(ch_mult)
@@ -130,6 +137,8 @@ class NCSNpp(nnx.Module):
         init_scale = float(init_scale)
         self.dtype = compute_dtype = L.parse_dtype(dtype)
         self.act = act = L.get_act(nonlinearity)
+        check_remat(str(remat))
+        self.remat, eps, head_dim = str(remat), float(norm_eps), int(attention_head_dim)
         self.centered = bool(centered)
         self.scale_by_sigma, self.learn_sigma = bool(scale_by_sigma), bool(learn_sigma)
         out_ch = 2 * channels if self.learn_sigma else channels  # learn_sigma: the prediction, then v
@@ -151,11 +160,11 @@ class NCSNpp(nnx.Module):
             rngs=rngs,
         )
         temb_dim = 4 * nf if (conditional or num_classes) else None
-        common = dict(dtype=compute_dtype, rngs=rngs)
-        resample = dict(fir=fir, fir_kernel=fir_kernel, **common)
+        common: dict[str, Any] = dict(dtype=compute_dtype, rngs=rngs)
+        resample: dict[str, Any] = dict(fir=fir, fir_kernel=fir_kernel, **common)
 
         def block(i, o=None, up=False, down=False):
-            return L.ResBlock(
+            return B.ResBlock(
                 i,
                 o,
                 temb_dim=temb_dim,
@@ -168,12 +177,15 @@ class NCSNpp(nnx.Module):
                 skip_rescale=skip,
                 init_scale=init_scale,
                 act=act,
+                eps=eps,
                 **common,
             )
 
-        attn = lambda c: L.AttnBlock(c, skip_rescale=skip, init_scale=init_scale, **common)  # noqa: E731
-        gn_conv = lambda c, o, scale=1.0: (
-            L.GroupNorm(c, dtype=compute_dtype),  # noqa: E731
+        attn = lambda c: B.AttnBlock(  # noqa: E731
+            c, head_dim=head_dim, skip_rescale=skip, init_scale=init_scale, eps=eps, **common
+        )
+        gn_conv = lambda c, o, scale=1.0: (  # noqa: E731
+            L.GroupNorm(c, eps=eps, dtype=compute_dtype),
             L.conv(c, o, init_scale=scale, **common),
         )
 
@@ -237,7 +249,7 @@ class NCSNpp(nnx.Module):
         self.norm_out, self.conv_out = (None, None) if prog == "output_skip" else gn_conv(ch, out_ch, init_scale)
 
     def __call__(self, x, noise_cond, labels=None, *, augment_labels=None, train: bool = False, rngs=None):
-        kw = dict(train=train, rngs=rngs)
+        res, att = B.remat_resblock(self.remat), B.remat_attn(self.remat)
         act, skip = self.act, self.skip_rescale
         temb = self.embed(noise_cond, labels, augment_labels)
         x = x.astype(self.dtype)
@@ -248,12 +260,13 @@ class NCSNpp(nnx.Module):
         hs = [self.conv_in(x)]
         for level in self.down:
             for j, blk in enumerate(level.blocks):
-                h = blk(hs[-1], temb, **kw)
+                h = res(blk, hs[-1], temb, train, rngs)
                 if len(level.attns):
-                    h = level.attns[j](h)
+                    h = att(level.attns[j], h)
                 hs.append(h)
             if level.resample is not None:
-                h = level.resample(hs[-1], temb, **kw) if isinstance(level.resample, L.ResBlock) else level.resample(hs[-1])
+                r = level.resample
+                h = res(r, hs[-1], temb, train, rngs) if isinstance(r, B.ResBlock) else r(hs[-1])
                 if level.pyramid_down is not None:  # progressive_input 'input_skip' or 'residual'
                     pyramid = level.pyramid_down(pyramid)
                 if level.combine is not None:  # 'input_skip'
@@ -262,14 +275,15 @@ class NCSNpp(nnx.Module):
                     pyramid = h = _rescale(pyramid, h, skip)
                 hs.append(h)
 
-        h = self.mid_block2(self.mid_attn(self.mid_block1(hs[-1], temb, **kw)), temb, **kw)
+        h = res(self.mid_block1, hs[-1], temb, train, rngs)
+        h = res(self.mid_block2, att(self.mid_attn, h), temb, train, rngs)
 
         pyramid = None
         for up_level in self.up:
             for blk in up_level.blocks:
-                h = blk(jnp.concatenate([h, hs.pop()], axis=-1), temb, **kw)
+                h = res(blk, jnp.concatenate([h, hs.pop()], axis=-1), temb, train, rngs)
             if up_level.attn is not None:
-                h = up_level.attn(h)
+                h = att(up_level.attn, h)
             if up_level.pyramid_up is not None:  # progressive 'output_skip' or 'residual', below the top level
                 pyramid = up_level.pyramid_up(pyramid)
             if self.progressive == "output_skip":
@@ -281,7 +295,8 @@ class NCSNpp(nnx.Module):
                 else:
                     pyramid = h = _rescale(pyramid, h, skip)
             if up_level.resample is not None:
-                h = up_level.resample(h, temb, **kw) if isinstance(up_level.resample, L.ResBlock) else up_level.resample(h)
+                up_r = up_level.resample
+                h = res(up_r, h, temb, train, rngs) if isinstance(up_r, B.ResBlock) else up_r(h)
         assert not hs
 
         if self.progressive == "output_skip":

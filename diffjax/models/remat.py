@@ -32,4 +32,6 @@ def remat_call(call: F, remat: str, static_argnums: int | tuple[int, ...] = ()) 
     if remat == "none":
         return call
     policy = None if remat == "block" else jax.checkpoint_policies.checkpoint_dots
-    return nnx.remat(call, policy=policy, static_argnums=static_argnums)
+    # graph_updates=False: nnx's tree-mode remat. The graph-updates path writes every Variable back after
+    # the call and fails (TraceContextError) on a model nnx.merge'd inside jit / grad, as the trainer builds it.
+    return nnx.remat(call, policy=policy, static_argnums=static_argnums, graph_updates=False)
