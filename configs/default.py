@@ -9,13 +9,16 @@ prediction.
 
 Schema (the trainer reads these keys):
   seed
-  process:  name ('ddpm' | 'vp' | 'subvp' | 've' | 'edm') and only that process's parameters
+  process:  name ('ddpm' | 'vp' | 'subvp' | 've' | 'edm' | 'vdm' | 'flow') and only that process's parameters
+            (flow: eps (t_min), shift (SD3's sampling-grid time shift, > 0; 1 = none), time_distribution
+            ('uniform' | 'logit_normal': training t), logit_mean, logit_std)
   training: batch_size, n_iters, snapshot_freq, log_freq, eval_freq, n_jitted_steps,
-            loss ('eps' | 'dsm' | 'v' | 'edm' | 'hybrid'), likelihood_weighting, reduce_mean, label_dropout,
+            loss ('eps' | 'dsm' | 'v' | 'edm' | 'hybrid' | 'flow'), likelihood_weighting, reduce_mean, label_dropout,
             vlb_weight (the hybrid loss's lambda; needs model.learn_sigma),
             ema_rate, ema_rates (further EMA rates kept beside ema_rate), grad_accum_steps, fsdp,
-            dcn_data (data parallelism across slices / processes; the mesh: trainer.make_mesh)
-  model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v') and the
+            dcn_data (data parallelism across slices / processes; the mesh: trainer.make_mesh),
+            model_parallel (the tensor-parallel "model" mesh axis size within a slice)
+  model:    name ('ddpm_unet' | 'ncsnpp' | 'mlp'), prediction ('eps' | 'score' | 'x0' | 'v' | 'flow') and the
             network's keyword arguments (dtype, num_classes, augment_dim, learn_sigma: the network also
             outputs its reverse variance, for sampling.variance 'learned', architecture fields); the
             image networks' image_size / num_channels / centered are references to the data fields
@@ -23,7 +26,8 @@ Schema (the trainer reads these keys):
             data_dir (TFDS data dir), cache_dir (a local copy of a TFDS dataset's shards: diffjax.data_prepare)
   optim:    optimizer, lr, beta1, eps, weight_decay, warmup (linear lr ramp steps),
             grad_clip (max global norm; 0 disables clipping)
-  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0, variance
+  sampling: sampler, num_steps, predictor, corrector, snr, n_steps_each, clip_x0, variance,
+            ode_solver (sampler 'ode': 'tsit5' | 'dopri5')
   eval:     batch_size, num_samples, metrics, reference, quantize, seed, fid_freq, fid_num,
             bpd_passes, targets
 """
@@ -77,6 +81,9 @@ def get_default_configs() -> ml_collections.ConfigDict:
     training.grad_accum_steps = 1
     training.fsdp = False  # shard params / optimiser state over the "fsdp" axis (the devices of a slice)
     training.dcn_data = 0  # data-parallel groups across slices (DCN); 0: the TPU slice count (1 without multislice)
+    # tensor parallelism: the "model" mesh axis size within a slice (ICI), splitting the kernels a network
+    # annotates with 'model' (dit: Megatron layout; must divide model.num_heads); the batch is not split over it
+    training.model_parallel = 1
 
     config.data = data = ml_collections.ConfigDict()
     data.dataset = "cifar10"
@@ -113,6 +120,7 @@ def get_default_configs() -> ml_collections.ConfigDict:
     sampling.clip_x0 = False  # ancestral / ddim: clip each step's x0 estimate to the data range (DDPM)
     # ancestral / ELBO: fixed_small (beta-tilde) | fixed_large (beta) | learned (needs model.learn_sigma)
     sampling.variance = "fixed_small"
+    sampling.ode_solver = "tsit5"  # sampler 'ode': diffrax's tsit5 or dopri5 (Dormand-Prince RK45, scipy's 'RK45')
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 1024

@@ -11,6 +11,9 @@ returns mean_batch[ w(t) * mean_dims (prediction - target)^2 ] (reduce_mean=Fals
 - 'v': v-prediction, target a eps - s x0, w = 1 (Salimans & Ho 2022).
 - 'edm': target x0, w = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2, ln sigma ~ N(-1.2, 1.2^2)
   (Karras et al. 2022, table 1); needs the 'edm' process.
+- 'flow': flow matching, target the velocity alpha' x0 + sigma' eps, w = 1; on the 'flow' process
+  with prediction 'flow' exactly rectified flow's ||(eps - x0) - v_hat||^2 (Liu et al. 2022, eq. 1),
+  t from the process's time_distribution (uniform or SD3's logit-normal). Continuous processes only.
 - 'hybrid': L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, sec. 3.1) for a network with a
   learned variance (model.learn_sigma) on the discrete ddpm process: see `hybrid_loss`.
 
@@ -32,8 +35,8 @@ from diffjax.elbo import bound_term
 from diffjax.processes import EDM, Process, bcast
 
 Array = jax.Array
-LOSSES = ("eps", "dsm", "v", "edm", "hybrid")
-_TARGET = {"eps": "eps", "dsm": "score", "v": "v", "edm": "x0", "hybrid": "eps"}
+LOSSES = ("eps", "dsm", "v", "edm", "hybrid", "flow")
+_TARGET = {"eps": "eps", "dsm": "score", "v": "v", "edm": "x0", "hybrid": "eps", "flow": "flow"}
 
 
 def drop_labels(key: Array, labels: Array, rate: float) -> Array:
@@ -62,6 +65,7 @@ def loss(
 
         return vlb.training_loss(denoiser, process, batch, key)
     check_loss(name, process, denoiser.learned_variance)
+    process.require_prediction(denoiser.prediction)
     if likelihood_weighting and name != "dsm":
         raise ValueError("likelihood_weighting applies to the 'dsm' loss only")
     x0 = batch["x"]
@@ -84,6 +88,9 @@ def loss(
         weight = process.sde(t)[1] if likelihood_weighting else sigma**2
     elif name == "v":
         target, weight = bcast(alpha, eps) * eps - bcast(sigma, x0) * x0, jnp.ones_like(t)
+    elif name == "flow":
+        d_alpha, d_sigma = process.velocity_coefficients(t)
+        target, weight = bcast(d_alpha, x0) * x0 + bcast(d_sigma, eps) * eps, jnp.ones_like(t)
     else:  # "edm": an EDM process, checked above
         target, weight = x0, cast(EDM, process).loss_weight(sigma)
     return jnp.mean(weight * _squared_error(out, target, reduce_mean))
@@ -101,6 +108,8 @@ def check_loss(name: str, process: Process, learned_variance: bool) -> None:
         raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
     if name == "edm" and not isinstance(process, EDM):
         raise ValueError(f"loss 'edm' needs the 'edm' process, got {process.name!r}")
+    if name == "flow" and process.discrete:
+        raise ValueError(f"training.loss='flow' (the velocity) needs a continuous process, got {process.name!r}")
     if name == "hybrid":
         require_learned_variance(learned_variance, "training.loss='hybrid'")
         if not process.discrete:

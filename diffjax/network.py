@@ -28,7 +28,10 @@ Array = jax.Array
 
 def build_process(config) -> Process:
     params = {k: v for k, v in config.process.items() if k != "name"}
-    return processes.get(config.process.name, **params)
+    process = processes.get(config.process.name, **params)
+    if "prediction" in config.get("model", {}):  # e.g. 'flow' on a discrete chain, 'eps' on flow: one line
+        process.require_prediction(config.model.prediction)
+    return process
 
 
 @dataclasses.dataclass(frozen=True)

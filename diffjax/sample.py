@@ -63,6 +63,8 @@ def config_sampler(config, sampler: str | None, steps: int | None, opts: dict) -
             **dict(predictor=s.predictor, corrector=s.corrector, snr=float(s.snr), n_steps_each=int(s.n_steps_each)),
             **opts,
         }
+    if sampler == "ode" and "ode_solver" in s and "solver" not in opts:  # e.g. dopri5 (Rectified Flow's RK45)
+        opts = {**opts, "solver": s.ode_solver}
     if sampler in ("ancestral", "ddim") and s.get("clip_x0", False) and "clip_x0" not in opts:
         opts = {**opts, "clip_x0": data_range(config)}
     return sampler, steps, opts

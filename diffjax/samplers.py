@@ -84,6 +84,7 @@ def run_stepper(
 ) -> tuple[Array, int]:
     """Drive a stepper over its time grid: one lax.scan over the first N - 1 steps, then the last."""
     grid = process.time_grid(num_steps, stepper.grid_spacing(process))
+    check_start(stepper, process, grid)
     batch, shape = x.shape[0], x.shape[1:]
     per_example = lambda v: jnp.broadcast_to(jnp.asarray(v), (batch,))  # noqa: E731
 
@@ -119,13 +120,28 @@ def run_stepper(
     return stepper.output(state), stepper.nfe(num_steps)
 
 
+def check_start(stepper: steppers.Stepper, process: Process, grid: Array) -> None:
+    """A stepper that divides by alpha (`Stepper.needs_signal`) cannot start where alpha = 0 (flow at t = 1)."""
+    if not stepper.needs_signal:
+        return
+    with jax.ensure_compile_time_eval():
+        t0 = float(np.asarray(grid[0]))
+        a0 = float(np.asarray(process.alpha(jnp.float32(t0))))
+    if a0 == 0:
+        name = next((k for k, v in steppers.STEPPERS.items() if v is type(stepper)), type(stepper).__name__)
+        raise ValueError(
+            f"sampler {name!r} divides by alpha(t), which is 0 at the grid's first time t = {t0:g} on process "
+            f"{process.name!r}; use spacing 'karras' or 'logsnr' (they start at 1 - t_min) or sampler 'ddim' / 'ode'"
+        )
+
+
 def probability_flow_drift(denoiser: Denoiser, process: Process, cond) -> Callable:
-    """dx/dt = f(t) x - g(t)^2 / 2 * score(x, t): the probability-flow ODE (Song et al. 2021, eq. 13)."""
+    """dx/dt = f(t) x - g(t)^2 / 2 * score(x, t), the probability-flow ODE (Song et al. 2021, eq. 13),
+    evaluated as the velocity alpha' x0 + sigma' eps (prediction kind 'flow': the same drift, finite
+    where alpha = 0, e.g. the flow process at t = 1)."""
 
     def drift(t, x):
-        f, g2 = process.sde(t)
-        score = predict(denoiser, process, x, t, cond, "score")
-        return f * x - 0.5 * g2 * score
+        return predict(denoiser, process, x, t, cond, "flow")
 
     return drift
 

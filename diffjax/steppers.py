@@ -118,6 +118,7 @@ class Stepper:
     kind: ClassVar[str] = "x0"
     dynamic: ClassVar[tuple[str, ...]] = ()  # numeric options the server takes per request
     paper_spacing: ClassVar[str] = "default"  # the grid the sampler's paper recommends
+    needs_signal: ClassVar[bool] = False  # divides by alpha(t): no grid starting where alpha = 0 (flow, t = 1)
     spacing: str = "auto"  # 'auto': paper_spacing, or the process's own grid for the discrete ddpm
 
     @property
@@ -215,6 +216,7 @@ class PC(Stepper):
 
     kind: ClassVar[str] = "score"
     dynamic: ClassVar[tuple[str, ...]] = ("snr",)
+    needs_signal: ClassVar[bool] = True  # the reverse step divides by alpha_ts, the SDE's f by alpha
     predictor: str = "reverse_diffusion"
     corrector: str = "langevin"
     snr: float = 0.16
@@ -316,6 +318,7 @@ class Heun(Stepper):
 
     evals: ClassVar[int] = 2
     dynamic: ClassVar[tuple[str, ...]] = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+    needs_signal: ClassVar[bool] = True  # works in x / alpha
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")

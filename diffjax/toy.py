@@ -98,7 +98,15 @@ class _ExactApply:
         del cond
         alpha, sigma = self.process.alpha(t), self.process.sigma(t)
         score = mixture.diffused_score(x, alpha, sigma)
-        return self.process.convert("score", self.prediction, score, x, t)
+        out = self.process.convert("score", self.prediction, score, x, t)
+        with jax.ensure_compile_time_eval():
+            vanishes = not self.process.discrete and float(self.process.alpha(jnp.float32(self.process.t_max))) == 0
+        if vanishes:
+            # alpha = 0 (flow at t = 1): the score (-x) carries no x0; E[x0 | x_t] is the mixture's mean
+            mean = jnp.broadcast_to(mixture.weights / jnp.sum(mixture.weights) @ mixture.means, x.shape)
+            no_signal = (alpha == 0).reshape((-1,) + (1,) * (x.ndim - 1))
+            out = jnp.where(no_signal, self.process.convert("x0", self.prediction, mean, x, t), out)
+        return out
 
 
 # ---- built-in data ------------------------------------------------------------------------------

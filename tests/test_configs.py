@@ -25,6 +25,7 @@ REPRODUCTIONS = {  # config -> a number of the paper it targets, quoted in its d
     "configs/ve/cifar10_ncsnpp_deep_continuous.py": "2.20",
     "configs/edm/cifar10_ddpmpp.py": "1.97",
     "configs/vdm/cifar10.py": "2.65",
+    "configs/flow/cifar10_ddpmpp.py": "2.58",
 }
 SCHEMA = {
     "": ["seed", "process", "training", "model", "data", "optim", "sampling", "eval"],
@@ -96,8 +97,9 @@ def test_schema(path):
     params = {k: v for k, v in c.process.items() if k != "name"}
     process = processes.get(c.process.name, **params)
     assert process.name == c.process.name
-    assert c.training.loss in ("eps", "dsm", "v", "edm", "classifier", "elbo")  # classifier: guidance; elbo: configs/vdm
-    assert c.model.prediction in ("eps", "score", "x0", "v")
+    # classifier: guidance; elbo: configs/vdm; hybrid: learned variances (configs/dit)
+    assert c.training.loss in ("eps", "dsm", "v", "edm", "hybrid", "classifier", "elbo", "flow")  # flow: configs/flow
+    assert c.model.prediction in ("eps", "score", "x0", "v", "flow")
     assert c.model.dtype in ("float32", "bfloat16")
     assert c.model.name in models.available()
     assert c.training.batch_size > 0 and 0 < c.training.ema_rate < 1

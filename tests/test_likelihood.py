@@ -11,18 +11,19 @@ from diffjax import likelihood, processes, toy
 MIXTURE = toy.eight_gaussians()
 
 
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "edm"])
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "edm", "flow"])
 def test_hutchinson_log_likelihood_matches_log_prob(name):
     p = processes.get(name)
     x = MIXTURE.sample(jax.random.key(5), 512)
     true = np.asarray(MIXTURE.log_prob(x))
-    est, info = likelihood.log_likelihood(MIXTURE.denoiser(p), p, jax.random.key(0), x)
+    den = MIXTURE.denoiser(p, "flow" if name == "flow" else "eps")  # flow: from t = 1, its exact prior
+    est, info = likelihood.log_likelihood(den, p, jax.random.key(0), x)
     est = np.asarray(est)
     assert abs(est.mean() - true.mean()) < 0.02 * abs(true.mean())
     assert info["nfe"] > 10
 
 
-@pytest.mark.parametrize("name", ["vp", "edm"])
+@pytest.mark.parametrize("name", ["vp", "edm", "flow"])
 def test_exact_trace_matches_log_prob_per_example(name):
     p = processes.get(name)
     x = MIXTURE.sample(jax.random.key(6), 256)
@@ -30,7 +31,8 @@ def test_exact_trace_matches_log_prob_per_example(name):
     err = np.abs(np.asarray(est) - np.asarray(MIXTURE.log_prob(x)))
     assert err.mean() < 0.02 and err.max() < 0.1, (err.mean(), err.max())
     # A shifted point set is much less likely, and the estimate says so.
-    far, _ = likelihood.log_likelihood(MIXTURE.denoiser(p), p, jax.random.key(0), x * 0.5, trace="exact")
+    far_den = MIXTURE.denoiser(p, "x0" if name == "flow" else "eps")
+    far, _ = likelihood.log_likelihood(far_den, p, jax.random.key(0), x * 0.5, trace="exact")
     assert float(jnp.mean(far)) < float(jnp.mean(est)) - 10
 
 

@@ -46,10 +46,10 @@ def test_ddpm_chain_marginal_matches_simulation():
         assert float(jnp.std(xs)) == pytest.approx(float(p.sigma(t)), rel=0.03)
 
 
-@pytest.mark.parametrize("name", CONTINUOUS + ["vdm"])
+@pytest.mark.parametrize("name", CONTINUOUS + ["vdm", "flow"])
 def test_sde_marginal_matches_euler_maruyama(name):
     p = processes.get(name)
-    t_end = 5.0 if name == "edm" else 1.0
+    t_end = 5.0 if name == "edm" else 0.9 if name == "flow" else 1.0  # flow: f, g^2 diverge at t = 1
     n, x0, steps = 20000, 1.5, 2000
     x = jnp.full((n,), x0) + float(p.sigma(0.0)) * jax.random.normal(jax.random.key(1), (n,))
     times = jnp.linspace(0.0, t_end, steps + 1)
@@ -64,10 +64,10 @@ def test_sde_marginal_matches_euler_maruyama(name):
     assert float(jnp.std(x)) == pytest.approx(float(p.sigma(t_end)), rel=0.03)
 
 
-@pytest.mark.parametrize("name", CONTINUOUS)
+@pytest.mark.parametrize("name", CONTINUOUS + ["flow"])
 def test_closed_form_sde_equals_autodiff_of_marginal(name):
     p = processes.get(name)
-    t = jnp.linspace(p.t_min, p.t_max, 7)
+    t = jnp.linspace(p.t_min, p.ratio_t_max, 7)  # flow: f, g^2 diverge at t = 1
     f, g2 = p.sde(t)
     f_ad, g2_ad = processes.Process.sde(p, t)
     np.testing.assert_allclose(f, f_ad, rtol=1e-4, atol=1e-6)
@@ -96,22 +96,25 @@ def test_paper_schedule_numbers():
     assert grid[9] == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("name", ALL + ["vdm"])
+@pytest.mark.parametrize("name", ALL + ["vdm", "flow"])
 def test_conversions_round_trip(name):
     p = processes.get(name)
     k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
     x0, eps = jax.random.normal(k1, (6, 3)), jax.random.normal(k2, (6, 3))
     t = p.time_grid(9)[:6]  # away from t_min, where sigma ~ 1e-4 makes float32 division lossy
+    if name == "flow":
+        t = p.time_grid(9)[1:7]  # and from t = 1, where alpha = 0 (tests/test_flow.py checks it)
     x = p.marginal(x0, t, eps)
     np.testing.assert_allclose(p.convert("eps", "x0", eps, x, t), x0, rtol=1e-3, atol=2e-3)
     out = jax.random.normal(k3, (6, 3))
-    for src in processes.PREDICTIONS:
-        for dst in processes.PREDICTIONS:
+    kinds = processes.PREDICTIONS if not p.discrete else p.predictions  # ddpm: no velocity ('flow')
+    for src in kinds:
+        for dst in kinds:
             back = p.convert(dst, src, p.convert(src, dst, out, x, t), x, t)
             np.testing.assert_allclose(back, out, rtol=2e-3, atol=2e-3, err_msg=f"{src}->{dst}->{src}")
 
 
-@pytest.mark.parametrize("name", CONTINUOUS + ["vdm"])
+@pytest.mark.parametrize("name", CONTINUOUS + ["vdm", "flow"])
 @pytest.mark.parametrize("spacing", ["karras", "logsnr"])
 def test_time_at_ratio_inverts_noise_level(name, spacing):
     p = processes.get(name)
@@ -125,7 +128,7 @@ def test_time_at_ratio_inverts_noise_level(name, spacing):
 
 
 def test_bad_input_errors():
-    with pytest.raises(ValueError, match=r"unknown process 'foo'.*\['ddpm', 'edm', 'subvp', 'vdm', 've', 'vp'\]"):
+    with pytest.raises(ValueError, match=r"unknown process 'foo'.*\['ddpm', 'edm', 'flow', 'subvp', 'vdm', 've', 'vp'\]"):
         processes.get("foo")
     with pytest.raises(ValueError, match="no field.*beta_maxx"):
         processes.get("vp", beta_maxx=3)

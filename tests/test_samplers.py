@@ -39,6 +39,13 @@ CASES = [
     ("heun", "edm", 18, {}),
     ("heun", "vp", 18, {"spacing": "karras"}),
     ("heun", "edm", 40, {"s_churn": 10.0}),
+    # flow (rectified flow), velocity prediction: DDIM eta 0 is its Euler step; DPM-Solver++ and Heun on
+    # their log-SNR / Karras grids, which start at 1 - t_min (sigma / alpha is infinite at t = 1)
+    ("ddim", "flow", 50, {}),
+    ("ancestral", "flow", 200, {}),
+    ("ode", "flow", 10, {}),
+    ("dpm_solver++", "flow", 20, {}),
+    ("heun", "flow", 40, {}),
 ]
 
 
@@ -46,7 +53,8 @@ CASES = [
 def test_sampler_reproduces_mixture(truth_baseline, name, process_name, steps, opts):
     truth, base = truth_baseline
     p = processes.get(process_name)
-    x, info = samplers.sample(name, MIXTURE.denoiser(p), p, jax.random.key(1), (N, 2), steps, **opts)
+    den = MIXTURE.denoiser(p, "flow" if process_name == "flow" else "eps")
+    x, info = samplers.sample(name, den, p, jax.random.key(1), (N, 2), steps, **opts)
     assert x.shape == (N, 2) and bool(jnp.all(jnp.isfinite(x)))
     stats = toy.mode_statistics(MIXTURE, x)
     np.testing.assert_allclose(stats["weights"], 1 / 8, atol=0.02)  # binomial sd 0.0037

@@ -12,12 +12,15 @@ Samplers, losses and likelihood only use the interface of `Process`:
 - `sample_train_time`: t for the training loss.
 - `transition(t, s)`, `posterior(t, s)`, `step_variance(t, s, variance)`: q(x_t | x_s),
   q(x_s | x_t, x0) and a fixed reverse-step variance (the ancestral sampler, the ELBO).
-- `to_x0`, `to_eps`, `to_score`, `to_v`, `convert`: change of prediction parametrisation.
+- `to_x0`, `to_eps`, `to_score`, `to_v`, `convert`: change of prediction parametrisation, among
+  `PREDICTIONS` (eps, x0, v, score and the velocity 'flow'); `predictions` / `require_prediction`: the
+  kinds a process's network may output.
 - `noise_cond(t)`: what the network is conditioned on (score_sde's conventions).
 
 Processes: `ddpm` (Ho et al. 2020, discrete T-step chain, linear or cosine betas), `vp`, `subvp`,
-`ve` (Song et al. 2021, score_sde defaults), `edm` (Karras et al. 2022) and `vdm` (Kingma et al. 2021:
-a learned monotone log-SNR; diffjax.processes.vdm).
+`ve` (Song et al. 2021, score_sde defaults), `edm` (Karras et al. 2022), `vdm` (Kingma et al. 2021:
+a learned monotone log-SNR; diffjax.processes.vdm) and `flow` (rectified flow / flow matching,
+x_t = (1 - t) x0 + t eps; diffjax.processes.flow).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from diffjax.processes.base import (
     check_variance,
 )
 from diffjax.processes.discrete import DDPM
+from diffjax.processes.flow import Flow
 from diffjax.processes.sdes import EDM, VE, VP, SubVP
 from diffjax.processes.vdm import VDM
 
@@ -55,11 +59,12 @@ __all__ = [
     "VP",
     "SubVP",
     "VDM",
+    "Flow",
     "REGISTRY",
     "get",
 ]
 
-REGISTRY: dict[str, type[Process]] = {p.name: p for p in (DDPM, VP, SubVP, VE, EDM, VDM)}
+REGISTRY: dict[str, type[Process]] = {p.name: p for p in (DDPM, VP, SubVP, VE, EDM, VDM, Flow)}
 
 
 def get(name: str, **overrides) -> Process:

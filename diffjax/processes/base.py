@@ -1,6 +1,6 @@
 """The `Process` interface and what every process shares: marginals, the SDE by autodiff, the prior,
 time grids, steps between two times (transitions, posteriors, fixed reverse variances) and the
-conversions between prediction parametrisations."""
+conversions between prediction parametrisations (eps, x0, v, score and the velocity 'flow')."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-PREDICTIONS = ("eps", "x0", "v", "score")
-SPACINGS = ("default", "karras", "logsnr", "leading")
+# 'flow': the velocity dx_t/dt = alpha'(t) x0 + sigma'(t) eps (flow matching; continuous processes only)
+PREDICTIONS = ("eps", "x0", "v", "score", "flow")
+SPACINGS = ("default", "karras", "logsnr", "leading", "diffusers")
 # reverse-step variances: beta-tilde (posterior), beta (forward) or the network's interpolation of the two
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
@@ -33,6 +34,16 @@ class Process:
     discrete: ClassVar[bool] = False  # True: time is an integer step, no SDE / ODE is defined.
     t_min: ClassVar[float] = 0.0  # smallest time the network is evaluated at (sampling eps)
     t_max: ClassVar[float] = 1.0
+
+    @property
+    def predictions(self) -> tuple[str, ...]:
+        """The prediction kinds a network of this process may output (all but 'flow' on a discrete chain)."""
+        return tuple(k for k in PREDICTIONS if not (self.discrete and k == "flow"))
+
+    def require_prediction(self, prediction: str, field: str = "config.model.prediction") -> None:
+        """One-line ValueError unless `prediction` is one of `predictions` (the config's field named)."""
+        if prediction not in self.predictions:
+            raise ValueError(f"{field} must be one of {self.predictions} for process {self.name!r}, got {prediction!r}")
 
     # ---- marginal -------------------------------------------------------------------------
     def alpha(self, t: Array) -> Array:
@@ -53,6 +64,13 @@ class Process:
         """The time t where sigma(t) / alpha(t) == ratio (EDM's sigma of the scaled ODE)."""
         raise ValueError(f"process {self.name!r} has no closed-form inverse noise level; use 'vp', 'subvp', 've' or 'edm'")
 
+    def velocity_coefficients(self, t: Array) -> tuple[Array, Array]:
+        """(alpha'(t), sigma'(t)) by autodiff (the velocity dx_t/dt = alpha' x0 + sigma' eps)."""
+        self._require_continuous("velocity (prediction 'flow')")
+        t = jnp.asarray(t, jnp.float32)
+        ones = jnp.ones_like(t)
+        return jax.jvp(self.alpha, (t,), (ones,))[1], jax.jvp(self.sigma, (t,), (ones,))[1]
+
     # ---- SDE ------------------------------------------------------------------------------
     def sde(self, t: Array) -> tuple[Array, Array]:
         """(f(t), g(t)^2) of dx = f(t) x dt + g(t) dW, from alpha and sigma by autodiff.
@@ -69,7 +87,7 @@ class Process:
         if self.discrete:
             raise ValueError(
                 f"process {self.name!r} is a discrete chain and has no {what}; "
-                "use one of the continuous processes 'vp', 'subvp', 've', 'edm'"
+                "use one of the continuous processes 'vp', 'subvp', 've', 'edm', 'vdm', 'flow'"
             )
 
     # ---- prior ----------------------------------------------------------------------------
@@ -101,7 +119,9 @@ class Process:
         spacing: 'default' (the process's own grid: uniform in t; EDM's rho-schedule for edm),
         'karras' (uniform in (sigma/alpha)^(1/rho), Karras et al. 2022, eq. 5) or 'logsnr'
         (uniform in log(sigma/alpha), Lu et al. 2022) or, for the discrete ddpm process only,
-        'leading' (DDIM's ``range(0, T, T // N)`` skip: diffusers' timestep_spacing='leading').
+        'leading' (DDIM's ``range(0, T, T // N)`` skip: diffusers' timestep_spacing='leading') or, for
+        the flow process only, 'diffusers' (FlowMatchEulerDiscreteScheduler's grid). 'karras' and
+        'logsnr' start at `ratio_t_max` (t_max, but 1 - t_min on flow, where sigma/alpha is infinite at 1).
         """
         check_steps(num_steps)
         if self.max_steps is not None and num_steps > self.max_steps:
@@ -113,9 +133,11 @@ class Process:
                 return jnp.append(self._default_grid(num_steps), 0.0).astype(jnp.float32)
             if spacing == "leading":
                 return jnp.append(self._leading_grid(num_steps), 0.0).astype(jnp.float32)
+            if spacing == "diffusers":
+                return jnp.append(self._diffusers_grid(num_steps), 0.0).astype(jnp.float32)
             if num_steps == 1:
-                return jnp.asarray([self.t_max, 0.0], jnp.float32)
-            ends = jnp.asarray([self.t_max, self.t_min], jnp.float32)
+                return jnp.asarray([self.ratio_t_max, 0.0], jnp.float32)
+            ends = jnp.asarray([self.ratio_t_max, self.t_min], jnp.float32)
             r_max, r_min = np.asarray(self.sigma(ends) / self.alpha(ends), np.float64)
             i = np.linspace(0.0, 1.0, num_steps)
             if spacing == "karras":
@@ -123,11 +145,19 @@ class Process:
             else:
                 ratios = np.exp(np.log(r_max) + i * (np.log(r_min) - np.log(r_max)))
             times = np.array(self.time_at_ratio(jnp.asarray(ratios, jnp.float32)))
-            times[0], times[-1] = self.t_max, self.t_min  # exact end points
+            times[0], times[-1] = self.ratio_t_max, self.t_min  # exact end points
             return jnp.asarray(np.append(times, 0.0), jnp.float32)
+
+    @property
+    def ratio_t_max(self) -> float:
+        """Where the 'karras' / 'logsnr' grids start: the largest time with a finite sigma / alpha."""
+        return float(self.t_max)
 
     def _default_grid(self, num_steps: int) -> Array:
         return jnp.linspace(self.t_max, self.t_min, num_steps)
+
+    def _diffusers_grid(self, num_steps: int) -> Array:
+        raise ValueError(f"spacing 'diffusers' is for the flow process, not {self.name!r}; choose one of {SPACINGS[:3]}")
 
     def _leading_grid(self, num_steps: int) -> Array:
         raise ValueError(
@@ -194,30 +224,40 @@ class Process:
     def convert(self, src: str, dst: str, out: Array, x: Array, t: Array) -> Array:
         """Convert a prediction `out` of kind src at (x, t) to kind dst.
 
-        With x = a x0 + s eps: score = -eps / s, v = a eps - s x0 (Salimans & Ho 2022), and
-        x0 = (a x - s v) / (a^2 + s^2), eps = (s x + a v) / (a^2 + s^2) for any (a, s).
+        With x = a x0 + s eps: score = -eps / s, v = a eps - s x0 (Salimans & Ho 2022), flow = a' x0 + s' eps
+        (the velocity dx_t/dt; a', s' from `velocity_coefficients`), and back x0 = (a x - s v) / (a^2 + s^2),
+        eps = (s x + a v) / (a^2 + s^2), x0 = (s' x - s flow) / d, eps = (a flow - a' x) / d with
+        d = a s' - s a' (> 0: sigma / alpha increases), all finite where a = 0 (flow at t = 1).
         """
         check_prediction(src)
         check_prediction(dst)
         if src == dst:
             return out
         a, s = bcast(self.alpha(t), x), bcast(self.sigma(t), x)
-        if src == "eps":
-            eps = out
-        elif src == "score":
-            eps = -s * out
+        if "flow" in (src, dst):
+            da, ds = (bcast(c, x) for c in self.velocity_coefficients(t))
+        if src in ("eps", "score"):
+            eps = out if src == "eps" else -s * out
+            if dst in ("eps", "score"):
+                return eps if dst == "eps" else -eps / s
+            x0 = (x - s * eps) / a
         elif src == "x0":
-            eps = (x - a * out) / s
-        else:  # v
-            eps = (s * x + a * out) / (a**2 + s**2)
+            x0, eps = out, (x - a * out) / s
+        elif src == "v":
+            norm = a**2 + s**2
+            eps, x0 = (s * x + a * out) / norm, (a * x - s * out) / norm
+        else:  # flow
+            det = a * ds - s * da
+            eps, x0 = (a * out - da * x) / det, (ds * x - s * out) / det
         if dst == "eps":
             return eps
         if dst == "score":
             return -eps / s
-        x0 = (x - s * eps) / a
         if dst == "x0":
             return x0
-        return a * eps - s * x0
+        if dst == "v":
+            return a * eps - s * x0
+        return da * x0 + ds * eps
 
 
 def check_prediction(kind: str) -> None:

@@ -45,7 +45,8 @@ def served_steppers(
     """The fixed-step samplers a server serves, with the config's structural options (PC's predictor,
     corrector, corrector steps; clip_x0 for DDIM / ancestral; the ancestral step's variance). The
     adaptive ODE is offline-only, and PC with the Euler-Maruyama predictor needs an SDE (not served
-    on the discrete ddpm process)."""
+    on the discrete ddpm process); a sampler that divides by alpha is not served on a grid that starts
+    where alpha = 0 (pc on the flow process)."""
     s = config_sampling
     pc: dict[str, Any] = {"norm": "example"}
     if s is not None:
@@ -67,6 +68,12 @@ def served_steppers(
     }
     if process is not None and process.discrete and pc_stepper.predictor == "euler_maruyama":
         del served["pc"]
+    if process is not None:  # a stepper dividing by alpha on a grid starting where alpha = 0 (flow: pc)
+        for name, stepper in list(served.items()):
+            try:
+                samplers.check_start(stepper, process, process.time_grid(2, stepper.grid_spacing(process)))
+            except ValueError:
+                del served[name]
     return served
 
 

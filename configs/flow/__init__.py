@@ -1,0 +1,1 @@
+"""Reproduction configs (ml_collections); each module defines get_config()."""
