@@ -12,6 +12,12 @@ One table (printed, and written as JSON with --out) of:
   torch    the peer, where torch and diffusers import: diffusers UNet2DModel in the same DDPM
            layout, trained by a plain loop (Adam, clip, EMA) in bf16 autocast, eager and
            torch.compile'd, same batch.
+  dit      the train step of DiT-B/2 (130M) and DiT-XL/2 (675M) on 32x32x4 latents (1000 classes,
+           learned sigma, eps loss), bf16 compute, model.remat none and block, batch --dit_batch
+           per device: img/s, MFU of the model FLOPs (remat's recomputation not counted), the
+           compiled program's memory (arguments + outputs + temporaries, less donated buffers);
+           and its peer, diffusers DiTTransformer2DModel at the same sizes (SDPA attention, bf16
+           autocast, the plain loop above), eager and torch.compile'd.
   inception  FID Inception-v3 features/s (random weights; 32x32 images resized to 299).
 
 MFU = the network's forward + backward FLOPs per step (XLA cost analysis of the HLO, as `diffjax
@@ -20,7 +26,7 @@ for known accelerators (bf16; TF32 for float32 on NVIDIA, whose default f32 matm
 otherwise the f32 matmul rate measured in the same run. Every case runs in its own process
 (clean peak-memory counters, a crashed case does not stop the rest).
 
-    python benchmarks/accelerator.py [--out accel.json] [--only train,sample,server,torch]
+    python benchmarks/accelerator.py [--out accel.json] [--only train,sample,server,torch,dit]
     python benchmarks/accelerator.py --quick      # tiny sizes: the whole command in minutes on a CPU
 """
 
@@ -45,6 +51,9 @@ QUICK_MODEL = {
     "ddpm_cifar10": ["--config.model.nf=32", "--config.model.ch_mult=(1,2)", "--config.model.num_res_blocks=1"],
     "ddpmpp_vp": ["--config.model.nf=16", "--config.model.num_res_blocks=1"],
 }
+DIT_SIZES = ("B", "XL")
+# --quick: DiT-B/2 and DiT-XL/2 cut to (hidden, depth, heads) a CPU trains in seconds
+QUICK_DIT = {"B": (64, 2, 4), "XL": (96, 3, 6)}
 
 
 def _device_peak(dtype: str) -> tuple[float | None, str]:
@@ -91,26 +100,65 @@ def _config(name: str, quick: bool, extra=()):
 
 def case_train(name: str, dtype: str, args) -> dict:
     import jax
+
+    n_dev = jax.device_count()
+    config = _config(
+        name, args.quick, [f"--config.model.dtype={dtype}", f"--config.training.batch_size={args.batch * n_dev}"]
+    )
+    return _train_step_case(config, args.batch, dtype, args)
+
+
+def _dit_config(size: str, remat: str, args):
+    """DiT-`size`/2 on 32x32x4 latents at bf16 compute (train_step.dit_config); --quick: QUICK_DIT."""
+    import jax
+    from train_step import dit_config
+
+    tiny = dict(zip(("hidden_size", "num_res_blocks", "num_heads"), QUICK_DIT[size])) if args.quick else {}
+    config = dit_config(size, dtype="bfloat16", remat=remat, **tiny)
+    config.training.batch_size = args.dit_batch * jax.device_count()
+    return config
+
+
+def case_dit(size: str, remat: str, args) -> dict:
+    """DiT-`size`/2's train step at model.remat `remat`; MFU from the model FLOPs (remat 'none')."""
+    from diffjax.info import training_flops
+
+    config = _dit_config(size, remat, args)
+    model_flops = training_flops(_dit_config(size, "none", args).model, (args.dit_batch, *_latent(config)))
+    return dict(_train_step_case(config, args.dit_batch, "bfloat16", args, model_flops / args.dit_batch), remat=remat)
+
+
+def _latent(config) -> tuple[int, ...]:
+    from diffjax import trainer
+
+    return tuple(trainer.data_shape(config))
+
+
+def _train_step_case(config, batch: int, dtype: str, args, flops_per_img: float | None = None) -> dict:
+    """One fused training step of `config` (trainer.make_train_step) at `batch` per device: speed,
+    MFU (FLOPs: the network's forward + backward, or `flops_per_img` x the batch), memory."""
+    import jax
     import numpy as np
 
     from diffjax import models, trainer
     from diffjax.info import training_flops
 
     n_dev = jax.device_count()
-    config = _config(
-        name, args.quick, [f"--config.model.dtype={dtype}", f"--config.training.batch_size={args.batch * n_dev}"]
-    )
     mesh = trainer.make_mesh(config)
     state, shardings, graphdef, rest = trainer.init_state(config, mesh)
     process = trainer.build_process(config)
     step = trainer.make_train_step(config, graphdef, rest, process, shardings, mesh)
-    shape = (1, args.batch * n_dev, *trainer.data_shape(config))
-    x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-    batches = {"x": jax.device_put(x, trainer.batch_sharding(mesh, leading=1))}
+    shape = (1, batch * n_dev, *trainer.data_shape(config))
+    rng = np.random.default_rng(0)
+    batches = {"x": jax.device_put(rng.uniform(-1, 1, shape).astype(np.float32), trainer.batch_sharding(mesh, leading=1))}
+    if int(config.model.get("num_classes", 0) or 0):
+        labels = rng.integers(0, int(config.model.num_classes), shape[:2]).astype(np.int32)
+        batches["label"] = jax.device_put(labels, trainer.batch_sharding(mesh, leading=1))
     t0 = time.perf_counter()
     compiled = step.lower(state, batches).compile()
     compile_s = time.perf_counter() - t0
-    flops = training_flops(config.model, shape[1:])  # network forward + backward (optimiser: <0.1%)
+    # network forward + backward (optimiser: <0.1%)
+    flops = training_flops(config.model, shape[1:]) if flops_per_img is None else flops_per_img * shape[1]
     for _ in range(args.warmup):
         state, loss = compiled(state, batches)
     jax.block_until_ready(loss)
@@ -125,6 +173,7 @@ def case_train(name: str, dtype: str, args) -> dict:
         peak, peak_src = _matmul_rate("float32", 2048 if args.quick else 4096) * n_dev, "measured f32 jnp.dot"
     params = models.param_count(state["params"])
     peak_total = peak * n_dev if "datasheet" in peak_src else peak
+    args_batch = batch
     floats = [
         a
         for k in ("params", "ema", "opt_state")
@@ -133,18 +182,31 @@ def case_train(name: str, dtype: str, args) -> dict:
     ]
     return dict(
         params=params,
-        batch=args.batch * n_dev,
+        batch=args_batch * n_dev,
         ms_per_step=sec * 1e3,
-        img_s=args.batch * n_dev / sec,
+        img_s=args_batch * n_dev / sec,
         tflops=flops / sec / 1e12,
         mfu=flops / sec / peak_total,
         peak_src=peak_src,
         peak_flops=peak_total,
-        flops_per_img=flops / (args.batch * n_dev),
+        flops_per_img=flops / (args_batch * n_dev),
         peak_mem_gib=_gib(_peak_memory()),
+        compiled_mem_gib=_gib(_compiled_memory(compiled)),
         compile_s=compile_s,
         state_dtypes=sorted({str(a.dtype) for a in floats}),
     )
+
+
+def _compiled_memory(compiled) -> int | None:
+    """Bytes one device's compiled program holds at its peak: arguments + outputs + temporaries,
+    less the donated (aliased) buffers (XLA's memory analysis; None where the backend has none)."""
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError):
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def case_sample(sampler: str, dtype: str, args) -> dict:
@@ -243,15 +305,21 @@ def case_server(model: str, args) -> dict:
     )
 
 
-def case_torch(mode: str, args) -> dict:
+def case_torch(mode: str, args, dit: str | None = None) -> dict:
+    """The PyTorch peer's train step: the DDPM UNet2DModel, or DiT-`dit`/2 (DiTTransformer2DModel)."""
     import torch
-    from train_step import diffusers_ddpm_unet, torch_train_step
+    from train_step import LATENT, diffusers_ddpm_unet, diffusers_dit, dit_forward, torch_train_step
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    net = diffusers_ddpm_unet(32 if args.quick else 128).to(dev).train()
+    if dit is None:
+        net, batch, extra = diffusers_ddpm_unet(32 if args.quick else 128), args.batch, {}
+    else:
+        net = diffusers_dit(dit, *(QUICK_DIT[dit] if args.quick else ()))
+        batch, extra = args.dit_batch, dict(shape=(LATENT[2], *LATENT[:2]), forward=dit_forward)
+    net = net.to(dev).train()
     n_params = sum(p.numel() for p in net.parameters())
-    step = torch_train_step(torch.compile(net) if mode == "compile" else net, args.batch, dev, bf16=True)
+    step = torch_train_step(torch.compile(net) if mode == "compile" else net, batch, dev, bf16=True, **extra)
 
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     t0 = time.perf_counter()
@@ -270,9 +338,9 @@ def case_torch(mode: str, args) -> dict:
     mem = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     return dict(
         params=n_params,
-        batch=args.batch,
+        batch=batch,
         ms_per_step=sec * 1e3,
-        img_s=args.batch / sec,
+        img_s=batch / sec,
         peak_mem_gib=_gib(mem),
         warmup_s=compile_s,
         version=f"torch {torch.__version__}",
@@ -350,6 +418,10 @@ def _plan(args) -> list[list[str]]:
         "inception": [["inception"]],
         "server": [["server", m] for m in args.server_models],
         "torch": [["torch", "eager"], ["torch", "compile"]],
+        "dit": [
+            *(["dit", size, remat] for size in args.dit_sizes for remat in args.dit_remat),
+            *(["dit_torch", size, mode] for size in args.dit_sizes for mode in args.dit_peers),
+        ],
     }
     return [case for part in args.only for case in parts[part]]
 
@@ -365,6 +437,7 @@ def _forward(args) -> list[str]:
         f"--clients={args.clients}",
         f"--server_steps={args.server_steps}",
         f"--inception_batch={args.inception_batch}",
+        f"--dit_batch={args.dit_batch}",
         "--slots",
         *map(str, args.slots),
     ]
@@ -395,12 +468,15 @@ def _run_case(case: list[str], args, env=None) -> dict:
     return result
 
 
-def _peer_mfu(res: dict, results: list[dict]) -> None:
+def _jax_row(case: list[str]) -> list[str]:
+    """The case of the JAX rows a peer case is measured against (its FLOPs, its speed)."""
+    return ["dit", case[1]] if case[0] == "dit_torch" else ["train", "ddpm_cifar10", "bfloat16"]
+
+
+def _peer_mfu(res: dict, results: list[dict], case: list[str]) -> None:
     """The peer's TFLOP/s and MFU from the same network's FLOPs and bf16 peak (the JAX train rows)."""
     ref = [
-        r["result"]
-        for r in results
-        if r["case"][:3] == ["train", "ddpm_cifar10", "bfloat16"] and "flops_per_img" in r["result"]
+        r["result"] for r in results if r["case"][: len(_jax_row(case))] == _jax_row(case) and "flops_per_img" in r["result"]
     ]
     if ref:
         res["tflops"] = res["img_s"] * ref[0]["flops_per_img"] / 1e12
@@ -423,6 +499,20 @@ def print_table(results: list[dict]) -> None:
                 f"| {name} | {res['params'] / 1e6:.1f}M, batch {res['batch']} | {res['img_s']:,.0f} | "
                 f"{res['ms_per_step']:.1f} | {res['mfu']:.1%} | {_fmt(res['peak_mem_gib'], '.2f')} | "
                 f"{res['compile_s']:.1f} | {res['tflops']:.1f} TFLOP/s vs {res['peak_src']} |"
+            )
+        elif r["case"][0] == "dit":
+            print(
+                f"| dit DiT-{r['case'][1]}/2 remat {res['remat']} | {res['params'] / 1e6:.1f}M, batch {res['batch']} | "
+                f"{res['img_s']:,.0f} | {res['ms_per_step']:.1f} | {res['mfu']:.1%} | "
+                f"{_fmt(res['peak_mem_gib'], '.2f')} | {res['compile_s']:.1f} | "
+                f"compiled {_fmt(res['compiled_mem_gib'], '.2f')} GiB; {res['tflops']:.2f} TFLOP/s vs {res['peak_src']} |"
+            )
+        elif r["case"][0] == "dit_torch":
+            print(
+                f"| dit_torch DiT-{r['case'][1]}/2 {r['case'][2]} (diffusers, bf16 autocast, SDPA) | "
+                f"{res['params'] / 1e6:.1f}M, batch {res['batch']} | {res['img_s']:,.0f} | {res['ms_per_step']:.1f} | "
+                f"{_fmt(res.get('mfu'), '.1%')} | {_fmt(res['peak_mem_gib'], '.2f')} | {res['warmup_s']:.1f} | "
+                f"{res['version']} |"
             )
         elif r["case"][0] == "sample":
             print(
@@ -458,14 +548,19 @@ def print_table(results: list[dict]) -> None:
     peer = [r["result"]["img_s"] for r in results if r["case"][0] == "torch" and "img_s" in r["result"]]
     if jax_bf16 and peer:
         print(f"\nddpm_cifar10 bf16 train: diffjax / best PyTorch peer = {jax_bf16[0] / max(peer):.2f}x")
+    for size in dict.fromkeys(r["case"][1] for r in results if r["case"][0] == "dit"):
+        ours = [r["result"]["img_s"] for r in results if r["case"][:2] == ["dit", size] and "img_s" in r["result"]]
+        theirs = [r["result"]["img_s"] for r in results if r["case"][:2] == ["dit_torch", size] and "img_s" in r["result"]]
+        if ours and theirs:
+            print(f"DiT-{size}/2 bf16 train: best diffjax / best PyTorch peer = {max(ours) / max(theirs):.2f}x")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--only",
-        default="train,sample,inception,server,torch",
-        help="comma-separated subset of train,sample,inception,server,torch",
+        default="train,sample,inception,server,torch,dit",
+        help="comma-separated subset of train,sample,inception,server,torch,dit",
     )
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--train_configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
@@ -484,12 +579,17 @@ def main(argv=None) -> int:
     p.add_argument("--server_samples_per_client", type=int, default=None, help="default 2 (64 clients x 2 = 128 in flight)")
     p.add_argument("--server_models", default=None, help="comma-separated: digits,ddpm_cifar10")
     p.add_argument("--slots", type=int, nargs="+", default=None, help="server batch_slots; the first is the baseline")
+    p.add_argument("--dit_sizes", default=",".join(DIT_SIZES), help="comma-separated DiT sizes: B,XL (patch 2)")
+    p.add_argument("--dit_remat", default="none,block", help="comma-separated model.remat of the DiT rows")
+    p.add_argument("--dit_peers", default="eager,compile", help="comma-separated PyTorch DiT peer modes (or none)")
+    p.add_argument("--dit_batch", type=int, default=None, help="DiT train batch per device (default 64; quick 2)")
     p.add_argument("--case_timeout", type=float, default=1800)
     p.add_argument("--case", nargs="+", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     q = args.quick
     defaults = dict(
         batch=(4, 128),
+        dit_batch=(2, 64),
         steps=(2, 50),
         warmup=(1, 5),
         sample_batch=(4, 1024),
@@ -504,9 +604,9 @@ def main(argv=None) -> int:
         if getattr(args, k) is None:
             setattr(args, k, quick if q else full)
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(args.only) - {"train", "sample", "inception", "server", "torch"}
+    unknown = set(args.only) - {"train", "sample", "inception", "server", "torch", "dit"}
     if unknown:
-        p.error(f"--only: unknown part(s) {sorted(unknown)}; choose from train,sample,inception,server,torch")
+        p.error(f"--only: unknown part(s) {sorted(unknown)}; choose from train,sample,inception,server,torch,dit")
     args.dtypes = [s.strip() for s in args.dtypes.split(",")]
     if set(args.dtypes) - {"float32", "bfloat16"}:
         p.error(f"--dtypes: each must be float32 or bfloat16, got {args.dtypes}")
@@ -515,6 +615,9 @@ def main(argv=None) -> int:
         ("train_configs", tuple(CONFIGS)),
         ("samplers", ("ddim", "heun")),
         ("server_models", ("digits", "ddpm_cifar10")),
+        ("dit_sizes", DIT_SIZES),
+        ("dit_remat", ("none", "block", "dots")),
+        ("dit_peers", ("eager", "compile", "none")),
     ):
         value = (
             [v.strip() for v in getattr(args, name).split(",")]
@@ -524,6 +627,7 @@ def main(argv=None) -> int:
         if not value or set(value) - set(allowed):
             p.error(f"--{name}: each must be one of {','.join(allowed)}, got {','.join(value)}")
         setattr(args, name, value)
+    args.dit_peers = [m for m in args.dit_peers if m != "none"]
     n = args.server_samples_per_client
     args.server_samples = {"digits": n or 2, "ddpm_cifar10": n or 2}
 
@@ -535,6 +639,8 @@ def main(argv=None) -> int:
             "workdir": lambda: case_workdir(*rest, q),
             "server": lambda: case_server(*rest, args),
             "torch": lambda: case_torch(*rest, args),
+            "dit": lambda: case_dit(*rest, args),
+            "dit_torch": lambda: case_torch(rest[1], args, dit=rest[0]),
             "inception": lambda: case_inception(args),
             "info": lambda: case_info(args),
         }[kind]
@@ -555,8 +661,8 @@ def main(argv=None) -> int:
     for case in _plan(args):
         print(f"-- {' '.join(case)}", flush=True)
         res = _run_case(case, args)
-        if case[0] == "torch" and "img_s" in res:
-            _peer_mfu(res, results)
+        if case[0] in ("torch", "dit_torch") and "img_s" in res:
+            _peer_mfu(res, results, case)
         print(f"   {json.dumps(res)}", flush=True)
         results.append(dict(case=case, result=res))
         if args.out:

@@ -267,6 +267,7 @@ def main(argv: list[str]) -> int:
     try:
         mesh = trainer.make_mesh(config)
         trainer.check_batch_size(config, mesh)
+        trainer.check_model_parallel(config, mesh)
         trainer.check_augmentation(config)
         learned_schedule.check_loss(trainer.build_process(config), str(config.training.loss))
         learn_sigma = bool(config.model.get("learn_sigma", False))
@@ -279,7 +280,8 @@ def main(argv: list[str]) -> int:
     if is_main:
         groups, _, slices = trainer.mesh_layout(config, jax.devices())
         across = f", data parallel across {groups} {'slices' if slices else 'processes'} (DCN)" if groups > 1 else ""
-        print(f"mesh: {' x '.join(f'{k}={v}' for k, v in mesh.shape.items())} over {mesh.devices.size} devices{across}")
+        axes = " x ".join(f"{k}={v}" for k, v in mesh.shape.items() if k != "model" or v > 1)  # model: when used
+        print(f"mesh: {axes} over {mesh.devices.size} devices{across}")
     process = trainer.build_process(config)
     t = config.training
 

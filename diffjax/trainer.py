@@ -2,9 +2,10 @@
 
 - `build_process`, `network_denoiser`, `abstract_model`, `data_shape`, `inference_rest`: from
   `diffjax.network` (the config's process and its network as a `Denoiser`), re-exported.
-- `make_mesh`, `state_shardings`: a Mesh ("data", "fsdp") over all devices of all processes;
-  the batch is split over both axes, params are replicated or FSDP-sharded by their
-  `out_sharding` annotations (`config.training.fsdp`).
+- `make_mesh`, `state_shardings`: a Mesh ("data", "fsdp", "model") over all devices of all
+  processes; the batch is split over ("data", "fsdp") and replicated over "model"; params are
+  replicated, FSDP-sharded (`config.training.fsdp`) and tensor-parallel over "model"
+  (`config.training.model_parallel`) by their `out_sharding` annotations.
 - `init_state`, `make_train_step`: state = {step, params, ema, opt_state, rng} (+ ema_extra:
   {ema_key(r): EMA at rate r} for each of `training.ema_rates`, only when there are any); one
   jitted program runs `n` fused steps with lax.scan (loss, grad, optax chain, EMAs), buffers donated.
@@ -42,6 +43,7 @@ __all__ = [
     "inference_rest",
     "network_denoiser",
     "make_mesh",
+    "check_model_parallel",
     "batch_sharding",
     "check_batch_size",
     "check_augmentation",
@@ -55,13 +57,20 @@ __all__ = [
     "restore",
 ]
 BATCH_AXES = ("data", "fsdp")
+MESH_AXES = (*BATCH_AXES, "model")
 
 
 # ---- process and network: diffjax.network (re-exported here for the training code) ---------------
 # ---- sharding ---------------------------------------------------------------------------------
-def mesh_layout(config, devices: list) -> tuple[int, tuple[int, int], bool]:
-    """(data-parallel groups across DCN, the (data, fsdp) shape within a group, whether the groups
-    are TPU slices (else processes)) for make_mesh; a ValueError for a bad training.dcn_data."""
+def model_parallel(config) -> int:
+    """training.model_parallel: the "model" (tensor-parallel) axis size within a slice; 1 if unset."""
+    return int(config.training.get("model_parallel", 1) or 1)
+
+
+def mesh_layout(config, devices: list) -> tuple[int, tuple[int, int, int], bool]:
+    """(data-parallel groups across DCN, the (data, fsdp, model) shape within a group, whether the
+    groups are TPU slices (else processes)) for make_mesh; a ValueError for a bad training.dcn_data
+    or training.model_parallel."""
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     processes = len({d.process_index for d in devices})
     dcn = int(config.training.get("dcn_data", 0) or 0) or slices
@@ -71,17 +80,28 @@ def mesh_layout(config, devices: list) -> tuple[int, tuple[int, int], bool]:
             f"({processes}) (0: the number of slices)"
         )
     per_group = len(devices) // dcn
-    return dcn, ((1, per_group) if config.training.fsdp else (per_group, 1)), dcn == slices
+    m = model_parallel(config)
+    if m < 1:
+        raise ValueError(f"training.model_parallel={m} must be >= 1 (the model axis size; 1: no tensor parallelism)")
+    if per_group % m:
+        where = f"the device count {per_group}"
+        if dcn > 1:  # the model axis lies within one data-parallel group
+            where = f"the {per_group} devices of each {'TPU slice' if dcn == slices else 'process'}"
+        raise ValueError(f"training.model_parallel={m} must divide {where}")
+    rest = per_group // m
+    return dcn, ((1, rest, m) if config.training.fsdp else (rest, 1, m)), dcn == slices
 
 
 def make_mesh(config, devices: list | None = None) -> Mesh:
-    """The ("data", "fsdp") Mesh over all devices of all processes, built by jax's mesh_utils.
+    """The ("data", "fsdp", "model") Mesh over all devices of all processes, built by jax's mesh_utils.
 
-    Within a slice (ICI) the devices form (data, fsdp) with fsdp = the slice's device count when
-    training.fsdp, else 1 (create_device_mesh: the physical topology's order on TPUs). Across
-    groups (DCN) the mesh is data-parallel only (create_hybrid_device_mesh): the groups are the TPU
-    slices of a multislice run (device.slice_index; the default), or the processes when
-    training.dcn_data is the process count (GPU nodes; the CPU tests). The batch is split over both axes.
+    Within a slice (ICI) the devices form (data, fsdp, model): model = training.model_parallel
+    (the innermost axis: the physically closest devices), fsdp = the rest of the slice when
+    training.fsdp, else 1 and data the rest (create_device_mesh: the physical topology's order
+    on TPUs). Across groups (DCN) the mesh is data-parallel only (create_hybrid_device_mesh): the
+    groups are the TPU slices of a multislice run (device.slice_index; the default), or the
+    processes when training.dcn_data is the process count (GPU nodes; the CPU tests). The batch
+    is split over ("data", "fsdp") and replicated over "model".
     """
     from jax.experimental import mesh_utils
 
@@ -91,13 +111,14 @@ def make_mesh(config, devices: list | None = None) -> Mesh:
         grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     else:
         grid = mesh_utils.create_hybrid_device_mesh(
-            ici, (dcn, 1), devices, process_is_granule=not slices, allow_split_physical_axes=True
+            ici, (dcn, 1, 1), devices, process_is_granule=not slices, allow_split_physical_axes=True
         )
-    return Mesh(grid, BATCH_AXES)
+    return Mesh(grid, MESH_AXES)
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
-    """Examples split over all devices; `leading` unsharded axes in front (fused steps)."""
+    """Examples split over ("data", "fsdp") (replicated over "model"); `leading` unsharded axes
+    in front (fused steps)."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
 
 
@@ -113,11 +134,17 @@ def batch_rows(config, mesh: Mesh) -> list[int]:
     return sorted(rows)
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch is split: the data x fsdp devices (the devices / the model axis)."""
+    return mesh.devices.size // mesh.shape.get("model", 1)
+
+
 def check_batch_size(config, mesh: Mesh) -> None:
-    b, n = int(config.training.batch_size), mesh.devices.size
+    b, n = int(config.training.batch_size), batch_shards(mesh)
     if b % n or b % jax.process_count():
+        what = f"the device count {n}" if n == mesh.devices.size else f"the data x fsdp device count {n}"
         raise ValueError(
-            f"training.batch_size={b} must be divisible by the device count {n} "
+            f"training.batch_size={b} must be divisible by {what} "
             f"(and the process count {jax.process_count()}); e.g. {max(n, b - b % n)}"
         )
 
@@ -132,11 +159,41 @@ def check_augmentation(config) -> None:
         )
 
 
+def _num_heads(module) -> list[int]:
+    """The attention head counts of a network: every int `num_heads` or `heads` attribute of its
+    modules (the built network: a named size is resolved)."""
+    found = {getattr(node, name, None) for _, node in nnx.iter_graph(module) for name in ("num_heads", "heads")}
+    return sorted(h for h in found if isinstance(h, int) and not isinstance(h, bool))
+
+
+def check_model_parallel(config, mesh: Mesh) -> None:
+    """ValueError unless the mesh's "model" axis fits the network: a network with no kernel
+    annotated 'model' has no tensor-parallel layout, and the axis must divide the attention heads.
+    Shapes only (the abstract network): nothing is allocated or compiled."""
+    m = int(mesh.shape.get("model", 1))
+    if m == 1:
+        return
+    module = models.abstract_model(config.model, (1, *data_shape(config)))
+    specs = jax.tree.leaves(nnx.get_partition_spec(nnx.state(module, nnx.Param)), is_leaf=lambda s: isinstance(s, P))
+    if not any(isinstance(s, P) and "model" in tuple(s) for s in specs):
+        raise ValueError(
+            f"training.model_parallel={m}: model.name={config.model.name!r} has no tensor-parallel layout "
+            f"(no kernel is annotated with the 'model' axis); use training.model_parallel=1"
+        )
+    for heads in _num_heads(module):
+        if heads % m:
+            raise ValueError(f"training.model_parallel={m} must divide model.num_heads={heads}")
+
+
 def param_shardings(config, mesh: Mesh, params_state) -> Any:
-    """Shardings for the params pure dict: replicated, or FSDP from the kernels' annotations."""
-    if not config.training.fsdp:
+    """Shardings for the params pure dict from the kernels' annotations: 'fsdp' names when
+    training.fsdp, 'model' names on the mesh's model axis; replicated otherwise."""
+    model_size = int(mesh.shape.get("model", 1))
+    if not config.training.fsdp and model_size == 1:
         return jax.tree.map(lambda _: NamedSharding(mesh, P()), params_state.to_pure_dict())
-    specs = models.fsdp_partition_specs(params_state, mesh.shape["fsdp"])
+    check_model_parallel(config, mesh)
+    fsdp = int(mesh.shape["fsdp"]) if config.training.fsdp else None
+    specs = models.fsdp_partition_specs(params_state, fsdp, model_size=model_size if model_size > 1 else None)
     specs = nnx.State(specs).to_pure_dict() if not isinstance(specs, dict) else specs
     return jax.tree.map(
         lambda s: NamedSharding(mesh, s if isinstance(s, P) else P()), specs, is_leaf=lambda s: isinstance(s, P) or s is None

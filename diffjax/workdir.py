@@ -49,6 +49,8 @@ class Workdir:
         self.config = ml_collections.ConfigDict(written_config(json.loads(path.read_text())))
         if "dcn_data" in self.config.training:  # how training spread over slices; a reader lays out its own devices
             self.config.training.dcn_data = 0
+        if "model_parallel" in self.config.training:  # so is the tensor-parallel split: readers replicate
+            self.config.training.model_parallel = 1
         self.path, self.command = workdir, command
         tracked = trainer.ema_rates(self.config)
         self.ema_rate = tracked[0] if ema is None else float(ema)

@@ -39,9 +39,20 @@ TINY = (
 )
 
 
+# DiT: 2 x 2 tokens of width 32 (a named size's other fields are overridden by the non-zero ones)
+TINY_DIT = (
+    "--config.model.nf=16",
+    "--config.model.num_res_blocks=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_heads=2",
+    "--config.data.image_size=8",
+)
+
+
 def tiny(path, *extra):
     c = cfg(path)
-    return cfg(path, *(("--config.model.nf=16",) if c.model.name == "mlp" else TINY), *extra)
+    overrides = {"mlp": ("--config.model.nf=16",), "dit": TINY_DIT}.get(c.model.name, TINY)
+    return cfg(path, *overrides, *extra)
 
 
 def x_for(config, batch=2, seed=0):
@@ -108,8 +119,10 @@ def test_abstract_count_allocates_nothing():
 
 def output_shape(c, x) -> tuple[int, ...]:
     """A diffusion network's output has the input's shape; a noise-conditional classifier's is
-    (B, num_classes) logits."""
-    return (x.shape[0], c.model.num_classes) if c.training.loss == "classifier" else x.shape
+    (B, num_classes) logits; with model.learn_sigma the channels are doubled (prediction, variance)."""
+    if c.training.loss == "classifier":
+        return (x.shape[0], c.model.num_classes)
+    return x.shape[:-1] + (2 * x.shape[-1],) if c.model.get("learn_sigma") else x.shape
 
 
 @pytest.mark.parametrize("path", CONFIGS)
@@ -261,7 +274,7 @@ def test_unknown_model_name():
     c = tiny("configs/ddpm_cifar10.py")
     c.model.unlock()
     c.model.name = "resnet9000"
-    with pytest.raises(ValueError, match="resnet9000.*ddpm_unet, mlp, ncsnpp"):
+    with pytest.raises(ValueError, match="resnet9000.*ddpm_unet, dit, mlp, ncsnpp"):
         models.create(c.model, nnx.Rngs(0))
     with pytest.raises(ValueError, match="available models"):
         models.get("nope")

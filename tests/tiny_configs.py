@@ -38,6 +38,28 @@ TOY = [
     "--no_progress",
 ]
 
+# configs/dit/cifar10_b2.py (class-conditional DiT, learned sigma, hybrid loss) cut to one block of width 32
+# on the 8x8 digits: 4 tokens of 4x4 patches, 2 steps.
+DIT_DIGITS = [
+    f"--config={ROOT}/configs/dit/cifar10_b2.py",
+    "--config.data.dataset=digits",
+    "--config.data.image_size=8",
+    "--config.data.num_channels=1",
+    "--config.data.random_flip=False",
+    "--config.model.num_res_blocks=1",
+    "--config.model.hidden_size=32",
+    "--config.model.num_heads=2",
+    "--config.model.patch_size=4",
+    "--config.model.nf=16",
+    "--config.training.n_iters=2",
+    "--config.training.snapshot_freq=2",
+    "--config.training.eval_freq=0",
+    "--config.training.batch_size=16",
+    "--config.training.n_jitted_steps=1",
+    "--config.sampling.num_steps=4",
+    "--no_progress",
+]
+
 
 def config_file_and_overrides(flags: list[str]) -> tuple[str, list[str]]:
     """(the --config file, the --config.a.b=value overrides) of such a flag list."""

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import storage
+from diffjax.interop import diffusers_dit
 from diffjax.interop.diffusers_unet import UnsupportedModel, WeightsError, map_weights, model_config
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -108,9 +109,12 @@ def find_source(src: str) -> Source:
     if not root.is_dir():
         raise FileNotFoundError(f"{src}: no such directory (give a diffusers model or pipeline directory)")
     model_dir = root if (root / "config.json").exists() else root / "unet"
+    if not (model_dir / "config.json").exists() and (root / "transformer" / "config.json").exists():
+        model_dir = root / "transformer"  # a DiTPipeline
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(
-            f"{src}: neither {src}/config.json nor {src}/unet/config.json exists (is it a diffusers model directory?)"
+            f"{src}: none of {src}/config.json, {src}/unet/config.json, {src}/transformer/config.json exists "
+            "(is it a diffusers model directory?)"
         )
     weights = [model_dir / w for w in WEIGHT_FILES if (model_dir / w).exists()]
     if not weights:
@@ -227,7 +231,7 @@ def translate(src: Source, base: ml_collections.ConfigDict | None = None) -> tup
     from diffjax.interop import default_config
 
     cfg = _read_json(src.config_path)
-    model, family = model_config(cfg)
+    model, family = diffusers_dit.model_config(cfg) if diffusers_dit.is_dit(cfg) else model_config(cfg)
     notes = {
         "family": family,
         "flip_sin_to_cos": bool(cfg.get("flip_sin_to_cos", True)) and model["embedding_type"] == "positional",
@@ -276,9 +280,12 @@ def load_params(src: str, base: ml_collections.ConfigDict | None = None) -> tupl
     _, abstract, _ = network.abstract_model(config)
     state_dict = read_weights(source.weights_path)
     dtypes = sorted({str(v.dtype) for v in state_dict.values()})
-    params = map_weights(
-        state_dict, config.model.to_dict(), notes["family"], notes["flip_sin_to_cos"], abstract.to_pure_dict()
-    )
+    if notes["family"] == "dit":
+        params = diffusers_dit.map_weights(state_dict, config.model.to_dict(), abstract.to_pure_dict())
+    else:
+        params = map_weights(
+            state_dict, config.model.to_dict(), notes["family"], notes["flip_sin_to_cos"], abstract.to_pure_dict()
+        )
     config.source = ml_collections.ConfigDict(
         dict(
             format="diffusers",

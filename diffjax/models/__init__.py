@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec
 
 from diffjax.models.classifier import ClassifierMLP, ClassifierUNet
 from diffjax.models.ddpm_unet import DDPMUNet
+from diffjax.models.dit import DiT
 from diffjax.models.mlp import MLP
 from diffjax.models.ncsnpp import NCSNpp
 
@@ -51,6 +52,7 @@ _REGISTRY: dict[str, Callable[..., nnx.Module]] = {
     "mlp": MLP,
     "classifier_unet": ClassifierUNet,  # noise-conditional classifiers: logits, for classifier guidance
     "classifier_mlp": ClassifierMLP,
+    "dit": DiT,  # Peebles & Xie 2023: adaLN-Zero transformer on patches
 }
 
 # config.model keys read outside the network: the registry's name, diffjax.network's prediction.
@@ -74,6 +76,7 @@ __all__ = [
     "DDPMUNet",
     "NCSNpp",
     "MLP",
+    "DiT",
 ]
 
 
@@ -171,15 +174,26 @@ def abstract_param_count(model_config, input_shape=None) -> int:
     return param_count(abstract_shapes(model_config, input_shape)[1])
 
 
-def fsdp_partition_specs(params, fsdp_size: int, axis: str = "fsdp"):
-    """PartitionSpecs from the ``out_sharding`` annotations, dropping ``axis`` where the
-    dimension is not divisible by ``fsdp_size`` (e.g. the 3-channel output conv)."""
+def fsdp_partition_specs(
+    params, fsdp_size: int | None, axis: str = "fsdp", *, model_size: int | None = None, model_axis: str = "model"
+):
+    """PartitionSpecs from the ``out_sharding`` annotations for a mesh with an ``axis`` (FSDP) and,
+    optionally, a ``model_axis`` (tensor parallelism: Megatron-layout kernels name it on their
+    column / row dimension). A name is dropped where its size is None (that sharding is off: no
+    ``model_size`` drops every ``'model'``) or does not divide the dimension (e.g. the 3-channel
+    output conv)."""
     specs = nnx.get_partition_spec(params)
+    sizes = {axis: fsdp_size, model_axis: model_size}
+
+    def keep(name, dim: int):
+        if name not in sizes:
+            return name
+        size = sizes[name]
+        return name if size is not None and dim % size == 0 else None
 
     def fix(spec, leaf):
         if not isinstance(spec, PartitionSpec):
             return spec
-        names = tuple(n if (n != axis or leaf.shape[i] % fsdp_size == 0) else None for i, n in enumerate(spec))
-        return PartitionSpec(*names)
+        return PartitionSpec(*(keep(n, leaf.shape[i]) for i, n in enumerate(spec)))
 
     return jax.tree.map(fix, specs, params, is_leaf=lambda x: isinstance(x, PartitionSpec))
