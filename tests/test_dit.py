@@ -237,3 +237,45 @@ def test_tiny_dit_trains_with_the_hybrid_loss(tmp_path):
     config, _, _, _, state, step = load_workdir(str(workdir), only=("ema",))
     assert step == 2 and config.model.name == "dit" and config.training.loss == "hybrid"
     assert (workdir / "samples" / "step_00000002.png").exists()  # snapshot samples: the learned variance
+
+
+def test_engine_serves_a_tiny_flow_dit_as_the_offline_sampler():
+    """The server's engine takes a DiT on the flow process unchanged: class-conditional requests
+    co-batched in the slots (Euler = ddim, DPM-Solver++ with classifier-free guidance, Heun) equal
+    samplers.sample with the same key."""
+    import ml_collections
+
+    from diffjax import network, processes, samplers
+    from diffjax.serving.engine import Engine, served_steppers
+    from diffjax.serving.scheduler import Job, Scheduler, wait_events
+
+    cfg = {**TINY, "num_classes": 3, "image_size": 8, "num_channels": 3}
+    model = models.create(cfg, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    leaves, tree = jax.tree.flatten(params)  # adaLN-Zero starts as the zero function: perturb every weight
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    config = ml_collections.ConfigDict({"model": {"prediction": "flow", "learn_sigma": False}})
+    process = processes.get("flow")
+    den = network.network_denoiser(graphdef, rest, process, config, params)
+    shape = (8, 8, 3)
+    engine = Engine(
+        den, process, shape, batch_slots=8, num_classes=3, served=served_steppers(process=process), devices=jax.devices()[:1]
+    )
+    scheduler = Scheduler(engine, checkpoint_step=0)
+    labels = np.array([0, 1, 2], np.int32)
+    scheduler.start()
+    try:
+        cases = (("ddim", None), ("dpm_solver++", 2.0), ("heun", None))  # co-batched in the slots
+        jobs = [scheduler.submit(Job(3, name, 6, 7, labels, scale)) for name, scale in cases]
+        for (name, scale), job in zip(cases, jobs):
+            got = np.zeros((3, *shape), np.float32)
+            for event in wait_events(job, lambda: True):
+                if event[0] == "batch":
+                    got[event[1]] = event[2]
+            key, cond = jax.random.PRNGKey(7), jnp.asarray(labels)
+            want, _ = samplers.sample(name, den, process, key, (3, *shape), 6, cond=cond, guidance_scale=scale)
+            np.testing.assert_allclose(got, want, atol=2e-4, err_msg=f"{name} guidance {scale}")
+            assert np.isfinite(got).all() and got.std() > 0.1
+    finally:
+        scheduler.shutdown()
