@@ -18,6 +18,7 @@ wheels=(
   grain==0.2.18 array-record==0.8.6 portpicker==1.6.0      # input pipeline (trainer, digits server model)
   ml-collections==1.1.0 tensorboardX==2.6.5                 # configs, training logs
   grpcio==1.85.1 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2  # the server
+  prometheus-client==0.26.0                                 # the server's metrics (imported at start)
   diffusers==0.42.1 importlib-metadata==10.2.0              # the PyTorch peer
 )
 platforms=()

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # accelerator.py
 
 def setup(tmp: str, config: str, ref_num: int, overrides: list[str]) -> None:
     import jax
-    from accelerator import random_inception_weights, random_workdir
+    from accelerator_cases import random_inception_weights, random_workdir
 
     from diffjax.configuration import load_config
     from diffjax.evaluation import evaluate

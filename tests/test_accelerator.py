@@ -16,7 +16,7 @@ from diffjax import info, likelihood, models, processes, samplers, trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import accelerator  # noqa: E402  (benchmarks/accelerator.py: its quick model sizes)
+import accelerator_cases  # noqa: E402  (benchmarks/accelerator_cases.py: the quick model sizes)
 
 OPS = re.compile(r"stablehlo\.(dot_general|convolution)\b[^\n]*")
 
@@ -106,7 +106,7 @@ def test_accelerator_benchmark_quick_runs_on_cpu(tmp_path):
     rows = {" ".join(r["case"]): r["result"] for r in report["results"]}
     train = rows["train ddpm_cifar10 bfloat16"]
     assert train["params"] == models.abstract_param_count(
-        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), accelerator.QUICK_MODEL["ddpm_cifar10"]).model,
+        info.load_config(os.path.join(ROOT, "configs/ddpm_cifar10.py"), accelerator_cases.QUICK_MODEL["ddpm_cifar10"]).model,
         (1, 32, 32, 3),
     )
     assert train["batch"] == 2 and train["img_s"] > 0 and train["compile_s"] > 0

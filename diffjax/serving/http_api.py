@@ -420,9 +420,9 @@ class Gateway:
             context.load_cert_chain(self.tls_cert, self.tls_key)
             return context
         with tempfile.TemporaryDirectory() as tmp:  # gs:// files: ssl reads local files only
-            paths = [os.path.join(tmp, n) for n in ("cert.pem", "key.pem")]
+            paths = [os.path.join(tmp, n) for n in ("cert.pem", "key.pem")]  # local: our own temporary copies
             for path, source in zip(paths, (self.tls_cert, self.tls_key)):
-                with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:  # local: owner-only temp file
                     f.write(storage.path(source).read_bytes())
             context.load_cert_chain(*paths)
         return context
