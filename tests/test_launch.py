@@ -185,8 +185,10 @@ FAKE_DIFFJAX = textwrap.dedent("""\
     # Fake `.venv/bin/diffjax` on a fake worker: records argv and env, then trains until SIGTERM.
     import json, os, signal, sys, time
     record = {{"argv": sys.argv[1:], "tfds": os.environ.get("TFDS_DATA_DIR"), "cwd": os.getcwd()}}
-    with open(os.path.join(os.environ["HOME"], "record.json"), "w") as f:
+    path = os.path.join(os.environ["HOME"], "record.json")
+    with open(path + ".tmp", "w") as f:  # then renamed: the test polls for the file, which must be whole
         json.dump(record, f)
+    os.replace(path + ".tmp", path)
     print("training on worker", os.environ["TPU_WORKER_ID"], flush=True)
     def term(signum, frame):
         print("SIGTERM: checkpoint saved", flush=True)
