@@ -17,11 +17,11 @@ is ``model.norm_eps``, and a learned sigma (out_channels = 2 in_channels) is dif
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from diffjax.interop.diffusers_unet import UnsupportedModel, WeightsError
+from diffjax.interop.diffusers_unet import UnsupportedModel, WeightsError, _flatten, _unflatten, fill_params
 
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
 ACTIVATIONS = {"gelu-approximate": "gelu_tanh", "gelu": "gelu"}
@@ -139,23 +139,6 @@ def _leaves(depth: int) -> list[tuple[tuple, list[str], Callable[..., np.ndarray
     return out
 
 
-def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, Any]:
-    out: dict[tuple, Any] = {}
-    for k, v in tree.items():
-        out.update(_flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
-
-
-def _unflatten(flat: dict[tuple, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def _check_shared_embedders(sd: dict[str, np.ndarray], depth: int) -> set[str]:
     """Blocks 1..depth-1's copies of block 0's embedders: the names, if each equals block 0's tensor."""
     first = EMBEDDER.format(0)
@@ -180,36 +163,7 @@ def map_weights(state_dict: dict[str, np.ndarray], model: dict, abstract_params:
     diffusers DiT state dict; WeightsError for a missing, extra, wrongly shaped or unshared tensor."""
     depth = int(model["num_res_blocks"])
     want = _flatten(abstract_params)
-    used = _check_shared_embedders(state_dict, depth)
-    out: dict[tuple, np.ndarray] = {}
-    for path, names, fn in _leaves(depth):
-        missing = [n for n in names if n not in state_dict]
-        if missing:
-            raise WeightsError(
-                f"the weights file has no tensor {missing[0]!r} (a truncated file, or weights of another "
-                "architecture than its config.json)"
-            )
-        if path not in want:
-            raise WeightsError(f"tensor {names[0]!r} has no place in the network ({'/'.join(map(str, path))})")
-        value = np.asarray(fn(*[state_dict[n] for n in names]))
-        if value.shape != tuple(want[path].shape):
-            raise WeightsError(
-                f"tensor {names[0]!r} has shape {tuple(state_dict[names[0]].shape)}: as {'/'.join(map(str, path))} "
-                f"it becomes {value.shape}, the network needs {tuple(want[path].shape)}"
-            )
-        if not np.issubdtype(value.dtype, np.floating):
-            raise WeightsError(f"tensor {names[0]!r} has dtype {value.dtype}, not a float")
-        out[path] = value.astype(np.float32)
-        used.update(names)
-    unfilled = [p for p in want if p not in out]
-    if unfilled:
-        raise WeightsError(f"no tensor of the file fills {'/'.join(map(str, unfilled[0]))} (and {len(unfilled) - 1} more)")
-    extra = sorted(set(state_dict) - used)
-    if extra:
-        raise WeightsError(
-            f"the weights file has {len(extra)} tensor(s) this architecture does not use, e.g. {extra[0]!r}: "
-            "its config.json does not describe it"
-        )
+    out = fill_params(state_dict, _leaves(depth), want, used=_check_shared_embedders(state_dict, depth))
     if model.get("learn_sigma"):
         _learned_range_to_weight(out, int(model["num_channels"]), int(model["patch_size"]))
     return _unflatten(out)

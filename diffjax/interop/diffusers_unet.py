@@ -31,7 +31,7 @@ once and every parameter of ours is filled, or ``WeightsError`` names what is mi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -356,42 +356,45 @@ def _name(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def map_weights(
-    state_dict: dict[str, np.ndarray], model: dict, family: str, flip_sin_to_cos: bool, abstract_params: dict
-) -> dict:
-    """Our params (nested dict of float32 numpy arrays, the shapes of ``abstract_params``) from a
-    diffusers state dict; WeightsError for a missing, extra or wrongly shaped tensor."""
-    sd = _attention_keys(state_dict)
-    want = _flatten(abstract_params)
-    out, used = {}, set()
-    for ours, prefix, kind in _module_pairs(model, family):
-        for path, names, fn in _leaves(ours, prefix, kind, flip_sin_to_cos, lambda p: p in want):
-            missing = [n for n in names if n not in sd]
-            if missing:
-                raise WeightsError(
-                    f"the weights file has no tensor {missing[0]!r} (a truncated file, or weights "
-                    "of another architecture than its config.json)"
-                )
-            if path not in want:
-                raise WeightsError(f"tensor {names[0]!r} has no place in the network ({_name(path)})")
-            for n in names:
-                if n in used:
-                    raise WeightsError(f"tensor {n!r} would be used twice")
-            try:
-                value = np.asarray(fn(*[sd[n] for n in names]))
-            except ValueError as err:
-                raise WeightsError(
-                    f"tensor {names[0]!r} has shape {sd[names[0]].shape}, which does not fit {_name(path)}: {err}"
-                ) from None
-            if value.shape != tuple(want[path].shape):
-                raise WeightsError(
-                    f"tensor {names[0]!r} has shape {tuple(sd[names[0]].shape)}: as {_name(path)} it "
-                    f"becomes {value.shape}, the network needs {tuple(want[path].shape)}"
-                )
-            if not np.issubdtype(value.dtype, np.floating):
-                raise WeightsError(f"tensor {names[0]!r} has dtype {value.dtype}, not a float")
-            out[path] = value.astype(np.float32)  # f16 / bf16 -> f32 is exact
-            used.update(names)
+def fill_params(
+    sd: dict[str, np.ndarray],
+    leaves: Iterable[tuple[tuple, list[str], Callable[..., np.ndarray]]],
+    want: dict[tuple, Any],
+    used: set[str] | None = None,
+) -> dict[tuple, np.ndarray]:
+    """Every leaf of ``want`` (flat param path -> abstract array) from the state dict: each (path,
+    tensor names, fn) of ``leaves`` gives fn(*tensors) as float32. WeightsError for a missing tensor,
+    one with no place, used twice, of the wrong shape or dtype, a parameter left unfilled, or a tensor
+    of the file left unused (``used``: names accounted for elsewhere)."""
+    out: dict[tuple, np.ndarray] = {}
+    used = set() if used is None else used
+    for path, names, fn in leaves:
+        missing = [n for n in names if n not in sd]
+        if missing:
+            raise WeightsError(
+                f"the weights file has no tensor {missing[0]!r} (a truncated file, or weights "
+                "of another architecture than its config.json)"
+            )
+        if path not in want:
+            raise WeightsError(f"tensor {names[0]!r} has no place in the network ({_name(path)})")
+        for n in names:
+            if n in used:
+                raise WeightsError(f"tensor {n!r} would be used twice")
+        try:
+            value = np.asarray(fn(*[sd[n] for n in names]))
+        except ValueError as err:
+            raise WeightsError(
+                f"tensor {names[0]!r} has shape {sd[names[0]].shape}, which does not fit {_name(path)}: {err}"
+            ) from None
+        if value.shape != tuple(want[path].shape):
+            raise WeightsError(
+                f"tensor {names[0]!r} has shape {tuple(sd[names[0]].shape)}: as {_name(path)} it "
+                f"becomes {value.shape}, the network needs {tuple(want[path].shape)}"
+            )
+        if not np.issubdtype(value.dtype, np.floating):
+            raise WeightsError(f"tensor {names[0]!r} has dtype {value.dtype}, not a float")
+        out[path] = value.astype(np.float32)  # f16 / bf16 -> f32 is exact
+        used.update(names)
     unfilled = [p for p in want if p not in out]
     if unfilled:
         raise WeightsError(f"no tensor of the file fills {_name(unfilled[0])} (and {len(unfilled) - 1} more)")
@@ -401,6 +404,22 @@ def map_weights(
             f"the weights file has {len(extra)} tensor(s) this architecture does not use, e.g. "
             f"{extra[0]!r}: its config.json does not describe it"
         )
+    return out
+
+
+def map_weights(
+    state_dict: dict[str, np.ndarray], model: dict, family: str, flip_sin_to_cos: bool, abstract_params: dict
+) -> dict:
+    """Our params (nested dict of float32 numpy arrays, the shapes of ``abstract_params``) from a
+    diffusers state dict; WeightsError for a missing, extra or wrongly shaped tensor."""
+    sd = _attention_keys(state_dict)
+    want = _flatten(abstract_params)
+    leaves = (
+        leaf
+        for ours, prefix, kind in _module_pairs(model, family)
+        for leaf in _leaves(ours, prefix, kind, flip_sin_to_cos, lambda p: p in want)
+    )
+    out = fill_params(sd, leaves, want)
     if model.get("learn_sigma"):
         _learned_range_to_weight(out, int(model["num_channels"]))
     return _unflatten(out)
