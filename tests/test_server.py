@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from tiny_configs import DIGITS, config_file_and_overrides
+from tiny_configs import DIGITS, config_file_and_overrides, one_device_env, train_workdir
 
 from diffjax.serving import Client, protos, subprocess_server
 from diffjax.serving import sampling_pb2 as pb
@@ -23,20 +23,11 @@ SLOTS = 8
 TINY = [*DIGITS, "--config.model.num_classes=10", "--config.training.label_dropout=0.2"]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_env = one_device_env
 
 
 def _train(workdir, *extra, base=TINY):
-    res = subprocess.run(
-        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *base, *extra],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_workdir(workdir, *base, *extra)
 
 
 def ServerProcess(workdir, *flags):

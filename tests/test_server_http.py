@@ -7,12 +7,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from tiny_configs import DIGITS
+from tiny_configs import DIGITS, one_device_env, train_workdir
 
 from diffjax.serving import Client, subprocess_server
 from diffjax.serving.client import tensor_to_numpy
@@ -25,8 +24,7 @@ CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(CURL is None, reason="curl not installed")
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_env = one_device_env
 
 
 class HttpServer:
@@ -69,15 +67,7 @@ def _wait_for(cond, timeout=30.0):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     path = tmp_path_factory.mktemp("served_http")
-    res = subprocess.run(
-        [sys.executable, "-m", "diffjax", "train", f"--workdir={path}", *TINY],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_workdir(path, *TINY)
     return path
 
 

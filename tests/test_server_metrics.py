@@ -4,15 +4,13 @@ and overflow the queue; every count equals what the clients saw."""
 
 import collections
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_configs import TOY
+from tiny_configs import TOY, one_device_env, train_workdir
 
 from diffjax.serving import Client, subprocess_server
 from diffjax.serving import server as serve
@@ -24,22 +22,13 @@ QUEUE = 3
 NEVER = 100_000  # steps: a request that outlives the test (about 4 ms a step)
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_env = one_device_env
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("metrics") / "toy"
-    res = subprocess.run(
-        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *TOY, "--config.training.n_iters=2"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_workdir(workdir, *TOY, "--config.training.n_iters=2", timeout=600)
     s = subprocess_server.ServerProcess(
         workdir,
         f"--batch_slots={SLOTS}",

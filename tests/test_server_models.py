@@ -4,14 +4,12 @@ and a newer checkpoint in one workdir reloads only the model read from it."""
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import grpc
 import numpy as np
 import pytest
-from tiny_configs import TOY
+from tiny_configs import TOY, one_device_env, train_workdir
 
 from diffjax.serving import Client, subprocess_server
 from diffjax.serving import server as serve
@@ -21,8 +19,7 @@ SLOTS = 4
 NAMES = ["default", "fast", "copy"]
 
 
-def _env():
-    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+_env = one_device_env
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +27,7 @@ def workdirs(tmp_path_factory):
     """The 8-Gaussians MLP trained 2 steps with EMA rates 0.999 and 0.5, and a copy of that workdir."""
     root = tmp_path_factory.mktemp("models")
     toy, copy = root / "toy", root / "copy"
-    res = subprocess.run(
-        [sys.executable, "-m", "diffjax", "train", f"--workdir={toy}", *TOY, "--config.training.n_iters=2"]
-        + ["--config.training.ema_rates=(0.5,)"],
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    train_workdir(toy, *TOY, "--config.training.n_iters=2", "--config.training.ema_rates=(0.5,)", timeout=600)
     shutil.copytree(toy, copy)
     return toy, copy
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,3 +67,21 @@ def config_file_and_overrides(flags: list[str]) -> tuple[str, list[str]]:
     """(the --config file, the --config.a.b=value overrides) of such a flag list."""
     path = next(f.split("=", 1)[1] for f in flags if f.startswith("--config="))
     return path, [f for f in flags if f.startswith("--config.")]
+
+
+def one_device_env() -> dict[str, str]:
+    """The environment of a command a test starts: the CPU, one device."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def train_workdir(workdir, *flags: str, timeout: float = 300) -> None:
+    """`diffjax train --workdir=workdir *flags` in a subprocess on one CPU device; asserts it exits 0."""
+    res = subprocess.run(
+        [sys.executable, "-m", "diffjax", "train", f"--workdir={workdir}", *flags],
+        cwd=ROOT,
+        env=one_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
